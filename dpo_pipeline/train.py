@@ -1,0 +1,198 @@
+"""Training stage: one DPO run with TRL's DPOTrainer over a LoRA-wrapped (optionally 4-bit) base model.
+
+`train_dpo(config, data)` returns a `RunRecord` and leaves in `config.output_dir`:
+    adapter_model.safetensors, adapter_config.json   the LoRA adapter (peft)
+    tokenizer files                                   so the folder is self-contained for inference
+    run_config.json                                   the RunConfig that produced it
+    record.json                                       the RunRecord (metrics, log history, timing)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+from trl import DPOConfig, DPOTrainer
+
+from . import model as model_lib
+from .data import PreferenceData
+
+OPTIMIZERS = {"adamw": "adamw_torch", "rmsprop": "rmsprop"}  # short names -> transformers' optimizer names
+EVAL_KEYS = [  # TRL's eval metrics that a record keeps (prefix "eval_")
+    "loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
+    "logps/rejected",
+]
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one training run. One config = one run; the sweep varies these fields."""
+
+    model: str = "openai-community/gpt2"  # Hub id, local checkpoint folder, or offline:<shape>
+    load_in_4bit: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: list(model_lib.GPT2_LORA_TARGETS))
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # passed through to TRL: sigmoid, ipo, hinge, robust, ...
+    learning_rate: float = 5e-5
+    optimizer: str = "adamw"  # adamw | rmsprop (or any transformers optimizer name)
+    batch_size: int = 4
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    max_length: int = 512  # prompt + completion tokens
+    eval_steps: int = 50
+    logging_steps: int = 10
+    seed: int = 42
+    gradient_checkpointing: bool = False  # TRL turns it on by default; small models train faster without it
+    output_dir: str = "results/runs/default"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunRecord:
+    """What one run produced: enough to compare runs, plot them and reload the adapter."""
+
+    config: dict
+    status: str  # "finished" | "failed"
+    train_pairs: int
+    eval_pairs: int
+    train_steps: int
+    final_train_loss: float | None
+    final_eval: dict  # eval metrics after the last step, keys without the "eval_" prefix
+    best_eval: dict  # the logged evaluation with the lowest eval loss (includes its "step")
+    log_history: list[dict]
+    wall_time_s: float  # training including its evaluations
+    pairs_per_second: float  # training pairs per second, evaluation time excluded
+    adapter_path: str
+    model_info: dict = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunRecord":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write to a temp file then rename, so a reader never sees half a file (even after a crash)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def dpo_args(config: RunConfig) -> DPOConfig:
+    """Map a RunConfig onto TRL's DPOConfig."""
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return DPOConfig(
+        output_dir=config.output_dir,
+        beta=config.beta,
+        loss_type=[config.loss_type],
+        learning_rate=config.learning_rate,
+        optim=OPTIMIZERS.get(config.optimizer, config.optimizer),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        max_length=config.max_length,
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        logging_steps=config.logging_steps,
+        save_strategy="no",  # the adapter is saved once at the end; no optimizer-state checkpoints
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=bf16,  # TRL defaults bf16 on, which is ~3x slower on a CPU without native bf16
+        fp16=cuda and not bf16,
+        gradient_checkpointing=config.gradient_checkpointing,
+        report_to="none",
+        use_cpu=not cuda,
+    )
+
+
+def _eval_metrics(metrics: dict) -> dict:
+    return {k: metrics[f"eval_{k}"] for k in EVAL_KEYS if f"eval_{k}" in metrics}
+
+
+def _best_eval(log_history: list[dict]) -> dict:
+    evals = [e for e in log_history if "eval_loss" in e and math.isfinite(e["eval_loss"])]
+    if not evals:
+        return {}
+    best = min(evals, key=lambda e: e["eval_loss"])
+    return {"step": best.get("step"), **_eval_metrics(best)}
+
+
+def build_trainer(config: RunConfig, data: PreferenceData, peft_model=None, tokenizer=None) -> DPOTrainer:
+    """A DPOTrainer for this config; pass a ready LoRA model to reuse it (the notebook shows it first)."""
+    set_seed(config.seed)
+    tokenizer = tokenizer or model_lib.load_tokenizer(config.model)
+    if peft_model is None:
+        base = model_lib.load_base_model(config.model, load_in_4bit=config.load_in_4bit)
+        lora = model_lib.lora_config(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+        peft_model = model_lib.add_lora(base, lora, config.gradient_checkpointing)
+    return DPOTrainer(
+        model=peft_model,  # no ref_model: TRL uses this model with the adapter disabled as the reference
+        args=dpo_args(config),
+        train_dataset=data.train,
+        eval_dataset=data.test,
+        processing_class=tokenizer,
+    )
+
+
+def train_dpo(config: RunConfig, data: PreferenceData, peft_model=None, tokenizer=None) -> RunRecord:
+    """Train one DPO run, evaluate it, save the adapter, and return its record."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "run_config.json", config.to_dict())
+    trainer = build_trainer(config, data, peft_model, tokenizer)
+    start = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - start
+    history, steps = trainer.state.log_history, trainer.state.global_step
+    # Reuse the evaluation the trainer logged at the last step, if any, rather than run the same one twice.
+    last_eval = [e for e in history if "eval_loss" in e and e.get("step") == steps]
+    final_eval = _eval_metrics(last_eval[-1] if last_eval else trainer.evaluate())
+
+    # Name the base as the user did ("offline:gpt2-tiny", a Hub id), not as a machine-specific cache path.
+    for peft_config in getattr(trainer.model, "peft_config", {}).values():
+        peft_config.base_model_name_or_path = config.model
+    trainer.save_model(str(out))  # adapter (safetensors) + tokenizer; the base weights stay where they were
+    train_losses = [e["loss"] for e in history if "loss" in e]
+    pairs_seen = steps * config.batch_size * config.grad_accum
+    train_time = wall - sum(e.get("eval_runtime", 0.0) for e in history)  # throughput of training, not eval
+    record = RunRecord(
+        config=config.to_dict(),
+        status="finished",
+        train_pairs=len(trainer.train_dataset),
+        eval_pairs=len(trainer.eval_dataset),
+        train_steps=steps,
+        final_train_loss=train_losses[-1] if train_losses else result.training_loss,
+        final_eval=final_eval,
+        best_eval=_best_eval(history),
+        log_history=history,
+        wall_time_s=round(wall, 2),
+        pairs_per_second=round(pairs_seen / train_time, 3) if train_time > 0 else 0.0,
+        adapter_path=str(out.resolve()),
+        model_info=model_lib.describe_model(trainer.model, config.model),
+    )
+    record.save(out / "record.json")
+    return record

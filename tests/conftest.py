@@ -1,0 +1,28 @@
+"""Shared fixtures: the real data files, and a private cache for offline checkpoints written by tests."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dpo_pipeline.data import shared_data_dir
+
+HH_FILE = shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"
+UF_FILE = shared_data_dir() / "ultrafeedback-style" / "dpo-en-demo.jsonl"
+TEST_DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> str:
+    """A tiny random-weight GPT-2 checkpoint folder with the real tokenizer (what `offline:gpt2-tiny` makes)."""
+    from dpo_pipeline.model import make_offline_gpt2
+
+    return str(make_offline_gpt2("gpt2-tiny", tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture(autouse=True)
+def _offline_env(monkeypatch):
+    # The Hub is unreachable here; say so up front so nothing waits on network retries.
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    if "HF_ENDPOINT" not in os.environ:
+        monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")

@@ -1,0 +1,63 @@
+"""The notebook runs top to bottom headless with papermill (smoke profile), the way CI and users run it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from dpo_pipeline import profiles
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "dpo_gpt2.ipynb"
+
+
+def test_notebook_is_committed_clean_with_a_parameters_cell():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and 'profile = "auto"' in tagged[0].source
+
+
+def test_auto_profile_without_gpu_or_hub_is_smoke_and_says_why():
+    name, why, data_config, run_config = profiles.build_configs("auto")
+    assert name == "smoke" and "no CUDA GPU" in why
+    assert data_config.source == "synthetic" and run_config.model == "offline:gpt2-tiny"
+
+
+def test_overrides_win_and_unknown_parameters_are_named():
+    _, _, data_config, run_config = profiles.build_configs("cpu", learning_rate=1e-4, max_pairs=50, beta=None)
+    assert run_config.learning_rate == 1e-4 and data_config.max_pairs == 50
+    assert run_config.beta == profiles.PROFILES["cpu"]["beta"]
+    with pytest.raises(ValueError, match="learning_rte"):
+        profiles.build_configs("smoke", learning_rte=1e-4)
+    with pytest.raises(ValueError, match="Unknown profile 'fast'"):
+        profiles.build_configs("fast")
+
+
+@pytest.mark.slow
+def test_notebook_smoke_profile_end_to_end(tmp_path):
+    executed = tmp_path / "executed.ipynb"
+    env = {**os.environ, "DPO_RESULTS_DIR": str(tmp_path / "results")}
+    subprocess.run(
+        [sys.executable, "-m", "papermill", str(NOTEBOOK), str(executed), "-k", "python3",
+         "-p", "profile", "smoke", "-p", "max_steps", "20", "-p", "eval_steps", "10", "--log-output"],
+        check=True, cwd=ROOT / "notebooks", env=env, timeout=900,
+    )
+    nb = nbformat.read(executed, as_version=4)
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "Profile: smoke (asked for)" in text
+    assert "rows read" in text and "history_mismatch" in text  # the cleaning report is shown
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert any(o.get("data", {}).get("image/png") for c in nb.cells for o in c.get("outputs", []))  # the plot
+
+    run = tmp_path / "results" / "run-smoke"
+    record = json.loads((run / "record.json").read_text())
+    assert record["train_steps"] == 20 and record["status"] == "finished"
+    assert set(record["final_eval"]) >= {"loss", "rewards/accuracies", "rewards/margins"}
+    assert (run / "adapter_model.safetensors").exists()
+    report = json.loads((run / "cleaning_report.json").read_text())
+    assert report["source"] == "synthetic" and report["kept"] == sum(report["splits"].values())
