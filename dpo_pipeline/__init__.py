@@ -10,7 +10,10 @@ hub       Hugging Face Hub helpers
 
 import logging
 import os
+import warnings
 
 # Quiet a bitsandbytes notice on CPU about an optional kernels package it cannot fetch offline.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers 5 renames gradient_checkpointing in v6; TRL still passes the old name. Not actionable for users.
+warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)

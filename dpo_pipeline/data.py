@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
+from trl.data_utils import common_prefix_length  # where TRL says a completion starts
 
 from .hub import hub_reachable
 
@@ -389,10 +390,6 @@ def get_ultrafeedback(name: str = "HuggingFaceH4/ultrafeedback_binarized") -> Pr
 # ---------------------------------------------------------------- token-level cleaning
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def truncation_verdicts(ds: datasets.Dataset, tokenizer, max_length: int) -> list[str | None]:
     """Per pair: "prompt_too_long", "identical_after_truncation" or None, exactly as TRL 1.16's DPOTrainer sees it.
 
@@ -406,7 +403,7 @@ def truncation_verdicts(ds: datasets.Dataset, tokenizer, max_length: int) -> lis
             ["input_ids"] for side in ("chosen", "rejected")}  # one batched call per side: fast
     verdicts = []
     for p, c, r in zip(tokenizer(cols["prompt"])["input_ids"], full["chosen"], full["rejected"]):
-        prompt_len = min(_common_prefix(p, c), _common_prefix(p, r))  # where TRL says the completion starts
+        prompt_len = min(common_prefix_length(p, c), common_prefix_length(p, r))  # where TRL says the completion starts
         if prompt_len >= max_length:
             verdicts.append("prompt_too_long")
         elif c[:max_length] == r[:max_length]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase
 
@@ -151,7 +151,8 @@ def lora_config(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targ
     )
 
 
-def add_lora(model, config: LoraConfig, gradient_checkpointing: bool = False) -> PeftModel:
+def prepare_for_training(model, gradient_checkpointing: bool = False):
+    """Ready a (4-bit) base model for LoRA training; TRL then wraps it with the LoRA config it is given."""
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         # bitsandbytes 0.50 repacks 4-bit weights for CPU inference on the first no-grad forward in eval mode (an
@@ -159,7 +160,12 @@ def add_lora(model, config: LoraConfig, gradient_checkpointing: bool = False) ->
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
-    return get_peft_model(model, config)
+    return model
+
+
+def add_lora(model, config: LoraConfig, gradient_checkpointing: bool = False):
+    """The base wrapped with a LoRA adapter (what TRL builds from a peft_config); for tests and inspection."""
+    return get_peft_model(prepare_for_training(model, gradient_checkpointing), config)
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -14,15 +14,17 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer
 
 from . import model as model_lib
 from .data import PreferenceData
+from .evaluate import preference_eval
 
 OPTIMIZERS = {"adamw": "adamw_torch", "rmsprop": "rmsprop"}  # short names -> transformers' optimizer names
 EVAL_KEYS = [  # TRL's eval metrics that a record keeps (prefix "eval_")
@@ -77,7 +79,10 @@ class RunRecord:
     pairs_per_second: float  # training pairs per second, evaluation time excluded
     adapter_path: str
     model_info: dict = field(default_factory=dict)
-    error: str | None = None
+    error: str | None = None  # one line, for a failed run
+    run_id: str = ""  # set by the sweep: a hash of the config
+    evaluation: dict = field(default_factory=dict)  # held-out per-pair metrics of the adapter (evaluate.py)
+    base_evaluation: dict = field(default_factory=dict)  # the same for the base model (adapter disabled)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,6 +130,7 @@ def dpo_args(config: RunConfig) -> DPOConfig:
         fp16=cuda and not bf16,
         gradient_checkpointing=config.gradient_checkpointing,
         report_to="none",
+        logging_nan_inf_filter=False,  # let a NaN loss show (and StopOnNonFiniteLoss fail the run)
         use_cpu=not cuda,
     )
 
@@ -141,29 +147,46 @@ def _best_eval(log_history: list[dict]) -> dict:
     return {"step": best.get("step"), **_eval_metrics(best)}
 
 
-def build_trainer(config: RunConfig, data: PreferenceData, peft_model=None, tokenizer=None) -> DPOTrainer:
-    """A DPOTrainer for this config; pass a ready LoRA model to reuse it (the notebook shows it first)."""
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Fail fast on a NaN/inf loss (a too-high learning rate, say) instead of training on garbage."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss ({loss}) at step {state.global_step}")
+
+
+def build_trainer(config: RunConfig, data: PreferenceData, base_model=None, tokenizer=None) -> DPOTrainer:
+    """A DPOTrainer for this config; pass an already loaded base model to reuse it."""
     set_seed(config.seed)
     tokenizer = tokenizer or model_lib.load_tokenizer(config.model)
-    if peft_model is None:
-        base = model_lib.load_base_model(config.model, load_in_4bit=config.load_in_4bit)
-        lora = model_lib.lora_config(base, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
-        peft_model = model_lib.add_lora(base, lora, config.gradient_checkpointing)
-    return DPOTrainer(
-        model=peft_model,  # no ref_model: TRL uses this model with the adapter disabled as the reference
+    base = base_model or model_lib.load_base_model(config.model, load_in_4bit=config.load_in_4bit)
+    base = model_lib.prepare_for_training(base, config.gradient_checkpointing)
+    trainer = DPOTrainer(
+        model=base,
+        ref_model=None,  # with a peft_config, TRL's reference is this model with the adapter disabled
+        peft_config=model_lib.lora_config(base, config.lora_r, config.lora_alpha, config.lora_dropout,
+                                          config.lora_targets),
         args=dpo_args(config),
         train_dataset=data.train,
         eval_dataset=data.test,
         processing_class=tokenizer,
+        callbacks=[StopOnNonFiniteLoss()],
     )
+    if not torch.cuda.is_available():
+        # TRL casts 4-bit (QLoRA) adapters to bf16, the GPU recipe; a CPU without native bf16 runs it ~3x slower.
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    return trainer
 
 
-def train_dpo(config: RunConfig, data: PreferenceData, peft_model=None, tokenizer=None) -> RunRecord:
-    """Train one DPO run, evaluate it, save the adapter, and return its record."""
+def train_dpo(config: RunConfig, data: PreferenceData, trainer: DPOTrainer | None = None) -> RunRecord:
+    """Train one DPO run (on `trainer` if given, else a new one), evaluate it, save the adapter, return its record."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "run_config.json", config.to_dict())
-    trainer = build_trainer(config, data, peft_model, tokenizer)
+    trainer = trainer or build_trainer(config, data)
     start = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - start
@@ -175,10 +198,14 @@ def train_dpo(config: RunConfig, data: PreferenceData, peft_model=None, tokenize
     # Name the base as the user did ("offline:gpt2-tiny", a Hub id), not as a machine-specific cache path.
     for peft_config in getattr(trainer.model, "peft_config", {}).values():
         peft_config.base_model_name_or_path = config.model
-    trainer.save_model(str(out))  # adapter (safetensors) + tokenizer; the base weights stay where they were
+    with warnings.catch_warnings():  # peft looks for a config.json under that name to check the vocabulary
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        trainer.save_model(str(out))  # adapter (safetensors) + tokenizer; the base weights stay where they were
     train_losses = [e["loss"] for e in history if "loss" in e]
     pairs_seen = steps * config.batch_size * config.grad_accum
     train_time = wall - sum(e.get("eval_runtime", 0.0) for e in history)  # throughput of training, not eval
+    evaluation = preference_eval(trainer.model, trainer.processing_class, data.test, config.beta, config.max_length,
+                                 config.batch_size)
     record = RunRecord(
         config=config.to_dict(),
         status="finished",
@@ -193,6 +220,8 @@ def train_dpo(config: RunConfig, data: PreferenceData, peft_model=None, tokenize
         pairs_per_second=round(pairs_seen / train_time, 3) if train_time > 0 else 0.0,
         adapter_path=str(out.resolve()),
         model_info=model_lib.describe_model(trainer.model, config.model),
+        evaluation=evaluation["adapter"],
+        base_evaluation=evaluation["base"],
     )
     record.save(out / "record.json")
     return record

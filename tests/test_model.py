@@ -63,7 +63,8 @@ def test_4bit_nf4_turns_conv1d_into_linear4bit_and_lora_trains_only_the_adapter(
         with policy.disable_adapter():
             ref = policy(input_ids=ids).logits
         pol = policy(input_ids=ids).logits
-        plain = model_lib.load_base_model(tiny_gpt2, load_in_4bit=True)(input_ids=ids).logits
+        plain_base = model_lib.prepare_for_training(model_lib.load_base_model(tiny_gpt2, load_in_4bit=True))
+        plain = plain_base(input_ids=ids).logits  # same 4-bit kernels as the policy (no CPU inference repacking)
     assert not torch.allclose(ref, pol)
     assert torch.allclose(ref, plain, atol=1e-5)
 
