@@ -100,7 +100,7 @@ def _from_pretrained(loader, name: str, **kwargs):
         except Exception:
             if not hub_reachable():
                 raise _fetch_error(name, "it is not cached and the Hugging Face Hub cannot be reached") from None
-    elif not (Path(name) / "config.json").exists():
+    elif loader is not AutoTokenizer and not (Path(name) / "config.json").exists():
         raise ModelLoadError(f"{name!r} is a folder without config.json: not a model checkpoint")
     try:
         return loader.from_pretrained(name, **kwargs)

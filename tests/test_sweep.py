@@ -1,0 +1,151 @@
+"""Sweep stage: durable per-run records that survive SIGKILL, failed runs recorded, shared results folders."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openpyxl
+import pytest
+import yaml
+
+from dpo_pipeline import sweep
+from dpo_pipeline.synthetic import get_synthetic
+from dpo_pipeline.train import RunConfig
+
+TINY_RUN = dict(max_steps=3, eval_steps=3, logging_steps=1, batch_size=4, max_length=48, load_in_4bit=False)
+
+
+def write_spec(path: Path, grid: dict, steps: int = 3, **extra) -> Path:
+    spec = {"profile": "smoke", "data": {"max_pairs": 100},
+            "base": {**TINY_RUN, "max_steps": steps, "eval_steps": steps}, "grid": grid, **extra}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sweep_cmd(spec: Path, results: Path) -> list[str]:
+    return [sys.executable, "-m", "dpo_pipeline.sweep", str(spec), "--results-dir", str(results)]
+
+
+def run_dirs(results: Path) -> list[Path]:
+    return sorted(p for p in (results / "runs").iterdir() if p.is_dir())
+
+
+def test_grid_and_random_draws_and_stable_ids(tmp_path):
+    spec = sweep.SweepSpec(grid={"learning_rate": [1e-3, 1e-4], "beta": [0.1, 0.5]}, base={"max_steps": 5})
+    configs = spec.configs(RunConfig(model="offline:gpt2-tiny"), tmp_path)
+    assert len(configs) == 4 and len({c.output_dir for c in configs}) == 4
+    assert {(c.learning_rate, c.beta) for c in configs} == {(1e-3, 0.1), (1e-3, 0.5), (1e-4, 0.1), (1e-4, 0.5)}
+    assert all(c.max_steps == 5 for c in configs)
+    again = spec.configs(RunConfig(model="offline:gpt2-tiny"), tmp_path / "elsewhere")
+    assert [Path(c.output_dir).name for c in again] == [Path(c.output_dir).name for c in configs]  # id ignores path
+    drawn = sweep.SweepSpec(grid=spec.grid, base={"max_steps": 5}, random_samples=3, sample_seed=1).configs(
+        RunConfig(model="offline:gpt2-tiny"), tmp_path)
+    names = lambda cs: {Path(c.output_dir).name for c in cs}
+    assert len(drawn) == 3 and names(drawn) < names(configs)  # random draws come from the grid
+
+
+def test_bad_sweep_file_is_one_line_naming_file_and_field(tmp_path):
+    bad = write_spec(tmp_path / "bad.yaml", {"learning_rte": [1e-3]})
+    with pytest.raises(ValueError) as err:
+        sweep.SweepSpec.from_file(bad)
+    assert "bad.yaml" in str(err.value) and "learning_rte" in str(err.value) and "\n" not in str(err.value)
+    proc = subprocess.run(sweep_cmd(bad, tmp_path / "r"), capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "learning_rte" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sweep_records_failures_and_goes_on_then_skips_on_restart(tiny_gpt2, tmp_path, capsys):
+    data = get_synthetic(n_pairs=100, seed=0)
+    spec = sweep.SweepSpec(grid={"learning_rate": [1e-3, 3e-4], "optimizer": ["adamw", "no_such_optimizer"]},
+                           base=TINY_RUN)
+    configs = spec.configs(RunConfig(model=tiny_gpt2), tmp_path / "runs")
+    records = sweep.run_sweep(configs, data)
+    assert len(records) == 4
+    by_status = {s: [r for r in records if r["status"] == s] for s in ("finished", "failed")}
+    assert len(by_status["finished"]) == 2 and len(by_status["failed"]) == 2
+    for failed in by_status["failed"]:
+        assert "no_such_optimizer" in failed["error"] and "\n" not in failed["error"]
+    for done in by_status["finished"]:
+        assert done["train_steps"] == 3 and done["evaluation"]["pairs"] == len(data.test)
+        assert 0 <= done["evaluation"]["reward_accuracy"] + done["evaluation"]["reward_ties"] <= 1
+        assert done["base_evaluation"]["reward_ties"] == 1.0  # the base is its own reference
+
+    mtimes = {d: (d / "record.json").stat().st_mtime_ns for d in run_dirs(tmp_path)}
+    capsys.readouterr()
+    sweep.run_sweep(configs, data)  # a restart: everything has a record, nothing is trained again
+    assert "training" not in capsys.readouterr().out
+    assert {d: (d / "record.json").stat().st_mtime_ns for d in run_dirs(tmp_path)} == mtimes
+
+    best = sweep.pick_best(records)
+    assert best["status"] == "finished"
+    key = lambda r: (r["final_eval"]["rewards/accuracies"], -r["final_eval"]["loss"])
+    assert key(best) == max(key(r) for r in by_status["finished"])
+    published = sweep.publish_best(best, tmp_path / "best")
+    assert (published / "adapter_model.safetensors").read_bytes() == \
+        (Path(best["config"]["output_dir"]) / "adapter_model.safetensors").read_bytes()
+    assert json.loads((published / "record.json").read_text())["run_id"] == best["run_id"]
+
+
+@pytest.mark.slow
+def test_nan_loss_fails_the_run_with_one_line(tiny_gpt2, tmp_path):
+    config = RunConfig(model=tiny_gpt2, **{**TINY_RUN, "learning_rate": 1e30, "max_steps": 4},
+                       output_dir=str(tmp_path / "nan"))
+    record = sweep.run_one(config, get_synthetic(n_pairs=60, seed=0))
+    assert record.status == "failed" and "non-finite" in record.error, record.error
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_restart_gives_exactly_one_row_per_config(tmp_path):
+    spec = write_spec(tmp_path / "sweep.yaml", {"learning_rate": [1e-3, 5e-4, 2e-4]}, steps=8)
+    results = tmp_path / "results"
+    proc = subprocess.Popen(sweep_cmd(spec, results), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    # Kill it while a run is in progress after at least one finished: a lock and no record in some run folder.
+    while time.time() < deadline:
+        dirs = run_dirs(results) if (results / "runs").exists() else []
+        done = [d for d in dirs if (d / "record.json").exists()]
+        running = [d for d in dirs if (d / ".lock").exists() and not (d / "record.json").exists()]
+        if done and running:
+            break
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.2)
+    else:
+        pytest.fail("no run in progress seen")
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_run = running[0]
+    assert (killed_run / ".lock").exists() and not (killed_run / "record.json").exists()
+    first_done = {d: (d / "record.json").read_bytes() for d in done}
+
+    subprocess.run(sweep_cmd(spec, results), check=True, capture_output=True, timeout=600)
+    dirs = run_dirs(results)
+    assert len(dirs) == 3 and all((d / "record.json").exists() and not (d / ".lock").exists() for d in dirs)
+    records = [json.loads((d / "record.json").read_text()) for d in dirs]
+    assert sorted(r["config"]["learning_rate"] for r in records) == [2e-4, 5e-4, 1e-3]
+    assert all(r["status"] == "finished" and r["train_steps"] == 8 for r in records)
+    assert {d: (d / "record.json").read_bytes() for d in done} == first_done  # finished runs were not redone
+
+    sheet = openpyxl.load_workbook(results / "sweep_results.xlsx")["Runs"]
+    ids = [row[0] for row in sheet.iter_rows(min_row=2, values_only=True) if row[0] in {r["run_id"] for r in records}]
+    assert sorted(ids) == sorted(r["run_id"] for r in records)  # exactly one row per config
+    assert (results / "best" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_results_folder(tmp_path):
+    spec = write_spec(tmp_path / "sweep.yaml", {"learning_rate": [1e-3, 5e-4, 2e-4]}, steps=2)
+    results = tmp_path / "results"
+    procs = [subprocess.Popen(sweep_cmd(spec, results), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert sum(o.count("training:") for o in outputs) == 3  # each run trained once, by one of the processes
+    dirs = run_dirs(results)
+    assert len(dirs) == 3 and all(json.loads((d / "record.json").read_text())["status"] == "finished" for d in dirs)
+    assert openpyxl.load_workbook(results / "sweep_results.xlsx")["Runs"].max_row >= 4
