@@ -4,8 +4,13 @@ data      load and clean preference pairs (hh-rlhf, UltraFeedback, local files) 
 synthetic a deterministic preference set with a learnable rule, to prove the wiring
 model     tokenizer, offline GPT-2 checkpoints, base model (4-bit NF4), LoRA
 train     one DPO run with TRL's DPOTrainer, returning a run record
+evaluate  held-out per-pair implicit rewards and generation samples, base vs adapter
+sweep     grids of runs with durable per-run records, resume after a crash, the best run
+workbook  the sweep's Excel workbook (openpyxl, native charts), rebuilt from run records
+report    tables and plots
 profiles  the notebook's named configurations (full / cpu / smoke / auto)
-hub       Hugging Face Hub helpers
+hub       Hub reachability and pushing an adapter with its model card (card)
+chat      loading an adapter on its base and streaming answers, for the Streamlit app
 """
 
 import logging

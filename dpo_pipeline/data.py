@@ -75,6 +75,13 @@ class PreferenceData:
     train: datasets.Dataset
     test: datasets.Dataset
     report: CleaningReport
+    prompt_format: str = "text"  # "text": Human/Assistant text; "chat": rendered with the model's chat template
+    validation: datasets.Dataset | None = None  # a slice of train for evaluating during training (picking settings)
+
+    @property
+    def monitor(self) -> datasets.Dataset:
+        """What training evaluates on: the validation slice when there is one, so the test split stays unseen."""
+        return self.validation if self.validation is not None else self.test
 
 
 def shared_data_dir() -> Path:
@@ -111,6 +118,53 @@ def split_hh_transcript(text: str) -> tuple[str, str]:
         raise ValueError("no '\\n\\nAssistant:' turn in the transcript")
     cut += len(ASSISTANT)
     return text[:cut], text[cut:]
+
+
+def parse_prompt(prompt: str) -> list[tuple[str, str]]:
+    """The (role, content) turns of a Human/Assistant prompt; text before the first turn is a system message."""
+    parts = re.split(f"({re.escape(HUMAN)}|{re.escape(ASSISTANT)})", prompt)
+    messages = [("system", parts[0].strip())] if parts[0].strip() else []
+    messages += [("user" if marker == HUMAN else "assistant", text.strip())
+                 for marker, text in zip(parts[1::2], parts[2::2])]
+    if messages and messages[-1] == ("assistant", ""):
+        messages.pop()  # the cue the model answers after
+    return messages
+
+
+def chat_prompt(tokenizer, messages: list[tuple[str, str]]) -> str:
+    """The model's own chat template for these turns, ending where the assistant's answer begins."""
+    return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def resolve_prompt_format(prompt_format: str, tokenizer) -> str:
+    """"auto": the model's chat template when it has one (an instruction-tuned model), else GPT-2's text format."""
+    if prompt_format == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "text"
+    if prompt_format not in ("text", "chat"):
+        raise ValueError(f"prompt_format must be 'auto', 'text' or 'chat', got {prompt_format!r}")
+    return prompt_format
+
+
+def to_chat_template(data: PreferenceData, tokenizer) -> PreferenceData:
+    """Every pair rendered with the model's chat template: the prompt up to the assistant cue, each completion as the
+    rest of what the template writes for that answer (ending with its end-of-turn token)."""
+
+    def render(pair: dict) -> dict:
+        messages = parse_prompt(pair["prompt"])
+        prompt = chat_prompt(tokenizer, messages)
+        out = {"prompt": prompt}
+        for side in ("chosen", "rejected"):
+            turns = [{"role": r, "content": c} for r, c in messages + [("assistant", pair[side].strip())]]
+            full = tokenizer.apply_chat_template(turns, tokenize=False)
+            if not full.startswith(prompt):
+                raise ValueError("the chat template renders a prompt differently once an answer follows it")
+            out[side] = full[len(prompt):].rstrip()  # ends with the end-of-turn token, so TRL adds no second eos
+        return out
+
+    splits = [ds.map(render, desc=f"Chat template ({name})") for name, ds in (("train", data.train),
+                                                                               ("test", data.test))]
+    return PreferenceData(*splits, data.report, "chat")
 
 
 # ---------------------------------------------------------------- reading rows
@@ -430,4 +484,4 @@ def drop_truncation_ties(data: PreferenceData, tokenizer, max_length: int) -> Pr
             report.dropped[v] += 1
         splits[name] = ds.select([i for i, v in enumerate(verdicts) if v is None])
     report.splits = {name: len(ds) for name, ds in splits.items()}
-    return PreferenceData(splits["train"], splits["test"], report)
+    return PreferenceData(splits["train"], splits["test"], report, data.prompt_format, data.validation)

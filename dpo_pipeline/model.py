@@ -27,6 +27,11 @@ OFFLINE_SHAPES = {
     "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=512),
 }
 GPT2_LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
+# LoRA on every attention and MLP projection, by architecture; any other model gets peft's "all-linear".
+LORA_TARGETS = {
+    "gpt2": GPT2_LORA_TARGETS,
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -75,20 +80,20 @@ def make_offline_gpt2(shape: str = "gpt2-tiny", folder: str | Path | None = None
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``offline:<shape>`` becomes a local checkpoint folder; anything else is a Hub id or a local folder."""
+    """``offline:<name>`` becomes a local checkpoint folder; anything else is a Hub id or a local folder."""
+    from .pretrained import resolve as resolve_pretrained  # lazy: pretrained imports this module
+
+    if (folder := resolve_pretrained(name_or_path)) is not None:  # offline:smollm2-135m, a real pretrained model
+        return folder
     if name_or_path.startswith(OFFLINE_PREFIX):
         return str(make_offline_gpt2(name_or_path[len(OFFLINE_PREFIX):]))
     return name_or_path
 
 
-def is_offline_model(path: str | Path) -> bool:
-    return (Path(path) / "OFFLINE_README.md").exists()
-
-
 def _fetch_error(name: str, why: str) -> ModelLoadError:
     return ModelLoadError(
-        f"Cannot load model {name!r}: {why}. To run without the Hub, use model='offline:gpt2-124m' "
-        "(GPT-2 architecture, random weights) or the path of a local checkpoint folder."
+        f"Cannot load model {name!r}: {why}. To run without the Hub, use model='offline:smollm2-135m' (a real "
+        "pretrained model), 'offline:gpt2-124m' (GPT-2 architecture, random weights) or a local checkpoint folder."
     )
 
 
@@ -142,7 +147,7 @@ def load_base_model(name_or_path: str, load_in_4bit: bool = False):
 
 
 def lora_config(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targets: list[str] | None = None):
-    targets = targets or GPT2_LORA_TARGETS
+    targets = targets or LORA_TARGETS.get(model.config.model_type, "all-linear")
     # GPT-2 stores weights as Conv1D (in x out); peft needs fan_in_fan_out for those, not for Linear/Linear4bit.
     conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
     return LoraConfig(

@@ -2,6 +2,7 @@
 
     full   Hub GPT-2 + Anthropic/hh-rlhf, 4-bit NF4, LoRA, on a CUDA GPU          (the real thing)
     cpu    offline GPT-2 124M shape (random weights) + the real hh-rlhf sample, a short run on a CPU
+    pretrained-cpu  SmolLM2-135M-Instruct (a real pretrained model, offline) + the real hh-rlhf sample, on a CPU
     smoke  offline tiny GPT-2 + the synthetic preference set, 1-2 minutes on a CPU
     auto   `full` when CUDA and the Hub are both available, else `smoke`
 """
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .data import PreferenceData, drop_truncation_ties, load_preferences, shared_data_dir
+from .data import (PreferenceData, drop_truncation_ties, load_preferences, resolve_prompt_format, shared_data_dir,
+                   to_chat_template)
 from .hub import hub_reachable
 from .synthetic import get_synthetic
 from .train import RunConfig, write_json_atomic
@@ -35,6 +37,8 @@ class DataConfig:
     max_eval_pairs: int | None = None  # evaluate on the first N held-out pairs (eval passes cost time)
     test_fraction: float = 0.2  # for single-split sources
     split_seed: int = 42
+    prompt_format: str = "auto"  # "auto": the model's chat template if it has one, else Human/Assistant text
+    validation_pairs: int | None = None  # hold out the last N train pairs to evaluate on while training
 
 
 PROFILES: dict[str, dict] = {
@@ -47,6 +51,12 @@ PROFILES: dict[str, dict] = {
         model="offline:gpt2-124m", load_in_4bit=False,
         source=str(shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"), max_eval_pairs=32,
         max_length=256, batch_size=4, learning_rate=5e-5, beta=0.1, max_steps=12, eval_steps=6, logging_steps=2,
+    ),
+    "pretrained-cpu": dict(
+        model="offline:smollm2-135m", load_in_4bit=False,  # 4-bit is slower than fp32 on this CPU; it saves memory
+        source=str(shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"), validation_pairs=64,
+        max_length=256, batch_size=4, grad_accum=2, learning_rate=1e-4, beta=0.1, max_steps=120, eval_steps=40,
+        logging_steps=5,
     ),
     "smoke": dict(
         model="offline:gpt2-tiny", load_in_4bit=True, source="synthetic", max_pairs=400,
@@ -91,10 +101,16 @@ def load_data(config: DataConfig, tokenizer, max_length: int) -> PreferenceData:
     else:
         data = load_preferences(config.source, data_dir=config.data_dir, split_seed=config.split_seed,
                                 test_fraction=config.test_fraction, max_pairs=config.max_pairs)
+    if resolve_prompt_format(config.prompt_format, tokenizer) == "chat":
+        data = to_chat_template(data, tokenizer)
     data = drop_truncation_ties(data, tokenizer, max_length)
     if config.max_eval_pairs is not None and len(data.test) > config.max_eval_pairs:
         data.test = data.test.select(range(config.max_eval_pairs))
         data.report.splits["test (evaluated)"] = config.max_eval_pairs
+    if config.validation_pairs:  # settings are picked on these, never on the test split
+        n = len(data.train) - config.validation_pairs
+        data.validation, data.train = data.train.select(range(n, len(data.train))), data.train.select(range(n))
+        data.report.splits.update({"train": len(data.train), "validation": len(data.validation)})
     return data
 
 

@@ -1,6 +1,8 @@
-"""Report stage: what people would rather see than read (example tables, training curves)."""
+"""Report stage: what people would rather see than read (example tables, training curves, sweep plots as PNG)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 
@@ -32,8 +34,14 @@ def plot_history(log_history: list[dict], title: str = "DPO training"):
     """Loss, reward accuracy and reward margin against steps, train and eval."""
     import matplotlib.pyplot as plt
 
+    return _draw_history(plt.figure(figsize=(13, 3.5)), log_history, title)
+
+
+def _draw_history(fig, log_history: list[dict], title: str):
+    from matplotlib.ticker import MaxNLocator
+
     frame = history_frame(log_history)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    axes = fig.subplots(1, 3)
     for ax, metric in zip(axes, ["loss", "rewards/accuracies", "rewards/margins"]):
         for split, style in (("train", "-"), ("eval", "o--")):
             part = frame[frame["split"] == split] if not frame.empty else frame
@@ -41,8 +49,74 @@ def plot_history(log_history: list[dict], title: str = "DPO training"):
                 ax.plot(part["step"], part[metric], style, label=split)
         ax.set_title(metric)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 4.5
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# The save functions draw on a bare matplotlib Figure, not pyplot: no GUI backend is touched, nothing has to be
+# closed, and the notebook's inline backend stays as it is.
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_run(record: dict, path) -> Path:
+    """PNG of one run's loss, reward accuracy and reward margin against steps, train and eval."""
+    from matplotlib.figure import Figure
+
+    cfg = record.get("config") or {}
+    title = (f"run {record.get('run_id') or '?'}: lr {cfg.get('learning_rate')}, beta {cfg.get('beta')}, "
+             f"{cfg.get('loss_type')}, {record.get('train_steps')} steps")
+    return _save(_draw_history(Figure(figsize=(13, 3.5)), record.get("log_history") or [], title), path)
+
+
+def plot_sweep(records: list[dict], path, best_run_id: str | None = None) -> Path:
+    """PNG comparing runs: eval loss against steps per run, and final eval reward accuracy and margin per run."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    runs = [r for r in records if r.get("status") == "finished"]
+    failed = [str(r.get("run_id")) for r in records if r.get("status") == "failed"]
+    fig = Figure(figsize=(14, 4.2))
+    curves, accuracy, margin = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.4, 1, 1]})
+    for run in runs:
+        frame = history_frame(run.get("log_history") or [])
+        evals = frame[frame["split"] == "eval"] if not frame.empty else frame
+        if "loss" in evals:
+            best = run.get("run_id") == best_run_id
+            curves.plot(evals["step"], evals["loss"], "o-", lw=3 if best else 1.5, label=str(run.get("run_id"))
+                        + (" (best)" if best else ""))
+    curves.set(title="eval loss", xlabel="step")
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    curves.grid(alpha=0.3)
+    if runs:
+        curves.legend(fontsize=8)
+    names = [str(r.get("run_id")) for r in runs]
+    colours = ["tab:green" if r.get("run_id") == best_run_id else "tab:gray" for r in runs]
+    for ax, key, label in ((accuracy, "rewards/accuracies", "final eval reward accuracy"),
+                           (margin, "rewards/margins", "final eval reward margin")):
+        values = [(r.get("final_eval") or {}).get(key) or 0.0 for r in runs]
+        ax.bar(range(len(runs)), values, color=colours)
+        ax.set_xticks(range(len(runs)), names, rotation=30, ha="right", fontsize=8)
+        for tick, run in zip(ax.get_xticklabels(), runs):
+            tick.set_fontweight("bold" if run.get("run_id") == best_run_id else "normal")
+        ax.set_title(label)
+        ax.grid(alpha=0.3, axis="y")
+    accuracy.set_ylim(0, 1.05)
+    note = f"; failed: {', '.join(failed)}" if failed else ""
+    fig.suptitle(f"Sweep: {len(runs)} finished runs, best {best_run_id or 'none'} in green{note}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def save_plots(records: list[dict], plots_dir, best_run_id: str | None = None) -> list[Path]:
+    """`<run-id>.png` for every run with a log, and `sweep.png`, under `plots_dir`; returns the paths written."""
+    plots_dir = Path(plots_dir)
+    paths = [plot_run(r, plots_dir / f"{r.get('run_id')}.png") for r in records if r.get("log_history")]
+    return paths + [plot_sweep(records, plots_dir / "sweep.png", best_run_id)]

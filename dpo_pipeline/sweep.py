@@ -149,7 +149,6 @@ def run_one(config: RunConfig, data) -> RunRecord:
     """Train one config; any error (NaN loss, out of memory, a bad setting) becomes a failed record."""
     try:
         record = train_dpo(config, data)
-        record.run_id = Path(config.output_dir).name
     except Exception as err:  # noqa: BLE001 - the sweep must go on; the error is kept in the record
         record = failed_record(config, err)
     return record
@@ -245,9 +244,10 @@ def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info:
 
     results_dir = Path(results_dir)
     best = pick_best(records)
+    finished = [r for r in records if r["status"] == "finished"]
+    baseline = next((r["base_evaluation"] for r in finished if r.get("base_evaluation")), None)
     best_id = best["run_id"] if best else None
     samples = best_samples(best, list(data.test["prompt"][:n_samples])) if best else []
-    finished = [r for r in records if r["status"] == "finished"]
     summary = {
         "data": data.report.as_dict(),
         "model": (best or (finished or [{}])[0]).get("model_info", {}),
@@ -259,10 +259,10 @@ def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info:
         "plots": [str(p) for p in save_plots(records, results_dir / "plots", best_id)],
         "workbook": str(build_workbook(
             records, results_dir / "sweep_results.xlsx", best_run_id=best_id, best_rule=BEST_RULE,
-            summary=summary, samples=samples,
-            baseline=next((r["base_evaluation"] for r in finished if r.get("base_evaluation")), None),
+            summary=summary, samples=samples, baseline=baseline,
         )),
         "best_run_id": best_id,
+        "baseline": baseline,
         "samples": samples,
     }
     return made

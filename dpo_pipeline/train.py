@@ -42,7 +42,7 @@ class RunConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: list(model_lib.GPT2_LORA_TARGETS))
+    lora_targets: list[str] | None = None  # None: every attention and MLP projection of the architecture
     beta: float = 0.1
     loss_type: str = "sigmoid"  # passed through to TRL: sigmoid, ipo, hinge, robust, ...
     learning_rate: float = 5e-5
@@ -57,6 +57,8 @@ class RunConfig:
     seed: int = 42
     gradient_checkpointing: bool = False  # TRL turns it on by default; small models train faster without it
     output_dir: str = "results/runs/default"
+    precompute_ref: bool = True  # reference log-probs computed once, cached on disk and shared (refcache.py)
+    group_by_length: bool = True  # batches of similar length: less padding (refcache.py adds the length column)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,7 +82,7 @@ class RunRecord:
     adapter_path: str
     model_info: dict = field(default_factory=dict)
     error: str | None = None  # one line, for a failed run
-    run_id: str = ""  # set by the sweep: a hash of the config
+    run_id: str = ""  # the output folder's name (in a sweep, a hash of the config)
     evaluation: dict = field(default_factory=dict)  # held-out per-pair metrics of the adapter (evaluate.py)
     base_evaluation: dict = field(default_factory=dict)  # the same for the base model (adapter disabled)
 
@@ -132,6 +134,9 @@ def dpo_args(config: RunConfig) -> DPOConfig:
         report_to="none",
         logging_nan_inf_filter=False,  # let a NaN loss show (and StopOnNonFiniteLoss fail the run)
         use_cpu=not cuda,
+        precompute_ref_log_probs=config.precompute_ref,  # once per (base, data, max_length, precision), on disk
+        train_sampling_strategy="group_by_length" if config.group_by_length else "random",
+        ddp_find_unused_parameters=False,  # every LoRA weight is used each step: skip DDP's extra graph walk
     )
 
 
@@ -162,14 +167,16 @@ def build_trainer(config: RunConfig, data: PreferenceData, base_model=None, toke
     tokenizer = tokenizer or model_lib.load_tokenizer(config.model)
     base = base_model or model_lib.load_base_model(config.model, load_in_4bit=config.load_in_4bit)
     base = model_lib.prepare_for_training(base, config.gradient_checkpointing)
-    trainer = DPOTrainer(
+    from .refcache import CachedRefDPOTrainer  # DPOTrainer + on-disk reference log-probs + length grouping
+
+    trainer = CachedRefDPOTrainer(
         model=base,
         ref_model=None,  # with a peft_config, TRL's reference is this model with the adapter disabled
         peft_config=model_lib.lora_config(base, config.lora_r, config.lora_alpha, config.lora_dropout,
                                           config.lora_targets),
         args=dpo_args(config),
         train_dataset=data.train,
-        eval_dataset=data.test,
+        eval_dataset=data.monitor,
         processing_class=tokenizer,
         callbacks=[StopOnNonFiniteLoss()],
     )
@@ -184,9 +191,16 @@ def build_trainer(config: RunConfig, data: PreferenceData, base_model=None, toke
 def train_dpo(config: RunConfig, data: PreferenceData, trainer: DPOTrainer | None = None) -> RunRecord:
     """Train one DPO run (on `trainer` if given, else a new one), evaluate it, save the adapter, return its record."""
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "run_config.json", config.to_dict())
+    # Data-parallel (accelerate launch, torchrun): every rank trains, only rank 0 writes and runs preference_eval.
+    from accelerate.utils import get_int_from_env
+
+    main = get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        # The prompt format travels with the adapter: the app must prompt the way training did.
+        write_json_atomic(out / "run_config.json", {**config.to_dict(), "prompt_format": data.prompt_format})
     trainer = trainer or build_trainer(config, data)
+    main = trainer.is_world_process_zero()
     start = time.perf_counter()
     result = trainer.train()
     wall = time.perf_counter() - start
@@ -202,10 +216,10 @@ def train_dpo(config: RunConfig, data: PreferenceData, trainer: DPOTrainer | Non
         warnings.filterwarnings("ignore", message="Could not find a config file")
         trainer.save_model(str(out))  # adapter (safetensors) + tokenizer; the base weights stay where they were
     train_losses = [e["loss"] for e in history if "loss" in e]
-    pairs_seen = steps * config.batch_size * config.grad_accum
+    pairs_seen = steps * config.batch_size * config.grad_accum * trainer.args.world_size  # all ranks
     train_time = wall - sum(e.get("eval_runtime", 0.0) for e in history)  # throughput of training, not eval
     evaluation = preference_eval(trainer.model, trainer.processing_class, data.test, config.beta, config.max_length,
-                                 config.batch_size)
+                                 config.batch_size) if main else {"adapter": {}, "base": {}}
     record = RunRecord(
         config=config.to_dict(),
         status="finished",
@@ -220,8 +234,10 @@ def train_dpo(config: RunConfig, data: PreferenceData, trainer: DPOTrainer | Non
         pairs_per_second=round(pairs_seen / train_time, 3) if train_time > 0 else 0.0,
         adapter_path=str(out.resolve()),
         model_info=model_lib.describe_model(trainer.model, config.model),
+        run_id=out.name,
         evaluation=evaluation["adapter"],
         base_evaluation=evaluation["base"],
     )
-    record.save(out / "record.json")
+    if main:
+        record.save(out / "record.json")
     return record

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import openpyxl
 import pytest
 
 from dpo_pipeline import profiles
@@ -61,3 +62,14 @@ def test_notebook_smoke_profile_end_to_end(tmp_path):
     assert (run / "adapter_model.safetensors").exists()
     report = json.loads((run / "cleaning_report.json").read_text())
     assert report["source"] == "synthetic" and report["kept"] == sum(report["splits"].values())
+
+    # The sweep: configs/sweep_smoke.yaml draws 3 runs; each has a record, the best is published, the workbook made.
+    runs = [d for d in (tmp_path / "results" / "runs").iterdir() if (d / "record.json").exists()]
+    assert len(runs) == 3
+    best = json.loads((tmp_path / "results" / "best" / "record.json").read_text())
+    assert best["run_id"] in {d.name for d in runs} and f"Best run: {best['run_id']}" in text
+    assert (tmp_path / "results" / "best" / "adapter_model.safetensors").exists()
+    sheets = openpyxl.load_workbook(tmp_path / "results" / "sweep_results.xlsx").sheetnames
+    assert {"Runs", "History", "Summary", "Samples", "Charts"} <= set(sheets)
+    assert (tmp_path / "results" / "plots" / "sweep.png").stat().st_size > 10_000
+    assert "Not pushing: no Hub repo id given" in text  # the push cell is skipped cleanly without a repo id

@@ -1,0 +1,130 @@
+"""The app as a user sees it: `streamlit run` on 127.0.0.1, a real headless Chromium driven by Playwright.
+
+The adapter is pushed to the loopback Hub double first and the app loads it by repo id, so this also runs the whole
+push -> Hub -> app path. The screenshot goes to tmp (and to $DPO_APP_SCREENSHOT, e.g. docs/app.png, when set).
+Needs Debian's Chromium at /usr/bin/chromium (`apt-get install -y chromium`); `playwright install` is not used.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hub_double import TOKEN, USER, HubDouble, make_tiny_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+REPO = f"{USER}/tiny-dpo-chat"
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def hub_env(hub: HubDouble, home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    return {**env, "HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """The app served by `streamlit run`, its adapter pushed to (and fetched from) the Hub double; killed after."""
+    tmp = tmp_path_factory.mktemp("browser")
+    adapter = make_tiny_adapter(tmp / "adapter", load_in_4bit=True)
+    with HubDouble() as hub:
+        push = subprocess.run(
+            [sys.executable, "-c", "import sys; from dpo_pipeline.hub import push_adapter; "
+                                   "print(push_adapter(sys.argv[1], sys.argv[2]))", str(adapter), REPO],
+            env={**hub_env(hub, tmp / "hf-push"), "HF_TOKEN": TOKEN}, capture_output=True, text=True, timeout=120)
+        assert push.stdout.startswith(f"Pushed 7 files to new public repo {REPO}"), push.stdout + push.stderr
+        port = free_port()
+        log = open(tmp / "streamlit.log", "w")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "dpo_app.py"), "--server.headless", "true",
+             "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+             "--client.toolbarMode", "minimal"],
+            env={**hub_env(hub, tmp / "hf-app"), "DPO_APP_ADAPTER": REPO}, cwd=ROOT, stdout=log,
+            stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                        break
+                except OSError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        pytest.fail("streamlit did not start: " + (tmp / "streamlit.log").read_text()[-2000:])
+                    time.sleep(0.5)
+            yield url
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            log.close()
+
+
+def test_chat_in_a_real_browser(app_url, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url, wait_until="domcontentloaded")
+            box = page.get_by_test_id("stChatInputTextArea")
+            box.wait_for(timeout=120_000)  # the model is downloaded from the Hub double and loaded first
+            assert f"Adapter {REPO} on base offline:gpt2-tiny (4-bit NF4)" in page.inner_text("body")
+
+            # Short answers (64 -> 24 new tokens, steps of 8): a quicker test and a tidier screenshot.
+            max_new_tokens = page.locator('input[type=range][aria-label="Max new tokens"]')
+            max_new_tokens.focus()
+            for _ in range(5):
+                max_new_tokens.press("ArrowLeft")
+            expect(max_new_tokens).to_have_value("24")
+
+            box.fill("Tell me about owls.")
+            box.press("Enter")
+            messages = page.get_by_test_id("stChatMessage")
+            messages.nth(1).get_by_text("Answered in").wait_for(timeout=120_000)  # both answers are done
+            assert "Tell me about owls." in messages.nth(0).inner_text()
+            answer = messages.nth(1).inner_text()
+            assert "Base model" in answer and "DPO adapter" in answer
+            base, tuned = answer.split("Base model (adapter off)")[1].split("Answered in")[0].split("DPO adapter")
+            assert len(base.split()) >= 2 and len(tuned.split()) >= 2, answer  # two answers, not just the titles
+            assert not page.get_by_test_id("stException").count()
+
+            shot = tmp_path / "app.png"
+            page.screenshot(path=str(shot))
+            assert shot.stat().st_size > 20_000
+            if os.environ.get("DPO_APP_SCREENSHOT"):  # refresh the committed screenshot: docs/app.png
+                target = ROOT / os.environ["DPO_APP_SCREENSHOT"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(shot, target)
+
+            # A repo the Hub does not have: one message in the page, no traceback.
+            source = page.get_by_role("textbox", name="Hub repo id or local folder")
+            source.fill(f"{USER}/no-such-adapter")
+            source.press("Enter")
+            page.get_by_test_id("stAlert").filter(has_text=f"No model repo '{USER}/no-such-adapter' on the Hub") \
+                .wait_for(timeout=60_000)
+            expect(page.get_by_test_id("stAlert")).to_have_count(1)  # the page stopped at the one message
+            assert not page.get_by_test_id("stException").count() and "Traceback" not in page.inner_text("body")
+        finally:
+            browser.close()
