@@ -118,8 +118,8 @@ def _eval_section(record: dict, base_eval: dict | None, loss_type: str | None) -
             columns[f"best (step {best['step']})"] = best
         metrics = [m for m in dict.fromkeys([*final, *best]) if m != "step"]
         rows = [{"TRL eval metric": m, **{name: values.get(m) for name, values in columns.items()}} for m in metrics]
-        text += ("\n`rewards/accuracies` is the share of pairs where the implicit reward β·log(π/π_ref) of the chosen "
-                 "answer beats the rejected one (ties count as misses).\n\n" + markdown_table(rows) + "\n")
+        text += ("\n`rewards/accuracies` is the share of pairs where the implicit reward β·log(π/π_ref) of the "
+                 "chosen answer beats the rejected one (ties count as misses).\n\n" + markdown_table(rows) + "\n")
     if held_out or base_eval:
         metrics = list(dict.fromkeys([*held_out, *base_eval]))
         rows = [{"metric": m, "DPO adapter": held_out.get(m), "base model": base_eval.get(m)} for m in metrics]
@@ -178,10 +178,10 @@ def build_model_card(adapter_dir: str | Path, repo_id: str, *, sweep_rows: list[
     if is_hub_id(base):
         about = f"a LoRA adapter for [`{base}`](https://huggingface.co/{base})"
     else:
+        random_gpt2 = str(base).startswith(OFFLINE_PREFIX + "gpt2")
         about = (f"a LoRA adapter for `{base}`, a base model that is not on the Hub"
                  + (" (dpo_pipeline's offline GPT-2: the real tokenizer with random weights, so its generations "
-                    "are noise; it proves the pipeline, not the science)" if str(base).startswith(OFFLINE_PREFIX + "gpt2")
-                    else ""))
+                    "are noise; it proves the pipeline, not the science)" if random_gpt2 else ""))
     parts = [
         f"# {repo_id.split('/')[-1]}\n\nThis is {about}, preference-tuned with Direct Preference Optimization "
         "(TRL `DPOTrainer`, LoRA via peft"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from .hub import UPLOAD_FILES
 from .train import RunConfig, RunRecord, train_dpo
 
 BEST_RULE = "highest held-out reward accuracy (TRL eval rewards/accuracies), then lowest eval loss"
@@ -201,18 +202,13 @@ def pick_best(records: list[dict]) -> dict | None:
     return min(finished, key=key) if finished else None
 
 
-INFERENCE_FILES = ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "vocab.json", "merges.txt", "special_tokens_map.json", "chat_template.jinja", "run_config.json",
-                   "record.json")
-
-
 def publish_best(best: dict, best_dir: str | Path) -> Path:
     """Copy the best run's adapter, tokenizer and record to a stable folder (replaced atomically as a whole)."""
     best_dir, source = Path(best_dir), Path(best["config"]["output_dir"])
     staging = best_dir.with_name(f".{best_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in INFERENCE_FILES:
+    for name in UPLOAD_FILES:  # what inference (and a push) needs, no optimizer states
         if (source / name).exists():
             shutil.copy2(source / name, staging / name)
     old = best_dir.with_name(f".{best_dir.name}.{os.getpid()}.old")

@@ -50,7 +50,8 @@ def synthetic_pairs(n_pairs: int = 600, seed: int = 0) -> list[dict]:
     return rows
 
 
-def get_synthetic(n_pairs: int = 600, seed: int = 0, split_seed: int = 42, test_fraction: float = 0.2) -> PreferenceData:
+def get_synthetic(n_pairs: int = 600, seed: int = 0, split_seed: int = 42,
+                  test_fraction: float = 0.2) -> PreferenceData:
     """The synthetic pairs through the same conversion, cleaning (a few duplicates) and seeded split as real data."""
     return preferences_from_rows(synthetic_pairs(n_pairs, seed), "synthetic", split_seed=split_seed,
                                  test_fraction=test_fraction)

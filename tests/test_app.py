@@ -162,6 +162,14 @@ def test_prompt_building_keeps_the_newest_turns():
     assert len(tok(alone)["input_ids"]) <= 51 and alone.endswith("\n\nAssistant:")
 
 
+def test_a_chat_template_model_is_prompted_with_its_template():
+    tok = gpt2_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    prompt, _ = chat.build_prompt(tok, [("Hi", "Hello")], "A color?", prompt_format="chat")
+    assert prompt == "<user>Hi</user><assistant>Hello</assistant><user>A color?</user><assistant>"
+
+
 def test_streams_stop_at_the_next_human_turn():
     assert list(chat.until_human_turn(iter(["Sure", ", owls.\n", "\nHu", "man: and you?"]))) == ["Sure", ", owls."]
     assert "".join(chat.until_human_turn(iter(["a\n", "\nHo", "w"]))) == "a\n\nHow"

@@ -14,6 +14,7 @@ from dpo_pipeline.data import (
     PROMPT_FORMAT, CleaningReport, DataError, PreferenceData, detect_schema, drop_truncation_ties, format_prompt,
     get_hh_rlhf, get_ultrafeedback, load_preferences, load_rows, shared_data_dir, split_hh_transcript,
 )
+from dpo_pipeline import data
 from dpo_pipeline.model import gpt2_tokenizer
 
 HERE = Path(__file__).parent / "data"
@@ -356,3 +357,45 @@ def test_unreachable_hub_is_a_quick_one_line_error(monkeypatch, load):
 def test_report_defaults():
     r = CleaningReport(source="x", schema="plain", rows_read=3)
     assert list(r.dropped) == REASONS and r.kept == 3
+
+
+# ---------------------------------------------------------------- chat-template prompts (instruction-tuned models)
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    tok = gpt2_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template, tok.eos_token = CHATML, "<|im_end|>"
+    return tok
+
+
+def test_parse_prompt_inverts_format_prompt():
+    text = data.format_prompt([("Hi", "Hello there")], "Name a color.", system="Be brief.")
+    assert data.parse_prompt(text) == [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello there"),
+                                       ("user", "Name a color.")]
+
+
+def test_prompt_format_auto_follows_the_tokenizer(chat_tokenizer):
+    assert data.resolve_prompt_format("auto", gpt2_tokenizer()) == "text"
+    assert data.resolve_prompt_format("auto", chat_tokenizer) == "chat"
+    with pytest.raises(ValueError, match="prompt_format"):
+        data.resolve_prompt_format("markdown", chat_tokenizer)
+
+
+def test_to_chat_template_renders_pairs_with_the_models_template(hh, chat_tokenizer):
+    small = data.PreferenceData(hh.train.select(range(20)), hh.test.select(range(5)), hh.report)
+    chat = data.to_chat_template(small, chat_tokenizer)
+    assert chat.prompt_format == "chat" and len(chat.train) == 20 and len(chat.test) == 5
+    for before, after in zip(small.train, chat.train):
+        messages = [{"role": r, "content": c} for r, c in data.parse_prompt(before["prompt"])]
+        assert after["prompt"] == chat_tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                     add_generation_prompt=True)
+        assert after["prompt"].endswith("<|im_start|>assistant\n")
+        for side in ("chosen", "rejected"):
+            assert after[side] == before[side].strip() + "<|im_end|>"  # ends with eos: TRL adds no second one
+    # The truncation check works on the rendered text and keeps the format.
+    assert data.drop_truncation_ties(chat, chat_tokenizer, 512).prompt_format == "chat"
