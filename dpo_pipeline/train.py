@@ -59,6 +59,7 @@ class RunConfig:
     output_dir: str = "results/runs/default"
     precompute_ref: bool = True  # reference log-probs computed once, cached on disk and shared (refcache.py)
     group_by_length: bool = True  # batches of similar length: less padding (refcache.py adds the length column)
+    precision: str = "auto"  # fp32 | bf16 | fp16 autocast; auto picks by hardware (refcache.mixed_precision)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,11 +107,13 @@ def write_json_atomic(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def dpo_args(config: RunConfig) -> DPOConfig:
+def dpo_args(config: RunConfig, **overrides) -> DPOConfig:
     """Map a RunConfig onto TRL's DPOConfig."""
+    from .refcache import mixed_precision
+
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    return DPOConfig(
+    bf16, fp16 = mixed_precision(config.precision)
+    return DPOConfig(**dict(
         output_dir=config.output_dir,
         beta=config.beta,
         loss_type=[config.loss_type],
@@ -129,7 +132,7 @@ def dpo_args(config: RunConfig) -> DPOConfig:
         seed=config.seed,
         data_seed=config.seed,
         bf16=bf16,  # TRL defaults bf16 on, which is ~3x slower on a CPU without native bf16
-        fp16=cuda and not bf16,
+        fp16=fp16,
         gradient_checkpointing=config.gradient_checkpointing,
         report_to="none",
         logging_nan_inf_filter=False,  # let a NaN loss show (and StopOnNonFiniteLoss fail the run)
@@ -137,7 +140,7 @@ def dpo_args(config: RunConfig) -> DPOConfig:
         precompute_ref_log_probs=config.precompute_ref,  # once per (base, data, max_length, precision), on disk
         train_sampling_strategy="group_by_length" if config.group_by_length else "random",
         ddp_find_unused_parameters=False,  # every LoRA weight is used each step: skip DDP's extra graph walk
-    )
+    ) | overrides)
 
 
 def _eval_metrics(metrics: dict) -> dict:
@@ -161,7 +164,8 @@ class StopOnNonFiniteLoss(TrainerCallback):
             raise FloatingPointError(f"non-finite training loss ({loss}) at step {state.global_step}")
 
 
-def build_trainer(config: RunConfig, data: PreferenceData, base_model=None, tokenizer=None) -> DPOTrainer:
+def build_trainer(config: RunConfig, data: PreferenceData, base_model=None, tokenizer=None,
+                  **dpo_overrides) -> DPOTrainer:
     """A DPOTrainer for this config; pass an already loaded base model to reuse it."""
     set_seed(config.seed)
     tokenizer = tokenizer or model_lib.load_tokenizer(config.model)
@@ -174,7 +178,7 @@ def build_trainer(config: RunConfig, data: PreferenceData, base_model=None, toke
         ref_model=None,  # with a peft_config, TRL's reference is this model with the adapter disabled
         peft_config=model_lib.lora_config(base, config.lora_r, config.lora_alpha, config.lora_dropout,
                                           config.lora_targets),
-        args=dpo_args(config),
+        args=dpo_args(config, **dpo_overrides),  # overrides: DPOConfig fields, e.g. for the benchmark's levers
         train_dataset=data.train,
         eval_dataset=data.monitor,
         processing_class=tokenizer,
