@@ -119,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(record.to_dict(), default=str))
         else:
-            print(summary(record, getattr(trainer, "ref_cache_events", [])), flush=True)
+            print(summary(record, getattr(trainer, "ref_cache_events", []),
+                          getattr(trainer, "ref_rows_computed_in_steps", None)), flush=True)
     return 0
 
 
-def summary(record, ref_events: list[dict] | None = None) -> str:
+def summary(record, ref_events: list[dict] | None = None, ref_rows_in_steps: int | None = None) -> str:
     ev, adapter = record.final_eval, record.evaluation
     lines = [
         f"status {record.status}: {record.train_steps} steps, {record.train_pairs} train pairs, "
@@ -135,8 +136,10 @@ def summary(record, ref_events: list[dict] | None = None) -> str:
         lines.append(f"held-out reward accuracy {adapter.get('reward_accuracy'):.3f} over {adapter.get('pairs')} "
                      f"pairs (base {record.base_evaluation.get('reward_accuracy', float('nan')):.3f})")
     for e in ref_events or []:
-        lines.append(f"reference log-probs ({e['split']}): cache {'hit' if e['hit'] else 'miss'}, "
-                     f"{e['pairs']} pairs, {e['seconds']} s")
+        lines.append(f"reference log-probs ({e['split']}): {e['cached']}/{e['pairs']} cached at the start, "
+                     f"{e['computed']} computed up front ({e['mode']}, {e['seconds']} s)")
+    if ref_rows_in_steps:
+        lines.append(f"reference log-probs computed during the steps (this rank): {ref_rows_in_steps} pairs")
     lines.append(f"adapter: {record.adapter_path}")
     return "\n".join(lines)
 

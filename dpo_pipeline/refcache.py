@@ -168,7 +168,7 @@ def cache_key(parts: dict) -> str:
 # ---------------------------------------------------------------- the file
 
 
-def save_ref_logps(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, parts: dict) -> None:
+def save_ref_logps(path: Path, values: torch.Tensor, parts: dict) -> None:
     """Write atomically: another process sees the old state or the whole file, never a partial one.
 
     NaN marks a row not computed yet (a run that trained on part of the split)."""
@@ -176,7 +176,7 @@ def save_ref_logps(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, par
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({REF_COLUMNS[0]: chosen.float().contiguous(), REF_COLUMNS[1]: rejected.float().contiguous()},
+    save_file({REF_COLUMNS[0]: values[0].float().contiguous(), REF_COLUMNS[1]: values[1].float().contiguous()},
               str(tmp), metadata={"key_parts": json.dumps(parts, sort_keys=True, default=str)})
     os.replace(tmp, path)
 
@@ -497,7 +497,7 @@ class CachedRefDPOTrainer(DPOTrainer):
             table["new"] = 0
             if self.accelerator.is_main_process:
                 merged = merge_ref_logps(load_ref_logps(table["path"], table["parts"], values.shape[1]), values)
-                save_ref_logps(table["path"], merged[0], merged[1], table["parts"])
+                save_ref_logps(table["path"], merged, table["parts"])
                 print(f"reference log-probs: {new} new value pairs stored ({table['key']}) for the "
                       f"{table['split']} split, {int(_known(merged).sum())}/{values.shape[1]} cached", flush=True)
 
@@ -515,6 +515,8 @@ class _RefIndexCollator:
         return batch
 
     def __getattr__(self, name):  # pad_token_id, max_length, ... as the wrapped collator has them
+        if name == "collator":  # not set yet (unpickling in a DataLoader worker)
+            raise AttributeError(name)
         return getattr(self.collator, name)
 
 

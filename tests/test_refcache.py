@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from dpo_pipeline import model as model_lib
 from dpo_pipeline.evaluate import completion_logps
-from dpo_pipeline.refcache import REF_COLUMNS, CachedRefDPOTrainer, base_model_fingerprint
+from dpo_pipeline.refcache import REF_COLUMNS, CachedRefDPOTrainer, base_model_fingerprint, load_ref_logps
 from dpo_pipeline.sweep import run_sweep
 from dpo_pipeline.synthetic import get_synthetic
 from dpo_pipeline.train import RunConfig, build_trainer
@@ -30,8 +30,9 @@ def cache(tmp_path, monkeypatch):
 
 
 def _config(model, tmp_path, **kw):
+    # 2 steps x 8 pairs = the whole 16-pair train split: its reference is computed up front ("eager")
     return RunConfig(**{"model": model, "load_in_4bit": False, "lora_r": 8, "learning_rate": 1e-3, "batch_size": 8,
-                        "max_steps": 1, "max_length": 48, "eval_steps": 1, "logging_steps": 1, "precision": "fp32",
+                        "max_steps": 2, "max_length": 48, "eval_steps": 2, "logging_steps": 1, "precision": "fp32",
                         "output_dir": str(tmp_path / "run"), **kw})
 
 
@@ -64,6 +65,7 @@ def test_miss_then_hit_across_lr_rank_seed_and_targets(tiny_gpt2, pairs, cache, 
     # The loaded values equal a fresh computation ...
     train = second.train_dataset
     fresh_c, fresh_r = second._compute_ref_logps(train.remove_columns(list(REF_COLUMNS)), "train", 8, "fresh")
+    assert not torch.isnan(fresh_c).any()
     loaded_c, loaded_r = (torch.tensor(train[c]) for c in REF_COLUMNS)
     assert torch.allclose(loaded_c, fresh_c, atol=1e-5) and torch.allclose(loaded_r, fresh_r, atol=1e-5)
     # ... also through TRL's own LM head path (refcache's lean one scores only the completion positions).
@@ -78,9 +80,35 @@ def test_miss_then_hit_across_lr_rank_seed_and_targets(tiny_gpt2, pairs, cache, 
                                        48, batch_size=8)
     assert torch.allclose(loaded_c.double(), independent.double(), atol=1e-3), (loaded_c[:4], independent[:4])
 
-    # Training on the cached values works.
+    # Training on the cached values works, with no reference forward in the steps.
     second.train()
-    assert second.state.global_step == 1 and "loss" in second.state.log_history[0]
+    assert second.state.global_step == 2 and "loss" in second.state.log_history[0]
+    assert second.ref_rows_computed_in_steps == 0
+
+
+@pytest.mark.slow  # trains
+def test_a_short_run_computes_only_the_rows_it_trains_on(tiny_gpt2, pairs, cache, tmp_path):
+    eager = build_trainer(_config(tiny_gpt2, tmp_path, precompute_ref=True), pairs)
+    reference = torch.tensor([eager.train_dataset[c] for c in REF_COLUMNS])  # every row, computed up front
+    for f in cache.iterdir():
+        f.unlink()
+
+    short = _config(tiny_gpt2, tmp_path, max_steps=1)  # 8 of the 16 pairs: "lazy"
+    first = build_trainer(short, pairs)
+    assert _events(first)["train"]["mode"] == "lazy" and _events(first)["train"]["cached"] == 0
+    assert not (cache / f"{_events(first)['train']['key']}.safetensors").exists()  # nothing computed up front
+    first.train()
+    assert first.ref_rows_computed_in_steps == 8
+    stored = load_ref_logps(cache / f"{_events(first)['train']['key']}.safetensors",
+                            first._ref_tables[0]["parts"], len(pairs.train))
+    known = ~torch.isnan(stored).any(dim=0)
+    assert int(known.sum()) == 8
+    assert torch.allclose(stored[:, known], reference[:, known], atol=1e-4)  # the same values as the eager pass
+
+    again = build_trainer(dataclasses.replace(short, learning_rate=3e-4), pairs)  # the sweep's next run
+    assert _events(again)["train"]["cached"] == 8
+    again.train()
+    assert again.ref_rows_computed_in_steps == 0  # same seed, same batches: all found in the cache
 
 
 @pytest.mark.slow  # builds trainers (reference precompute), trains
@@ -147,5 +175,5 @@ def test_sweep_reuses_the_reference_across_runs(tiny_gpt2, pairs, cache, tmp_pat
     records = run_sweep(configs, pairs)
     assert [r["status"] for r in records] == ["finished", "finished"], [r.get("error") for r in records]
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("reference log-probs")]
-    assert [line.split()[3] for line in lines] == ["miss", "miss", "hit", "hit"], lines  # train+eval, twice
+    assert [("hit" if "cache hit" in line else "miss") for line in lines] == ["miss", "miss", "hit", "hit"], lines
     assert len(list(cache.glob("*.safetensors"))) == 2
