@@ -64,21 +64,11 @@ def default_ref_cache_dir() -> Path:
 # ---------------------------------------------------------------- precision by hardware
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16, Linux /proc/cpuinfo flags)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-
-
 def mixed_precision(precision: str = "auto") -> tuple[bool, bool]:
     """(bf16, fp16) autocast flags for TRL. Weights stay as loaded (fp32 on a CPU, 4-bit + compute dtype on CUDA).
 
-    auto: CUDA -> bf16 where supported, else fp16; CPU -> bf16 when it has native bf16 instructions (measured on an
-    AMD EPYC with AVX512-BF16: ~15% faster per DPO step than fp32 and ~1/3 less peak memory; without them bf16 is
-    emulated, reportedly ~3x slower), else fp32.
+    auto: CUDA -> bf16 where supported, else fp16; CPU -> fp32 (bf16 is ~3x slower where the CPU emulates it; one
+    noisy measurement on an AVX512-BF16 CPU saw ~15% faster steps, not yet confirmed: ask for "bf16" explicitly).
     """
     precision = (precision or "auto").lower()
     if precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -86,8 +76,8 @@ def mixed_precision(precision: str = "auto") -> tuple[bool, bool]:
     if precision == "auto":
         if torch.cuda.is_available():
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+        else:  # fp32: bf16 on a CPU measured ~3x slower where it is emulated, and not clearly faster elsewhere
+            precision = "fp32"
     if precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("precision fp16 needs a CUDA GPU (use bf16 or fp32 on a CPU)")
     return precision == "bf16", precision == "fp16"
