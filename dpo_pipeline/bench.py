@@ -1,7 +1,7 @@
 """Benchmark: the same DPO training in three setups, in one process, on the same real hh-rlhf pairs.
 
-    python -m dpo_pipeline.bench --quick        # a few minutes on a 2-core CPU
-    python -m dpo_pipeline.bench                # + the lever table (each lever of the tuned path switched off)
+    python -m dpo_pipeline.bench --quick        # 4 steps, one measured cache-hit sweep run: a few minutes
+    python -m dpo_pipeline.bench                # 12 steps, all sweep runs, and the lever table
 
 Every setup trains GPT-2 124M (`offline:gpt2-124m`: the real architecture and tokenizer, random weights, fp32
 weights) with a LoRA adapter (r=16, alpha 32, dropout 0.05 on c_attn/c_proj/c_fc), for the same optimizer steps,
@@ -10,14 +10,18 @@ batch size, max_length, learning rate and seed, on the same pairs: the first ste
 pairs and the same real (non-pad) tokens.
 
     seed-style   TRL's DPOTrainer in fp32, every sequence padded to 1024 tokens (pad_to_multiple_of=1024), the
-                 reference forward pass again at every step, no gradient checkpointing
+                 reference forward pass again at every step, no gradient checkpointing; each batch runs as
+                 micro-batches of --seed-micro-batch pairs (gradient accumulation: the same optimizer step) because
+                 4 pairs = 8 x 1024 tokens need ~20 GB
     TRL-default  DPOConfig written the way a user would: output_dir, batch size, max_length, max_steps,
                  learning_rate, report_to (+ use_cpu=True, which TRL demands on a CPU, and logging_steps=1 / seed
                  for the measurement); TRL's defaults otherwise: bf16 autocast, gradient checkpointing, reference
                  forward every step, padding to the longest sequence in the batch
-    tuned        this project's path, `train.build_trainer`: fp32 on a CPU (bf16/fp16 on CUDA), no gradient
-                 checkpointing, reference log-probs computed once and cached on disk (refcache.py), batches grouped
-                 by length
+    tuned        this project's path, `train.build_trainer`: bf16 autocast on a CPU with native bf16 (else fp32;
+                 bf16/fp16 on CUDA), no gradient checkpointing, reference log-probs computed once and cached on
+                 disk, on a CPU one pair per forward pass (gradient accumulation to the same batch: no padding
+                 between pairs; on a GPU whole batches grouped by length), the LM head scoring only completion
+                 tokens (TRL does that only with Triton) (refcache.py)
 
 Measured per setup: pairs/s and non-pad tokens/s over the training steps (first optimizer step to last, every step
 timed, nothing excluded; a short warm-up forward/backward runs once before the first setup so no setup pays the
@@ -25,7 +29,8 @@ process's first-use costs), the same over steps 2..N, padding fraction of the ba
 (kernel high-water mark, reset before each setup; the RSS before the setup is reported too), per-step losses,
 construction time (model load + tokenization + reference precompute) and the end-to-end time of the run.
 The sweep cost compares 4 tuned runs that share the reference cache (the first one cold: it is the tuned run above,
-then three more learning rates) with 4 x the one measured TRL-default run (construction + training).
+then three more learning rates; --quick measures one of those and counts it three times) with 4 x the one measured
+TRL-default run (a run's cost: construction + training, up to the end of the last step).
 
 Writes `<out>/bench-<timestamp>.json` and `<out>/latest.json`, prints a markdown table.
 """
@@ -211,9 +216,11 @@ def build_seed_style(ctx) -> object:
     from . import model as model_lib
 
     base = model_lib.load_base_model(MODEL, load_in_4bit=False)
+    micro = ctx.seed_micro_batch  # 8 sequences x 1024 tokens need ~20 GB: the same batch, as micro-batches
     args = DPOConfig(
-        output_dir=str(ctx.tmp / "seed-style"), per_device_train_batch_size=ctx.batch_size,
-        max_length=ctx.max_length, max_steps=ctx.steps, learning_rate=ctx.learning_rate, report_to="none",
+        output_dir=str(ctx.tmp / "seed-style"), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=ctx.batch_size // micro, max_length=ctx.max_length, max_steps=ctx.steps,
+        learning_rate=ctx.learning_rate, report_to="none",
         use_cpu=not torch.cuda.is_available(), logging_steps=1, seed=ctx.seed, save_strategy="no",
         bf16=False, fp16=False, gradient_checkpointing=False, precompute_ref_log_probs=False,
         pad_to_multiple_of=SEED_STYLE_PAD,
@@ -245,6 +252,7 @@ def build_tuned(ctx, learning_rate: float | None = None, **overrides) -> object:
     from . import train as train_mod
 
     arg_overrides = overrides.pop("_args", {})
+    lean = overrides.pop("_lean", True)
     config = train_mod.RunConfig(
         model=MODEL, load_in_4bit=False, lora_r=LORA_R, lora_alpha=32, lora_dropout=0.05,
         learning_rate=learning_rate or ctx.learning_rate, batch_size=ctx.batch_size, max_steps=ctx.steps,
@@ -253,8 +261,10 @@ def build_tuned(ctx, learning_rate: float | None = None, **overrides) -> object:
     )
     # No evaluation (transformers 5 evaluates at the end of training under eval_strategy="steps"): the benchmark
     # times training; the other setups do not evaluate either.
-    return train_mod.build_trainer(config, ctx.data, tokenizer=ctx.tokenizer,
-                                   **{"eval_strategy": "no", **arg_overrides})
+    trainer = train_mod.build_trainer(config, ctx.data, tokenizer=ctx.tokenizer,
+                                      **{"eval_strategy": "no", **arg_overrides})
+    trainer.LEAN_LM_HEAD = lean  # the lever table's "TRL's CPU LM head" row (the construction used the lean one)
+    return trainer
 
 
 def run_setup(ctx, name: str, build) -> dict:
@@ -339,6 +349,7 @@ class Context:
     def __init__(self, opts):
         self.steps, self.batch_size, self.max_length = opts.steps, opts.batch_size, opts.max_length
         self.learning_rate, self.seed = opts.learning_rate, opts.seed
+        self.seed_micro_batch = opts.seed_micro_batch
         self.tmp = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
         self.data = self.tokenizer = self.full_train = None
 
@@ -473,13 +484,17 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpo_pipeline.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="6 steps, no lever table: a few minutes on 2 cores")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per setup (default 12; quick 6)")
+    parser.add_argument("--quick", action="store_true",
+                        help="4 steps, one measured cache-hit sweep run, no lever table: a few minutes on 2 cores")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per setup (default 12; quick 4)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--eval-pairs", type=int, default=8, help="held-out pairs given to every trainer")
+    parser.add_argument("--seed-micro-batch", type=int, default=2,
+                        help="seed-style runs each batch as micro-batches of this many pairs (gradient accumulation, "
+                             "the same optimizer step): 4 pairs = 8 x 1024-token sequences need ~20 GB (default 2)")
     parser.add_argument("--setups", default="seed-style,TRL-default,tuned",
                         help="comma-separated subset of seed-style,TRL-default,tuned")
     parser.add_argument("--no-sweep", action="store_true", help="skip the 4-config sweep cost")
@@ -487,7 +502,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the lever table (default: on, off with --quick)")
     parser.add_argument("--out", default="results/bench")
     opts = parser.parse_args(argv)
-    opts.steps = opts.steps or (6 if opts.quick else 12)
+    opts.steps = opts.steps or (4 if opts.quick else 12)
+    opts.seed_micro_batch = min(opts.seed_micro_batch, opts.batch_size)
+    if opts.batch_size % opts.seed_micro_batch:
+        parser.error("--batch-size must be a multiple of --seed-micro-batch")
     levers = (not opts.quick) if opts.levers is None else opts.levers
     if opts.max_length > SEED_STYLE_PAD:
         parser.error(f"--max-length must be <= {SEED_STYLE_PAD} (GPT-2's context)")
@@ -524,19 +542,25 @@ def main(argv: list[str] | None = None) -> int:
 
         sweep = None
         if not opts.no_sweep and "tuned" in results and "TRL-default" in results:
+            factors = (2.0, 0.5, 4.0)
             runs = [results["tuned"]]
-            for factor in (2.0, 0.5, 4.0):
+            for factor in factors[:1] if opts.quick else factors:
                 lr = ctx.learning_rate * factor
                 runs.append(run_setup(ctx, f"sweep lr={lr:g}", lambda lr=lr: build_tuned(ctx, learning_rate=lr)))
-            tuned_s = sum(r["run_s"] for r in runs)
+            measured = [r["run_s"] for r in runs]
+            # --quick measures one cache-hit run and counts it for the three runs that hit the cache
+            run_costs = measured + [measured[-1]] * (4 - len(measured))
+            tuned_s = sum(run_costs)
             trl_s = 4 * results["TRL-default"]["run_s"]
-            sweep = {"tuned_runs_s": [r["run_s"] for r in runs], "tuned_s": round(tuned_s, 1),
-                     "learning_rates": [ctx.learning_rate * f for f in (1.0, 2.0, 0.5, 4.0)],
+            sweep = {"tuned_runs_s": run_costs, "measured_runs": len(measured), "tuned_s": round(tuned_s, 1),
+                     "learning_rates": [ctx.learning_rate * f for f in (1.0, *factors)],
                      "ref_cache_hits": [any(e["hit"] for e in r["ref_cache"] if e["split"] == "train")
                                         for r in runs],
                      "trl_default_4x_s": round(trl_s, 1), "ratio": round(tuned_s / trl_s, 3),
-                     "note": "tuned: 4 runs (the first is the tuned run above, cold cache; 3 more hit it); "
-                             "TRL-default: 4 x the one measured TRL-default run (construction + training)",
+                     "note": "tuned: 4 runs sharing the reference cache (the first is the tuned run above, cold "
+                             "cache; the others hit it" + ("; --quick measures one of them and counts it 3 times"
+                                                           if opts.quick else "") + "); TRL-default: 4 x the one "
+                             "measured TRL-default run; a run's cost is construction + training",
                      "runs": runs[1:]}
             report["sweep"] = sweep
 
@@ -544,9 +568,16 @@ def main(argv: list[str] | None = None) -> int:
             lever_builds = {
                 "tuned + gradient checkpointing": lambda: build_tuned(ctx, gradient_checkpointing=True),
                 "tuned - ref cache (ref forward every step)": lambda: build_tuned(ctx, precompute_ref=False),
-                "tuned - length grouping": lambda: build_tuned(ctx, group_by_length=False),
-                "tuned + bf16 autocast": lambda: build_tuned(ctx, _args={"bf16": True}),
+                "tuned, whole batch per forward (no micro-batches)":
+                    lambda: build_tuned(ctx, micro_batch_size=ctx.batch_size, group_by_length=False),
+                "tuned, whole batch per forward + length grouping":
+                    lambda: build_tuned(ctx, micro_batch_size=ctx.batch_size, group_by_length=True),
+                "tuned - lean LM head (TRL's CPU LM head)": lambda: build_tuned(ctx, _lean=False),
             }
+            if results["tuned"]["settings"]["bf16"]:
+                lever_builds["tuned in fp32 (no bf16 autocast)"] = lambda: build_tuned(ctx, precision="fp32")
+            elif not torch.cuda.is_available():
+                lever_builds["tuned + bf16 autocast"] = lambda: build_tuned(ctx, precision="bf16")
             report["levers"] = {name: run_setup(ctx, name, build) for name, build in lever_builds.items()}
 
         report["tokenization"] = tokenization_cost(ctx)
