@@ -122,7 +122,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def compute_dtype() -> torch.dtype:
-    """bf16 where the hardware has it natively (CUDA Ampere+); fp32 on CPU, where bf16 is ~3x slower."""
+    """Weight dtype: bf16 where CUDA has it natively (Ampere+), else fp16; fp32 weights on a CPU (training autocasts
+    to bf16 there when the CPU has native bf16: refcache.mixed_precision)."""
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32

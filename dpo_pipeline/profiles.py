@@ -55,9 +55,7 @@ PROFILES: dict[str, dict] = {
     "pretrained-cpu": dict(
         model="offline:smollm2-135m", load_in_4bit=False,  # 4-bit is slower than fp32 on this CPU; it saves memory
         source=str(shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"), validation_pairs=64,
-        max_length=256, batch_size=4, grad_accum=1, learning_rate=1e-4, beta=0.1, max_steps=120, eval_steps=40,
-        logging_steps=5,
-        precompute_ref=False,  # one short run sees fewer pairs than the whole train split a precompute would cover
+        max_length=256, batch_size=4, learning_rate=1e-4, beta=0.1, epochs=1, eval_steps=50, logging_steps=10,
     ),
     "smoke": dict(
         model="offline:gpt2-tiny", load_in_4bit=True, source="synthetic", max_pairs=400,

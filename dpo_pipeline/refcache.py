@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from trl import DPOTrainer
 
@@ -460,7 +461,8 @@ class CachedRefDPOTrainer(DPOTrainer):
         loader = self.accelerator.prepare(loader)
         model = self.ref_model or self.model
         chosen, rejected = [], []
-        for batch in loader:
+        bar = tqdm(loader, desc=f"Reference log-probs ({name})", disable=not self.accelerator.is_local_main_process)
+        for batch in bar:
             c, r = self.compute_ref_log_probs(model, batch)
             c, r = self.accelerator.gather_for_metrics((c, r))
             chosen.append(c.float().cpu())

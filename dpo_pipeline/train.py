@@ -150,6 +150,7 @@ def dpo_args(config: RunConfig, **overrides) -> DPOConfig:
         logging_nan_inf_filter=False,  # let a NaN loss show (and StopOnNonFiniteLoss fail the run)
         use_cpu=not cuda,
         precompute_ref_log_probs=config.precompute_ref,  # once per (base, data, max_length, precision), on disk
+        precompute_ref_batch_size=config.batch_size,  # rows sorted by length: whole batches pad little
         train_sampling_strategy="group_by_length" if config.group_by_length and micro > 1 else "random",
         ddp_find_unused_parameters=False,  # every LoRA weight is used each step: skip DDP's extra graph walk
     ) | overrides)
