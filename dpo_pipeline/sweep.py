@@ -28,7 +28,8 @@ import yaml
 from .hub import UPLOAD_FILES
 from .train import RunConfig, RunRecord, train_dpo
 
-BEST_RULE = "highest held-out reward accuracy (TRL eval rewards/accuracies), then lowest eval loss"
+BEST_RULE = ("highest reward accuracy (TRL eval rewards/accuracies) on the evaluated split (the validation slice "
+             "when the profile has one, else the held-out test split), then lowest eval loss")
 RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
 
