@@ -13,13 +13,15 @@ import base64
 import hashlib
 import json
 import re
+import secrets
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-USER, TOKEN = "dpo-tester", "hf_doubleTestToken0123456789abcdefXYZ"
+# A fresh random token per test session: nothing token-shaped is committed, and the leak tests grep for this value.
+USER, TOKEN = "dpo-tester", "hf_" + secrets.token_hex(17)
 REPO_API = re.compile(r"^/api/models/([^/]+/[^/]+)(?:/(preupload|commit|revision|tree)/([^/]+)(/.*)?)?$")
 RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 

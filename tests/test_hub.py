@@ -7,6 +7,7 @@ and a private, empty HF_HOME, so no saved login or cache of the machine takes pa
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -159,7 +160,7 @@ def test_unreachable_hub_is_skipped_in_one_line(adapter, tmp_path):
 
 
 def test_rejected_token_or_namespace_fails_in_one_line_without_echoing_it(hub, adapter, tmp_path):
-    wrong = "hf_thisTokenIsNotKnownToTheHub0123456789"
+    wrong = "hf_" + secrets.token_hex(17)  # not the double's token
     proc = run_client(PUSH.format(kw=""), adapter, f"{USER}/wrong-token", endpoint=hub.url, home=tmp_path / "hf",
                       token=wrong)
     line = one_line(proc)
