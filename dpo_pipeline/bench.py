@@ -43,7 +43,6 @@ import ctypes
 import datetime as dt
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -55,7 +54,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, set_seed
+from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
+from trl import DPOConfig, DPOTrainer
+
+from . import model as model_lib
+from . import train as train_mod
+from .data import shared_data_dir
+from .profiles import DataConfig, load_data
+from .refcache import CachedRefDPOTrainer
 
 MODEL = "offline:gpt2-124m"
 LORA_R = 16
@@ -190,8 +196,7 @@ def machine() -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "trl": trl.__version__, "peft": peft.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "bf16_cpu_isa": bool(re.search(r"\bavx512_bf16\b|\bamx_bf16\b", Path("/proc/cpuinfo").read_text()))
-        if Path("/proc/cpuinfo").exists() else None,
+        "bf16_cpu_isa": model_lib.cpu_has_native_bf16(),
     }
     return info
 
@@ -204,17 +209,11 @@ def _load_average() -> list[float] | None:
 
 
 def _lora(base):
-    from . import model as model_lib
-
     return model_lib.lora_config(base, r=LORA_R, alpha=32, dropout=0.05)
 
 
 def build_seed_style(ctx) -> object:
     """The seed's way: fp32, every example padded to 1024 tokens, reference forward at every step."""
-    from trl import DPOConfig, DPOTrainer
-
-    from . import model as model_lib
-
     base = model_lib.load_base_model(MODEL, load_in_4bit=False)
     micro = ctx.seed_micro_batch  # 8 sequences x 1024 tokens need ~20 GB: the same batch, as micro-batches
     args = DPOConfig(
@@ -231,11 +230,6 @@ def build_seed_style(ctx) -> object:
 
 def build_trl_default(ctx) -> object:
     """TRL's defaults, written the way a user would (plus use_cpu, which TRL insists on without a GPU)."""
-    from transformers import AutoModelForCausalLM
-    from trl import DPOConfig, DPOTrainer
-
-    from . import model as model_lib
-
     model = AutoModelForCausalLM.from_pretrained(model_lib.resolve_model_path(MODEL))
     args = DPOConfig(
         output_dir=str(ctx.tmp / "trl-default"), per_device_train_batch_size=ctx.batch_size,
@@ -249,9 +243,6 @@ def build_trl_default(ctx) -> object:
 
 def build_tuned(ctx, learning_rate: float | None = None, **overrides) -> object:
     """This project's path: train.build_trainer with a RunConfig; `overrides` switch single levers off."""
-    from . import train as train_mod
-
-    arg_overrides = overrides.pop("_args", {})
     lean = overrides.pop("_lean", True)
     config = train_mod.RunConfig(
         model=MODEL, load_in_4bit=False, lora_r=LORA_R, lora_alpha=32, lora_dropout=0.05,
@@ -261,8 +252,7 @@ def build_tuned(ctx, learning_rate: float | None = None, **overrides) -> object:
     )
     # No evaluation (transformers 5 evaluates at the end of training under eval_strategy="steps"): the benchmark
     # times training; the other setups do not evaluate either.
-    trainer = train_mod.build_trainer(config, ctx.data, tokenizer=ctx.tokenizer,
-                                      **{"eval_strategy": "no", **arg_overrides})
+    trainer = train_mod.build_trainer(config, ctx.data, tokenizer=ctx.tokenizer, eval_strategy="no")
     trainer.LEAN_LM_HEAD = lean  # the lever table's "TRL's CPU LM head" row (the construction used the lean one)
     return trainer
 
@@ -356,10 +346,6 @@ class Context:
 
 def load_pairs(ctx, eval_pairs: int):
     """The first steps x batch_size cleaned hh-rlhf training pairs (one epoch), and a few held-out pairs."""
-    from . import model as model_lib
-    from .data import shared_data_dir
-    from .profiles import DataConfig, load_data
-
     source = shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"
     ctx.tokenizer = model_lib.load_tokenizer(MODEL)
     data = load_data(DataConfig(source=str(source), max_eval_pairs=eval_pairs), ctx.tokenizer, ctx.max_length)
@@ -374,8 +360,6 @@ def load_pairs(ctx, eval_pairs: int):
 
 def warm_up(ctx):
     """One small forward/backward in fp32 and under bf16 autocast, so no setup pays first-use kernel costs."""
-    from . import model as model_lib
-
     model = model_lib.load_base_model(MODEL, load_in_4bit=False)
     ids = torch.randint(0, 50000, (2, 64), device=model.device)
     for dtype in (None, torch.bfloat16):
@@ -389,10 +373,6 @@ def warm_up(ctx):
 
 def tokenization_cost(ctx) -> dict:
     """TRL's dataset preparation (eos, tokenize, filter) of the full training split, timed once."""
-    from trl import DPOConfig
-
-    from .refcache import CachedRefDPOTrainer
-
     args = DPOConfig(output_dir=str(ctx.tmp / "tok"), max_length=ctx.max_length, report_to="none",
                      **({} if torch.cuda.is_available() else {"use_cpu": True}))
     probe = CachedRefDPOTrainer.__new__(CachedRefDPOTrainer)  # only _prepare_dataset is used: no model needed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -123,10 +124,39 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def compute_dtype() -> torch.dtype:
     """Weight dtype: bf16 where CUDA has it natively (Ampere+), else fp16; fp32 weights on a CPU (training autocasts
-    to bf16 there when the CPU has native bf16: refcache.mixed_precision)."""
+    to bf16 there when the CPU has native bf16: mixed_precision)."""
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    cpuinfo = Path("/proc/cpuinfo")
+    try:
+        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo.read_text()))
+    except OSError:  # not Linux: be conservative
+        return False
+
+
+def mixed_precision(precision: str = "auto") -> tuple[bool, bool]:
+    """(bf16, fp16) autocast flags for TRL. Weights stay as loaded (fp32 on a CPU, 4-bit + compute dtype on CUDA).
+
+    auto: CUDA -> bf16 where supported, else fp16; CPU -> bf16 autocast where the CPU has native bf16 (measured
+    1.5-1.8x faster than fp32 on a 2-core AVX512-BF16 EPYC, same losses within 0.002), else fp32 (emulated bf16 is
+    ~3x slower). The trainable LoRA weights stay fp32 either way (train.build_trainer).
+    """
+    precision = (precision or "auto").lower()
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision == "auto":
+        if torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("precision fp16 needs a CUDA GPU (use bf16 or fp32 on a CPU)")
+    return precision == "bf16", precision == "fp16"
 
 
 def load_base_model(name_or_path: str, load_in_4bit: bool = False):

@@ -1,5 +1,6 @@
-"""The tuned DPO path: reference log-probs cached on disk, length-grouped batches, a lean LM head, precision by
-hardware, tokenization memoized. `train.build_trainer` uses `CachedRefDPOTrainer`; `bench.py` measures each lever.
+"""The tuned DPO path: reference log-probs cached on disk, length-grouped batches, a lean LM head, tokenization
+memoized (precision by hardware is `model.mixed_precision`). `train.build_trainer` uses `CachedRefDPOTrainer`;
+`bench.py` measures each lever.
 
 Reference log-probs. DPO compares the policy with a frozen reference. With a LoRA adapter the reference is the base
 model with the adapter disabled, so its log-probs of each pair's chosen and rejected completions depend only on
@@ -25,7 +26,7 @@ the token-id columns and the sampler finds no `input_ids`); the trainer adds a `
 pair needs) and keeps it through the column filter.
 
 Lean LM head (`lean_lm_head`): on a CPU, TRL scores every position through the LM head in 32768-wide vocabulary
-tiles; here only the completion tokens, in tiles sized to the batch. Precision (`mixed_precision`): by hardware.
+tiles; here only the completion tokens, in tiles sized to the batch.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import time
 import weakref
 from collections import OrderedDict
@@ -70,38 +70,6 @@ except ImportError:  # pragma: no cover
 def default_ref_cache_dir() -> Path:
     """Where reference log-probs are kept (override with DPO_REF_CACHE)."""
     return Path(os.environ.get("DPO_REF_CACHE", model_lib.cache_dir() / "ref_logps"))
-
-
-# ---------------------------------------------------------------- precision by hardware
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
-    cpuinfo = Path("/proc/cpuinfo")
-    try:
-        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo.read_text()))
-    except OSError:  # not Linux: be conservative
-        return False
-
-
-def mixed_precision(precision: str = "auto") -> tuple[bool, bool]:
-    """(bf16, fp16) autocast flags for TRL. Weights stay as loaded (fp32 on a CPU, 4-bit + compute dtype on CUDA).
-
-    auto: CUDA -> bf16 where supported, else fp16; CPU -> bf16 autocast where the CPU has native bf16 (measured
-    1.8x faster than fp32 on a 2-core AVX512-BF16 EPYC, same losses within 0.002), else fp32 (emulated bf16 is ~3x
-    slower). The trainable LoRA weights stay fp32 either way (train.build_trainer).
-    """
-    precision = (precision or "auto").lower()
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision == "auto":
-        if torch.cuda.is_available():
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("precision fp16 needs a CUDA GPU (use bf16 or fp32 on a CPU)")
-    return precision == "bf16", precision == "fp16"
 
 
 # ---------------------------------------------------------------- fingerprints

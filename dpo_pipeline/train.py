@@ -60,7 +60,7 @@ class RunConfig:
     output_dir: str = "results/runs/default"
     precompute_ref: bool = True  # reference log-probs computed once, cached on disk and shared (refcache.py)
     group_by_length: bool = True  # micro-batches of similar length: less padding (only when they hold > 1 pair)
-    precision: str = "auto"  # fp32 | bf16 | fp16 autocast; auto picks by hardware (refcache.mixed_precision)
+    precision: str = "auto"  # fp32 | bf16 | fp16 autocast; auto picks by hardware (model.mixed_precision)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,10 +120,8 @@ def micro_batch_size(config: RunConfig) -> int:
 
 def dpo_args(config: RunConfig, **overrides) -> DPOConfig:
     """Map a RunConfig onto TRL's DPOConfig."""
-    from .refcache import mixed_precision
-
     cuda = torch.cuda.is_available()
-    bf16, fp16 = mixed_precision(config.precision)
+    bf16, fp16 = model_lib.mixed_precision(config.precision)
     micro = micro_batch_size(config)
     return DPOConfig(**dict(
         output_dir=config.output_dir,
@@ -181,6 +179,7 @@ def build_trainer(config: RunConfig, data: PreferenceData, base_model=None, toke
                   **dpo_overrides) -> DPOTrainer:
     """A DPOTrainer for this config; pass an already loaded base model to reuse it."""
     set_seed(config.seed)
+    args = dpo_args(config, **dpo_overrides)  # overrides: DPOConfig fields, e.g. for the benchmark's levers
     tokenizer = tokenizer or model_lib.load_tokenizer(config.model)
     base = base_model or model_lib.load_base_model(config.model, load_in_4bit=config.load_in_4bit)
     base = model_lib.prepare_for_training(base, config.gradient_checkpointing)
@@ -191,7 +190,7 @@ def build_trainer(config: RunConfig, data: PreferenceData, base_model=None, toke
         ref_model=None,  # with a peft_config, TRL's reference is this model with the adapter disabled
         peft_config=model_lib.lora_config(base, config.lora_r, config.lora_alpha, config.lora_dropout,
                                           config.lora_targets),
-        args=dpo_args(config, **dpo_overrides),  # overrides: DPOConfig fields, e.g. for the benchmark's levers
+        args=args,
         train_dataset=data.train,
         eval_dataset=data.monitor,
         processing_class=tokenizer,

@@ -9,7 +9,7 @@ from peft import PeftModel
 
 from dpo_pipeline import model as model_lib
 from dpo_pipeline.synthetic import get_synthetic
-from dpo_pipeline.refcache import cpu_has_native_bf16
+from dpo_pipeline.model import cpu_has_native_bf16
 from dpo_pipeline.train import RunConfig, RunRecord, build_trainer, train_dpo
 
 
