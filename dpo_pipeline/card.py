@@ -6,36 +6,18 @@ read tolerantly: a missing file or key leaves its section out rather than failin
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
+
+from .runs import read_run
 
 OFFLINE_PREFIX = "offline:"  # as in model.py, without importing torch for a card
 PROMPT_EXAMPLE = "\\n\\nHuman: What is a good name for a cat?\\n\\nAssistant:"
 TAGS = ["trl", "dpo", "lora", "peft", "text-generation", "preference-tuning"]
 SKIP_CONFIG = {"output_dir"}  # a path on the training machine: noise on the Hub
 MAX_SWEEP_ROWS = 100
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`, or {} when it is missing or unreadable (a card is best-effort)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def read_run(adapter_dir: str | Path) -> dict:
-    """The run files of an adapter folder: {"adapter_config", "run_config", "record", "cleaning_report"} dicts."""
-    folder = Path(adapter_dir)
-    names = ("adapter_config", "run_config", "record", "cleaning_report")
-    run = {name: read_json(folder / f"{name}.json") for name in names}
-    if not run["run_config"] and isinstance(run["record"].get("config"), dict):
-        run["run_config"] = run["record"]["config"]
-    return run
 
 
 def base_model_of(run: dict) -> str | None:

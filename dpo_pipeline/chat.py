@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .card import base_model_of, read_run
+from .card import base_model_of
 from .data import ASSISTANT, HUMAN, chat_prompt, format_prompt
-from .hub import UPLOAD_FILES, adapter_files, hub_reachable, repo_id_problem
+from .hub import hub_reachable, repo_id_problem
+from .runs import UPLOAD_FILES, adapter_files, read_run
 
 MAX_CHARS = 2000  # one message; the chat box enforces it too
 MAX_PROMPT_TOKENS = 768  # history beyond this is dropped from the left (also capped by the model's context)
@@ -44,7 +45,7 @@ class LoadedAdapter:
     folder: Path  # the local files (a Hub snapshot for a repo id)
     base: str
     load_in_4bit: bool
-    run: dict  # card.read_run(): adapter_config, run_config, record, cleaning_report
+    run: dict  # runs.read_run(): adapter_config, run_config, record, cleaning_report
     card: str = ""  # the README.md model card, when there is one
     lock: threading.Lock = field(default_factory=threading.Lock)  # one generation at a time per model
 
@@ -279,7 +280,7 @@ def describe(loaded: LoadedAdapter) -> dict:
     config = {k: v for k, v in loaded.run["run_config"].items() if k != "output_dir"}
     record = loaded.run["record"]
     metrics = {name: record[key] for name, key in (("final", "final_eval"), ("best", "best_eval"),
-                                                   ("base model", "base_eval")) if record.get(key)}
+                                                   ("base model", "base_evaluation")) if record.get(key)}
     return {"source": loaded.source, "folder": str(loaded.folder), "base": loaded.base,
             "quantization": "4-bit NF4" if loaded.load_in_4bit else "full precision",
             "config": config, "metrics": metrics, "has_card": bool(loaded.card)}

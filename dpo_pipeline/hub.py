@@ -17,15 +17,7 @@ from pathlib import Path
 
 from huggingface_hub import constants
 
-# What inference needs, and the run's own small records; never optimizer states or checkpoint-* folders.
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-UPLOAD_FILES = (
-    *ADAPTER_WEIGHTS, "adapter_config.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "chat_template.jinja",
-    "run_config.json", "record.json", "cleaning_report.json",
-)
-
+from .runs import adapter_files
 
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -58,14 +50,6 @@ class PushResult:
 
     def __str__(self) -> str:
         return self.message
-
-
-def adapter_files(adapter_dir: str | Path) -> list[str]:
-    """The names in `adapter_dir` worth uploading (see UPLOAD_FILES); empty when there is no adapter at all."""
-    folder = Path(adapter_dir)
-    names = [n for n in UPLOAD_FILES if (folder / n).is_file()]
-    has_weights = any(n in names for n in ADAPTER_WEIGHTS)
-    return names if has_weights and "adapter_config.json" in names else []
 
 
 def repo_id_problem(repo_id: str) -> str | None:

@@ -16,10 +16,13 @@ from pathlib import Path
 import torch
 from huggingface_hub import snapshot_download
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase
+from trl import ModelConfig, get_peft_config, get_quantization_config
 
+from .config import cache_dir
 from .hub import hub_reachable
+from .pretrained import resolve as resolve_pretrained
 
 OFFLINE_PREFIX = "offline:"
 # Random-weight GPT-2 shapes: the real 124M architecture, and a tiny one that trains in seconds on a CPU for tests.
@@ -37,11 +40,6 @@ LORA_TARGETS = {
 
 class ModelLoadError(RuntimeError):
     """A model or tokenizer the user named cannot be loaded; the message is one line that says what to do."""
-
-
-def cache_dir() -> Path:
-    """Where offline checkpoints are written (override with DPO_PIPELINE_CACHE)."""
-    return Path(os.environ.get("DPO_PIPELINE_CACHE", Path.home() / ".cache" / "dpo_pipeline"))
 
 
 def gpt2_tokenizer() -> GPT2TokenizerFast:
@@ -82,8 +80,6 @@ def make_offline_gpt2(shape: str = "gpt2-tiny", folder: str | Path | None = None
 
 def resolve_model_path(name_or_path: str) -> str:
     """``offline:<name>`` becomes a local checkpoint folder; anything else is a Hub id or a local folder."""
-    from .pretrained import resolve as resolve_pretrained  # lazy: pretrained imports this module
-
     if (folder := resolve_pretrained(name_or_path)) is not None:  # offline:smollm2-135m, a real pretrained model
         return folder
     if name_or_path.startswith(OFFLINE_PREFIX):
@@ -162,14 +158,11 @@ def mixed_precision(precision: str = "auto") -> tuple[bool, bool]:
 def load_base_model(name_or_path: str, load_in_4bit: bool = False):
     """The base causal LM, optionally quantized to 4-bit NF4 with bitsandbytes (CUDA, or CPU with bnb >= 0.45)."""
     path = resolve_model_path(name_or_path)
-    kwargs: dict = {"dtype": compute_dtype()}
-    if load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype(),
-        )
+    dtype = compute_dtype()
+    kwargs: dict = {"dtype": dtype}
+    if load_in_4bit:  # TRL's recipe: NF4 with double quantization, computing in the weights' dtype
+        kwargs["quantization_config"] = get_quantization_config(ModelConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True, dtype=str(dtype).split(".")[-1]))
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
     model = _from_pretrained(AutoModelForCausalLM, path, **kwargs)
     if model.config.pad_token_id is None:
@@ -177,14 +170,16 @@ def load_base_model(name_or_path: str, load_in_4bit: bool = False):
     return model
 
 
-def lora_config(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targets: list[str] | None = None):
+def lora_config(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
+                targets: list[str] | None = None) -> LoraConfig:
     targets = targets or LORA_TARGETS.get(model.config.model_type, "all-linear")
+    config = get_peft_config(ModelConfig(use_peft=True, lora_r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                         lora_target_modules=targets, lora_task_type="CAUSAL_LM"))
+    # ModelConfig turns a one-name list into a string, which peft reads as a regex over whole module paths.
+    config.target_modules = targets
     # GPT-2 stores weights as Conv1D (in x out); peft needs fan_in_fan_out for those, not for Linear/Linear4bit.
-    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
-    return LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-        fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM",
-    )
+    config.fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    return config
 
 
 def prepare_for_training(model, gradient_checkpointing: bool = False):

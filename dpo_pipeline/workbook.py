@@ -22,6 +22,7 @@ from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.utils import get_column_letter
 
 from .report import history_frame
+from .runs import pick_best  # the runner-up is the best of the rest by the sweep's own rule
 
 BASELINE_LABEL = "base model (no adapter)"
 BEST_FILL = PatternFill("solid", fgColor="C6EFCE")  # Excel's own "good" green
@@ -255,8 +256,6 @@ def _write_summary(ws, records, columns, best_run_id, best_rule, summary, baseli
     _put(ws, 3, 1, "runs")
     _put(ws, 3, 2, f"{len(records)} ({len(records) - len(failed)} finished, {len(failed)} failed)")
     row = _section(ws, 5, "Best configuration and why")
-    from .sweep import pick_best  # the runner-up is the best of the rest by the sweep's own rule
-
     best = next((r for r in records if best_run_id is not None and r.get("run_id") == best_run_id), None)
     runner_up = pick_best([r for r in records if r is not best])
     why = "\n".join(f"{label} {r.get('run_id')}: {_rule_numbers(r)}" for label, r in

@@ -197,7 +197,7 @@ def _handler(hub: HubDouble):
     return Handler
 
 
-# ---------------------------------------------------------------- a tiny adapter folder, as train_dpo leaves one
+# ---------------------------------------------------------------- a tiny adapter folder, as pipeline.run leaves one
 
 
 def make_tiny_adapter(folder: str | Path, *, load_in_4bit: bool = False, base: str = "offline:gpt2-tiny",
@@ -211,7 +211,8 @@ def make_tiny_adapter(folder: str | Path, *, load_in_4bit: bool = False, base: s
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from dpo_pipeline import model as model_lib
-    from dpo_pipeline.train import RunConfig, write_json_atomic
+    from dpo_pipeline.config import RunConfig
+    from dpo_pipeline.runs import write_json_atomic
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -224,7 +225,7 @@ def make_tiny_adapter(folder: str | Path, *, load_in_4bit: bool = False, base: s
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.5)
-    peft_model.peft_config["default"].base_model_name_or_path = base  # as train_dpo names it
+    peft_model.peft_config["default"].base_model_name_or_path = base  # as pipeline.run names it
     peft_model.save_pretrained(folder)
     model_lib.gpt2_tokenizer().save_pretrained(folder)
     config = RunConfig(model=base, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8, lora_dropout=0.0,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_pipeline.train import RunRecord
+from dpo_pipeline.runs import RunRecord
 
 
 def _free_port() -> int:

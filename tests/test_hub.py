@@ -223,7 +223,7 @@ def test_card_for_a_hub_base_links_base_model_dataset_base_eval_and_sweep(adapte
     assert 'AutoPeftModelForCausalLM.from_pretrained("dpo-tester/best")' in text
     assert "output_dir" not in text  # a path on the training machine
 
-    # A record with the held-out evaluation of the adapter and of the base model (train_dpo writes both) shows them.
+    # A record with the held-out evaluation of the adapter and of the base model (pipeline.run writes both) shows them.
     record = json.loads((folder / "record.json").read_text())
     (folder / "record.json").write_text(json.dumps({
         **record, "evaluation": {"reward_accuracy": 0.9}, "data": "ignored.jsonl",

@@ -10,7 +10,7 @@ import nbformat
 import openpyxl
 import pytest
 
-from dpo_pipeline import profiles
+from dpo_pipeline import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "dpo_gpt2.ipynb"
@@ -24,19 +24,23 @@ def test_notebook_is_committed_clean_with_a_parameters_cell():
 
 
 def test_auto_profile_without_gpu_or_hub_is_smoke_and_says_why():
-    name, why, data_config, run_config = profiles.build_configs("auto")
-    assert name == "smoke" and "no CUDA GPU" in why
-    assert data_config.source == "synthetic" and run_config.model == "offline:gpt2-tiny"
+    config, name, why = config_lib.resolve("auto")
+    if config_lib.pick_profile("auto")[0] == "smoke":  # no GPU or no Hub (CI, or a GPU machine without the Hub)
+        assert "no CUDA GPU" in why or "no Hub access" in why
+        assert config.source == "synthetic" and config.model == "offline:gpt2-tiny"
 
 
 def test_overrides_win_and_unknown_parameters_are_named():
-    _, _, data_config, run_config = profiles.build_configs("cpu", learning_rate=1e-4, max_pairs=50, beta=None)
-    assert run_config.learning_rate == 1e-4 and data_config.max_pairs == 50
-    assert run_config.beta == profiles.PROFILES["cpu"]["beta"]
-    with pytest.raises(ValueError, match="learning_rte"):
-        profiles.build_configs("smoke", learning_rte=1e-4)
-    with pytest.raises(ValueError, match="Unknown profile 'fast'"):
-        profiles.build_configs("fast")
+    config, _, _ = config_lib.resolve("cpu", {"learning_rate": 1e-4, "max_pairs": 50, "beta": None})
+    assert config.learning_rate == 1e-4 and config.max_pairs == 50
+    assert config.beta == config_lib.PROFILES["cpu"]["beta"]
+    # profile < sweep base < notebook parameters: each later layer wins where it sets a value
+    config, _, _ = config_lib.resolve("cpu", {"max_steps": 8, "beta": 0.5}, {"max_steps": 20, "beta": None})
+    assert (config.max_steps, config.beta) == (20, 0.5)
+    with pytest.raises(config_lib.ConfigError, match="unknown setting 'learning_rte' .did you mean 'learning_rate'"):
+        config_lib.resolve("smoke", {"learning_rte": 1e-4})
+    with pytest.raises(config_lib.ConfigError, match="Unknown profile 'fast'"):
+        config_lib.resolve("fast")
 
 
 @pytest.mark.slow

@@ -132,9 +132,9 @@ def test_tokenizer_round_trips_with_chat_template_and_pad(converted):
 def test_converted_folder_trains_with_lora(converted):
     model = model_lib.load_base_model(str(converted))
     policy = model_lib.add_lora(model, model_lib.lora_config(model, r=4, alpha=8, dropout=0.0,
-                                                             targets=pretrained.LLAMA_LORA_TARGETS))
+                                                             targets=model_lib.LORA_TARGETS["llama"]))
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
-    assert {n.split(".lora_")[0].split(".")[-1] for n in trainable} == set(pretrained.LLAMA_LORA_TARGETS)
+    assert {n.split(".lora_")[0].split(".")[-1] for n in trainable} == set(model_lib.LORA_TARGETS["llama"])
     ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
     policy(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in policy.named_parameters() if "lora_B" in n]  # lora_A's is 0 while B starts at 0

@@ -12,16 +12,16 @@ import openpyxl
 import pytest
 import yaml
 
-from dpo_pipeline import sweep
+from dpo_pipeline import runs, sweep
 from dpo_pipeline.synthetic import get_synthetic
-from dpo_pipeline.train import RunConfig
+from dpo_pipeline.config import RunConfig
 
 TINY_RUN = dict(max_steps=3, eval_steps=3, logging_steps=1, batch_size=4, max_length=48, load_in_4bit=False)
 
 
 def write_spec(path: Path, grid: dict, steps: int = 3, **extra) -> Path:
-    spec = {"profile": "smoke", "data": {"max_pairs": 100},
-            "base": {**TINY_RUN, "max_steps": steps, "eval_steps": steps}, "grid": grid, **extra}
+    spec = {"profile": "smoke", "base": {**TINY_RUN, "max_pairs": 100, "max_steps": steps, "eval_steps": steps},
+            "grid": grid, **extra}
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -35,15 +35,16 @@ def run_dirs(results: Path) -> list[Path]:
 
 
 def test_grid_and_random_draws_and_stable_ids(tmp_path):
-    spec = sweep.SweepSpec(grid={"learning_rate": [1e-3, 1e-4], "beta": [0.1, 0.5]}, base={"max_steps": 5})
-    configs = spec.configs(RunConfig(model="offline:gpt2-tiny"), tmp_path)
+    spec = sweep.SweepSpec(grid={"learning_rate": [1e-3, 1e-4], "beta": [0.1, 0.5]}, base={"max_steps": 5},
+                           profile="smoke")
+    configs = spec.configs(tmp_path)
     assert len(configs) == 4 and len({c.output_dir for c in configs}) == 4
     assert {(c.learning_rate, c.beta) for c in configs} == {(1e-3, 0.1), (1e-3, 0.5), (1e-4, 0.1), (1e-4, 0.5)}
     assert all(c.max_steps == 5 for c in configs)
-    again = spec.configs(RunConfig(model="offline:gpt2-tiny"), tmp_path / "elsewhere")
+    again = spec.configs(tmp_path / "elsewhere")
     assert [Path(c.output_dir).name for c in again] == [Path(c.output_dir).name for c in configs]  # id ignores path
-    drawn = sweep.SweepSpec(grid=spec.grid, base={"max_steps": 5}, random_samples=3, sample_seed=1).configs(
-        RunConfig(model="offline:gpt2-tiny"), tmp_path)
+    drawn = sweep.SweepSpec(grid=spec.grid, base={"max_steps": 5}, random_samples=3, sample_seed=1,
+                            profile="smoke").configs(tmp_path)
     names = lambda cs: {Path(c.output_dir).name for c in cs}
     assert len(drawn) == 3 and names(drawn) < names(configs)  # random draws come from the grid
 
@@ -61,8 +62,8 @@ def test_bad_sweep_file_is_one_line_naming_file_and_field(tmp_path):
 def test_sweep_records_failures_and_goes_on_then_skips_on_restart(tiny_gpt2, tmp_path, capsys):
     data = get_synthetic(n_pairs=100, seed=0)
     spec = sweep.SweepSpec(grid={"learning_rate": [1e-3, 3e-4], "optimizer": ["adamw", "no_such_optimizer"]},
-                           base=TINY_RUN)
-    configs = spec.configs(RunConfig(model=tiny_gpt2), tmp_path / "runs")
+                           base={**TINY_RUN, "model": tiny_gpt2}, profile="smoke")
+    configs = spec.configs(tmp_path / "runs")
     records = sweep.run_sweep(configs, data)
     assert len(records) == 4
     by_status = {s: [r for r in records if r["status"] == s] for s in ("finished", "failed")}
@@ -80,11 +81,11 @@ def test_sweep_records_failures_and_goes_on_then_skips_on_restart(tiny_gpt2, tmp
     assert "training" not in capsys.readouterr().out
     assert {d: (d / "record.json").stat().st_mtime_ns for d in run_dirs(tmp_path)} == mtimes
 
-    best = sweep.pick_best(records)
+    best = runs.pick_best(records)
     assert best["status"] == "finished"
     key = lambda r: (r["final_eval"]["rewards/accuracies"], -r["final_eval"]["loss"])
     assert key(best) == max(key(r) for r in by_status["finished"])
-    published = sweep.publish_best(best, tmp_path / "best")
+    published = runs.publish_best(best, tmp_path / "best")
     assert (published / "adapter_model.safetensors").read_bytes() == \
         (Path(best["config"]["output_dir"]) / "adapter_model.safetensors").read_bytes()
     assert json.loads((published / "record.json").read_text())["run_id"] == best["run_id"]

@@ -9,8 +9,10 @@ from peft import PeftModel
 
 from dpo_pipeline import model as model_lib
 from dpo_pipeline.synthetic import get_synthetic
-from dpo_pipeline.model import cpu_has_native_bf16
-from dpo_pipeline.train import RunConfig, RunRecord, build_trainer, train_dpo
+from dpo_pipeline.config import RunConfig
+from dpo_pipeline.model import mixed_precision
+from dpo_pipeline.pipeline import build_trainer, run
+from dpo_pipeline.runs import RunRecord
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def test_dpo_learns_the_rule_on_held_out_pairs(tiny_gpt2, synthetic, tmp_path):
         model=tiny_gpt2, load_in_4bit=True, lora_r=16, lora_alpha=32, learning_rate=1e-3, batch_size=8,
         max_steps=30, max_length=64, eval_steps=15, logging_steps=5, output_dir=str(tmp_path / "run"),
     )
-    record = train_dpo(config, synthetic)
+    record = run(config, synthetic)
 
     # Held-out implicit-reward accuracy: beta*log(pi/pi_ref) of chosen beats rejected on unseen pairs.
     assert record.eval_pairs == len(synthetic.test) > 50
@@ -47,7 +49,7 @@ def test_dpo_learns_the_rule_on_held_out_pairs(tiny_gpt2, synthetic, tmp_path):
 
     out = Path(record.adapter_path)
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "run_config.json",
-                 "record.json"):
+                 "record.json", "cleaning_report.json"):
         assert (out / name).exists(), name
     assert not list(out.glob("checkpoint-*"))  # no optimizer-state checkpoints
     assert json.loads((out / "run_config.json").read_text())["learning_rate"] == 1e-3
@@ -58,7 +60,7 @@ def test_dpo_learns_the_rule_on_held_out_pairs(tiny_gpt2, synthetic, tmp_path):
     reloaded = PeftModel.from_pretrained(base, str(out))
     lora_b = [p for n, p in reloaded.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # B starts at zero; training moved it
-    ids = torch.tensor([[15496, 995, 318, 257]])
+    ids = torch.tensor([[15496, 995, 318, 257]], device=reloaded.device)
     with torch.no_grad():
         with reloaded.disable_adapter():
             ref = reloaded(input_ids=ids).logits
@@ -73,21 +75,22 @@ def test_optimizer_and_loss_type_reach_trl(tiny_gpt2, synthetic, tmp_path):
     assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
                       torch.optim.RMSprop)
     assert trainer.args.loss_type == ["ipo"] and trainer.args.beta == 0.3
-    # bf16 autocast only where the CPU has it natively (emulated bf16 is ~3x slower)
-    assert trainer.args.bf16 is cpu_has_native_bf16()
+    # bf16 autocast by hardware: on a CPU only where it is native (emulated bf16 is ~3x slower)
+    assert (trainer.args.bf16, trainer.args.fp16) == mixed_precision("auto")
     assert trainer.args.gradient_checkpointing is False
-    # On a CPU one pair per forward pass, accumulated to the same optimizer step of 4 pairs
-    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (1, 4)
-    assert trainer.args.train_sampling_strategy == "random"  # nothing to group with one pair per forward
+    # On a CPU one pair per forward pass, accumulated to the same optimizer step of 4 pairs; a GPU takes all 4
+    expected = (4, 1) if torch.cuda.is_available() else (1, 4)
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == expected
 
 
 def test_micro_batches_train_the_same_steps_as_whole_batches(tiny_gpt2, synthetic, tmp_path):
     losses = {}
     for micro in (1, 2, 4):
         config = RunConfig(model=tiny_gpt2, load_in_4bit=False, learning_rate=1e-3, batch_size=4, max_steps=3,
-                           max_length=48, logging_steps=1, eval_steps=100, precision="fp32", group_by_length=False,
-                           precompute_ref=False, micro_batch_size=micro, output_dir=str(tmp_path / f"m{micro}"))
-        trainer = build_trainer(config, synthetic, eval_strategy="no")
+                           max_length=48, logging_steps=1, eval_steps=100, precision="fp32",
+                           precompute_ref=False, micro_batch_size=micro, output_dir=str(tmp_path / f"m{micro}"),
+                           trl_args={"eval_strategy": "no"})
+        trainer = build_trainer(config, synthetic)
         trainer.train()
         losses[micro] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses[1]) == 3 and losses[1][-1] != losses[1][0]  # it trained: the loss moved off log 2

@@ -18,7 +18,9 @@ from dpo_pipeline.evaluate import generate_samples, preference_eval
 from dpo_pipeline.model import load_base_model, load_tokenizer
 from dpo_pipeline.report import plot_history, save_plots
 from dpo_pipeline.synthetic import get_synthetic
-from dpo_pipeline.train import RunConfig, RunRecord, train_dpo
+from dpo_pipeline.config import RunConfig
+from dpo_pipeline.pipeline import run
+from dpo_pipeline.runs import RunRecord
 from dpo_pipeline.workbook import BASELINE_LABEL, build_workbook
 
 pytestmark = pytest.mark.slow  # the module trains three tiny runs once (about 40 s on a busy 2-core CPU)
@@ -48,7 +50,7 @@ def _make_sweep(tiny_gpt2: str, tmp: Path) -> dict:
     for i, (lr, beta) in enumerate([(1e-3, 0.1), (2e-4, 0.1), (1e-3, 0.5)]):
         config = RunConfig(model=tiny_gpt2, load_in_4bit=False, max_steps=4, eval_steps=2, logging_steps=1,
                            max_length=48, batch_size=4, learning_rate=lr, beta=beta, output_dir=str(tmp / f"r{i}"))
-        record = train_dpo(config, data)
+        record = run(config, data)
         record.run_id = f"run{i}-lr{lr:g}-beta{beta:g}"
         records.append(record)
     tokenizer = load_tokenizer(tiny_gpt2)

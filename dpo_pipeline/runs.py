@@ -1,0 +1,195 @@
+"""Run folders: what a run leaves on disk, how it is written and read, and which run is the best.
+
+A run folder (`results/run-<profile>/`, `results/runs/<run-id>/`, `results/best/`) holds:
+    adapter_model.safetensors, adapter_config.json   the LoRA adapter (peft)
+    tokenizer files                                   so the folder is self-contained for inference
+    run_config.json                                   the RunConfig that produced it (+ the prompt format)
+    cleaning_report.json                              what the data cleaning kept and dropped
+    record.json                                       the RunRecord (metrics, log history, timing), written last
+Every JSON file is written atomically (temp file, then rename): a reader never sees half a file, even after a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# What inference needs, and the run's own small records; never optimizer states or checkpoint-* folders.
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+UPLOAD_FILES = (
+    *ADAPTER_WEIGHTS, "adapter_config.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja",
+    "run_config.json", "record.json", "cleaning_report.json",
+)
+BEST_RULE = ("highest reward accuracy (TRL eval rewards/accuracies) on the evaluated split (the validation slice "
+             "when the profile has one, else the held-out test split), then lowest eval loss")
+
+
+@dataclass
+class RunRecord:
+    """What one run produced: enough to compare runs, plot them and reload the adapter."""
+
+    config: dict
+    status: str  # "finished" | "failed"
+    train_pairs: int = 0
+    eval_pairs: int = 0
+    train_steps: int = 0
+    final_train_loss: float | None = None
+    final_eval: dict = field(default_factory=dict)  # eval metrics after the last step, without the "eval_" prefix
+    best_eval: dict = field(default_factory=dict)  # the logged evaluation with the lowest eval loss (with "step")
+    log_history: list[dict] = field(default_factory=list)
+    wall_time_s: float = 0.0  # training including its evaluations
+    pairs_per_second: float = 0.0  # training pairs per second, evaluation time excluded
+    adapter_path: str = ""
+    model_info: dict = field(default_factory=dict)
+    error: str | None = None  # one line, for a failed run
+    run_id: str = ""  # the output folder's name (in a sweep, a hash of the config)
+    evaluation: dict = field(default_factory=dict)  # held-out per-pair metrics of the adapter (evaluate.py)
+    base_evaluation: dict = field(default_factory=dict)  # the same for the base model (adapter disabled)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunRecord":
+        return cls(**json.loads(Path(path).read_text()))
+
+    @classmethod
+    def failed(cls, config, error: BaseException) -> "RunRecord":
+        message = " ".join(f"{type(error).__name__}: {error}".split())[:500]  # one line
+        return cls(config=config.to_dict(), status="failed", error=message, run_id=Path(config.output_dir).name)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write to a temp file then rename, so a reader never sees half a file (even after a crash)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def write_run_start(folder: str | Path, config: dict, prompt_format: str, cleaning_report: dict) -> None:
+    """The files a run folder has from its start: its settings (with the prompt format, which the app must use too)
+    and the data cleaning report."""
+    write_json_atomic(Path(folder) / "run_config.json", {**config, "prompt_format": prompt_format})
+    write_json_atomic(Path(folder) / "cleaning_report.json", cleaning_report)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or {} when it is missing or unreadable (cards and the app are best-effort)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def read_run(folder: str | Path) -> dict:
+    """The run files of an adapter folder: {"adapter_config", "run_config", "record", "cleaning_report"} dicts."""
+    names = ("adapter_config", "run_config", "record", "cleaning_report")
+    run = {name: read_json(Path(folder) / f"{name}.json") for name in names}
+    if not run["run_config"] and isinstance(run["record"].get("config"), dict):
+        run["run_config"] = run["record"]["config"]
+    return run
+
+
+def adapter_files(folder: str | Path) -> list[str]:
+    """The names in `folder` worth uploading (UPLOAD_FILES); empty when there is no adapter at all."""
+    folder = Path(folder)
+    names = [n for n in UPLOAD_FILES if (folder / n).is_file()]
+    has_weights = any(n in names for n in ADAPTER_WEIGHTS)
+    return names if has_weights and "adapter_config.json" in names else []
+
+
+def run_id(config) -> str:
+    """A short stable id from everything that defines the run (not where it is written)."""
+    settings = {k: v for k, v in config.to_dict().items() if k != "output_dir"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def load_records(folders: list[Path]) -> list[dict]:
+    return [json.loads((d / "record.json").read_text()) for d in map(Path, folders) if (d / "record.json").exists()]
+
+
+def pick_best(records: list[dict]) -> dict | None:
+    """The best finished run by BEST_RULE, or None when no run finished."""
+    finished = [r for r in records if r["status"] == "finished" and r.get("final_eval")]
+    key = lambda r: (-r["final_eval"].get("rewards/accuracies", 0.0), r["final_eval"].get("loss", float("inf")))
+    return min(finished, key=key) if finished else None
+
+
+def publish_best(best: dict, best_dir: str | Path) -> Path:
+    """Copy the best run's inference files and records to a stable folder (replaced atomically as a whole)."""
+    best_dir, source = Path(best_dir), Path(best["config"]["output_dir"])
+    staging = best_dir.with_name(f".{best_dir.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in adapter_files(source):
+        shutil.copy2(source / name, staging / name)
+    old = best_dir.with_name(f".{best_dir.name}.{os.getpid()}.old")
+    if best_dir.exists():
+        os.replace(best_dir, old)
+    os.replace(staging, best_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return best_dir
+
+
+class RunLock:
+    """An exclusive lock file for one run folder: created atomically, naming the process that holds it. A dead
+    process's lock (same host) is taken over."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self._holder_alive():
+                    return False
+                self._break_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            return True
+        return False
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _holder_alive(self) -> bool:
+        try:
+            host, pid = self.path.read_text().split()
+        except (OSError, ValueError):
+            return True  # being written right now by its creator
+        if host != socket.gethostname():
+            return True  # another machine on a shared folder: trust it
+        try:
+            os.kill(int(pid), 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+    def _break_stale(self) -> None:
+        # Rename first, so two processes breaking the same stale lock cannot both delete a fresh one.
+        grave = self.path.with_name(f".lock.stale.{os.getpid()}")
+        try:
+            os.replace(self.path, grave)
+            grave.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,110 @@
+"""The commands as a user meets them: every user mistake is one line on stderr and exit code 2; a sweep file's `base:`
+reaches the tokenizer and the data; every run folder (sweep runs and best/) is complete; the app shows base metrics."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hub_double import make_tiny_adapter
+
+from dpo_pipeline import chat
+from dpo_pipeline.config import RunConfig
+from dpo_pipeline.pipeline import prepare_data
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_DATA = ROOT / "tests" / "data"
+TINY = {"model": "offline:gpt2-tiny", "load_in_4bit": False, "source": "synthetic", "max_pairs": 60,
+        "max_length": 48, "batch_size": 4, "max_steps": 2, "eval_steps": 2, "logging_steps": 1}
+
+
+def command(args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess:
+    env = {**__import__("os").environ, "DPO_RESULTS_DIR": str(tmp_path / "results"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=600, **kw)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "kernels" not in line]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and all(n in lines[0] for n in needles), lines
+
+
+def write_sweep(path: Path, **spec) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+CLI_MISTAKES = {
+    "missing data file": (["--source", "no_such_file.jsonl"], ["no_such_file.jsonl", "not found"]),
+    "bad data file": (["--source", str(TEST_DATA / "non_string.jsonl")], ["non_string.jsonl", "row", "field"]),
+    "unknown field": (["--learning_rte", "1e-3"], ["learning_rte"]),
+    "bad value": (["--max_steps", "many"], ["max_steps", "many"]),
+    "unknown model": (["--model", "nobody/no-such-model"], ["nobody/no-such-model"]),
+    "unknown offline model": (["--model", "offline:gpt5"], ["gpt5"]),
+    "bad setting": (["--optimizer", "no_such_optimizer", "--max_steps", "1"], ["no_such_optimizer"]),
+}
+
+
+@pytest.mark.parametrize("case", CLI_MISTAKES)
+def test_cli_user_mistakes_are_one_line_and_exit_2(case, tmp_path):
+    flags, needles = CLI_MISTAKES[case]
+    proc = command(["dpo_pipeline.cli", "--profile", "smoke", "--max_pairs", "40", *flags], tmp_path)
+    assert_one_line_error(proc, *needles)
+
+
+def test_sweep_user_mistakes_are_one_line_and_exit_2(tmp_path):
+    cases = {
+        "unknown field": (dict(profile="smoke", grid={"learning_rte": [1e-3]}), ["learning_rte", "learning_rate"]),
+        "not a list": (dict(profile="smoke", grid={"learning_rate": 1e-3}), ["learning_rate", "list"]),
+        "unknown key": (dict(profile="smoke", grdi={"learning_rate": [1e-3]}), ["grdi"]),
+        "bad data file": (dict(profile="smoke", base={"source": str(TEST_DATA / "missing_column.jsonl")},
+                               grid={"beta": [0.1]}), ["missing_column.jsonl"]),
+        "unreachable model": (dict(profile="smoke", base={"model": "nobody/no-such-model"}, grid={"beta": [0.1]}),
+                              ["nobody/no-such-model"]),
+    }
+    for name, (spec, needles) in cases.items():
+        proc = command(["dpo_pipeline.sweep", str(write_sweep(tmp_path / f"{name}.yaml", **spec))], tmp_path)
+        assert_one_line_error(proc, *needles)
+    proc = command(["dpo_pipeline.sweep", "no_such_sweep.yaml"], tmp_path)
+    assert_one_line_error(proc, "no_such_sweep.yaml")
+    (tmp_path / "broken.yaml").write_text("grid: [unclosed\n")
+    assert_one_line_error(command(["dpo_pipeline.sweep", str(tmp_path / "broken.yaml")], tmp_path), "broken.yaml")
+
+
+@pytest.mark.slow
+def test_sweep_base_reaches_tokenizer_and_data_and_every_run_folder_is_complete(tmp_path):
+    # Profile `full` names a Hub model and dataset; the sweep's base replaces both, so nothing is fetched, and its
+    # max_length (16: some synthetic prompts no longer fit) is the length the data is cleaned for and trained at.
+    base = {**TINY, "max_length": 16, "max_eval_pairs": 16}
+    spec = write_sweep(tmp_path / "sweep.yaml", profile="full", base=base, grid={"learning_rate": [1e-3, 2e-4]})
+    proc = command(["dpo_pipeline.sweep", str(spec)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = tmp_path / "results"
+    expected = prepare_data(RunConfig(**{**base, "output_dir": "unused"})).report.as_dict()
+    assert expected["dropped"]["prompt_too_long"] > 0  # the length matters for this data
+    folders = [d for d in (results / "runs").iterdir() if d.is_dir()] + [results / "best"]
+    assert len(folders) == 3
+    for folder in folders:
+        for name in ("adapter_model.safetensors", "adapter_config.json", "run_config.json", "record.json",
+                     "cleaning_report.json"):
+            assert (folder / name).exists(), (folder, name)
+        assert json.loads((folder / "cleaning_report.json").read_text()) == expected
+        record = json.loads((folder / "record.json").read_text())
+        assert record["config"]["model"] == "offline:gpt2-tiny" and record["config"]["max_length"] == 16
+    # The card pushed for the best adapter names its dataset (it reads cleaning_report.json).
+    from dpo_pipeline.card import build_model_card
+
+    assert "Training data: `synthetic`" in build_model_card(results / "best", "me/best").content
+
+
+def test_app_shows_the_base_model_metrics(tmp_path):
+    folder = make_tiny_adapter(tmp_path / "adapter")
+    record = json.loads((folder / "record.json").read_text())
+    record["base_evaluation"] = {"pairs": 8, "reward_accuracy": 0.0, "logp_accuracy": 0.625}
+    (folder / "record.json").write_text(json.dumps(record))
+    info = chat.describe(chat.load_adapter(str(folder)))
+    assert info["metrics"]["base model"] == record["base_evaluation"]
