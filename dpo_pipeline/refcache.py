@@ -9,8 +9,9 @@ adapter disabled, so its log-probs of each pair's chosen and rejected completion
 
 TRL 1.16 precomputes them (`precompute_ref_log_probs=True`) but keys its cache by a hash of the whole model,
 LoRA weights included, in a temporary folder: no two sweep runs share it. `CachedRefDPOTrainer` keeps them in
-``<DPO_REF_CACHE or cache_dir()/ref_logps>/<key>.safetensors`` and lets TRL compute what is missing, in batches
-sorted by length (little padding). Files are written atomically; under data parallelism rank 0 decides and writes.
+``<DPO_REF_CACHE or cache_dir()/ref_logps>/<key>.safetensors``; a miss is computed with TRL's reference forward in
+batches sorted by length (little padding). Files are written atomically; under data parallelism rank 0 decides and
+writes.
 
 It overrides one private TRL method, `_precompute_ref_logps(dataset, name, batch_size)`;
 tests/test_refcache.py fails when the pinned TRL changes it. `lean_lm_head` (CPU only) patches two TRL globals,
@@ -167,12 +168,8 @@ class CachedRefDPOTrainer(DPOTrainer):
         found = [load_ref_logps(path, parts, len(dataset)) if self.accelerator.is_main_process else None]
         broadcast_object_list(found, from_process=0)  # every rank takes the same (collective) path
         if found[0] is None:
-            order = np.argsort(pair_widths(dataset, self.args.max_length), kind="stable")  # batches pad little
-            with preserved_rng(), self._lm_head_context(None):
-                computed = super()._precompute_ref_logps(dataset.select(order.tolist()), name, batch_size)
-            chosen, rejected = (torch.empty(len(dataset)) for _ in REF_COLUMNS)
-            index = torch.from_numpy(order)
-            chosen[index], rejected[index] = (torch.tensor(computed[c], dtype=torch.float32) for c in REF_COLUMNS)
+            with preserved_rng():
+                chosen, rejected = self._compute_ref_logps(dataset, name, batch_size)
             if self.accelerator.is_main_process:
                 save_ref_logps(path, chosen, rejected, parts)
             self.accelerator.wait_for_everyone()
@@ -187,6 +184,27 @@ class CachedRefDPOTrainer(DPOTrainer):
             print(f"reference log-probs: cache {'hit' if hit else 'miss'} ({key}) for the {name} split, "
                   f"{len(dataset)} pairs, {seconds:.1f} s", flush=True)
         return dataset
+
+    def _compute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """TRL's reference forward (`compute_ref_log_probs`) over the split, in batches sorted by length (little
+        padding), returned in row order. TRL's own loop is not reused: it hands the values between ranks through a
+        file in each process's own temporary folder, which the other ranks of a data-parallel run cannot read."""
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        order = np.argsort(pair_widths(dataset, self.args.max_length), kind="stable")
+        loader = self.accelerator.prepare(DataLoader(dataset.select(order.tolist()), batch_size=batch_size,
+                                                     collate_fn=self.data_collator, shuffle=False))
+        model, values = self.ref_model or self.model, []
+        for batch in tqdm(loader, desc=f"Reference log-probs ({name})",
+                          disable=not self.accelerator.is_local_main_process):
+            with torch.no_grad(), self._lm_head_context(batch):
+                values.append(torch.stack(self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch)))
+                              .float().cpu())
+        chosen, rejected = torch.empty(len(dataset)), torch.empty(len(dataset))
+        index = torch.from_numpy(order)
+        chosen[index], rejected[index] = torch.cat(values, dim=1)
+        return chosen, rejected
 
     def _lm_head_context(self, inputs):
         if not self.LEAN_LM_HEAD:

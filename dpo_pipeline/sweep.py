@@ -78,12 +78,12 @@ class SweepSpec:
         return list(configs.values())
 
 
-def run_one(config: RunConfig, data=None) -> RunRecord:
+def run_one(config: RunConfig, data=None, **run_kwargs) -> RunRecord:
     """Train one config; any error (NaN loss, out of memory, a bad setting) becomes a failed record."""
     from .pipeline import free_memory, run
 
     try:
-        record = run(config, data)
+        record = run(config, data, **run_kwargs)
     except Exception as err:  # noqa: BLE001 - the sweep must go on; the error is kept in the record
         record = RunRecord.failed(config, err)
     free_memory()  # after the except block: the traceback, and the GPU memory it held, are gone

@@ -56,7 +56,7 @@ def test_4bit_nf4_turns_conv1d_into_linear4bit_and_lora_trains_only_the_adapter(
     # r * (in + out) per adapted matrix: c_attn 64->192, attn.c_proj 64->64, c_fc 64->256, mlp.c_proj 256->64
     assert info["trainable_params"] == 2 * 8 * ((64 + 192) + (64 + 64) + (64 + 256) + (256 + 64))
     # The reference model is the same weights with the adapter off: disabling it changes the output back.
-    ids = torch.tensor([[15496, 995, 318]])
+    ids = torch.tensor([[15496, 995, 318]], device=policy.device)  # a 4-bit model sits on the GPU under CUDA
     with torch.no_grad():
         for p in (p for n, p in policy.named_parameters() if "lora_B" in n):
             p.add_(0.5)

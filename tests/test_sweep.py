@@ -10,6 +10,7 @@ from pathlib import Path
 
 import openpyxl
 import pytest
+import torch
 import yaml
 
 from dpo_pipeline import runs, sweep
@@ -100,8 +101,31 @@ def test_nan_loss_fails_the_run_with_one_line(tiny_gpt2, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_failed_run_hands_its_gpu_memory_back_before_the_next(tiny_gpt2, tmp_path):
+    data = get_synthetic(n_pairs=60, seed=0)
+    free, _ = torch.cuda.mem_get_info()
+    start = torch.cuda.memory_allocated()
+
+    def hog_then_oom(trainer):  # a run holding most of the GPU that then runs out of memory (a real CUDA OOM)
+        trainer.hog = torch.empty(int(free * 0.7), dtype=torch.uint8, device="cuda")
+        torch.empty(int(free * 2), dtype=torch.uint8, device="cuda")
+
+    def hog(trainer):  # the next run needs most of the GPU too
+        trainer.hog = torch.empty(int(free * 0.7), dtype=torch.uint8, device="cuda")
+
+    config = RunConfig(model=tiny_gpt2, **TINY_RUN, output_dir=str(tmp_path / "a"))
+    failed = sweep.run_one(config, data, setup=hog_then_oom)
+    assert failed.status == "failed" and "OutOfMemoryError" in failed.error, failed.error
+    assert torch.cuda.memory_allocated() - start < 0.05 * free  # handed back, not held by the failed run
+    done = sweep.run_one(RunConfig(model=tiny_gpt2, **TINY_RUN, output_dir=str(tmp_path / "b")), data, setup=hog)
+    assert done.status == "finished", done.error
+
+
+@pytest.mark.slow
 def test_sigkill_mid_run_then_restart_gives_exactly_one_row_per_config(tmp_path):
-    spec = write_spec(tmp_path / "sweep.yaml", {"learning_rate": [1e-3, 5e-4, 2e-4]}, steps=8)
+    steps = 300 if torch.cuda.is_available() else 8  # a run on a GPU must last long enough to be killed mid-way
+    spec = write_spec(tmp_path / "sweep.yaml", {"learning_rate": [1e-3, 5e-4, 2e-4]}, steps=steps)
     results = tmp_path / "results"
     proc = subprocess.Popen(sweep_cmd(spec, results), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -129,7 +153,7 @@ def test_sigkill_mid_run_then_restart_gives_exactly_one_row_per_config(tmp_path)
     assert len(dirs) == 3 and all((d / "record.json").exists() and not (d / ".lock").exists() for d in dirs)
     records = [json.loads((d / "record.json").read_text()) for d in dirs]
     assert sorted(r["config"]["learning_rate"] for r in records) == [2e-4, 5e-4, 1e-3]
-    assert all(r["status"] == "finished" and r["train_steps"] == 8 for r in records)
+    assert all(r["status"] == "finished" and r["train_steps"] == steps for r in records)
     assert {d: (d / "record.json").read_bytes() for d in done} == first_done  # finished runs were not redone
 
     sheet = openpyxl.load_workbook(results / "sweep_results.xlsx")["Runs"]
