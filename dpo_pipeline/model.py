@@ -18,6 +18,7 @@ from huggingface_hub import snapshot_download
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .config import cache_dir
@@ -68,7 +69,13 @@ def make_offline_gpt2(shape: str = "gpt2-tiny", folder: str | Path | None = None
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(seed)
     config = GPT2Config(**OFFLINE_SHAPES[shape], vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
-    GPT2LMHeadModel(config).save_pretrained(tmp)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a bar for a file of a few MB is noise (before a one-line error, say)
+    try:
+        GPT2LMHeadModel(config).save_pretrained(tmp)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     gpt2_tokenizer().save_pretrained(tmp)
     (tmp / "OFFLINE_README.md").write_text(
         f"Offline GPT-2 ({shape}): the real GPT-2 tokenizer with RANDOM weights (seed {seed}).\n"
