@@ -6,6 +6,7 @@ disabled (TRL does this when it gets a PeftModel and no ``ref_model``), so only 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -26,6 +27,7 @@ from .hub import hub_reachable
 from .pretrained import resolve as resolve_pretrained
 
 OFFLINE_PREFIX = "offline:"
+RANDOM_TWIN_PREFIX = "random-twin:"  # + any model name: the control (make_random_twin)
 # Random-weight GPT-2 shapes: the real 124M architecture, and a tiny one that trains in seconds on a CPU for tests.
 OFFLINE_SHAPES = {
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
@@ -55,38 +57,55 @@ def gpt2_tokenizer() -> GPT2TokenizerFast:
     return tokenizer
 
 
-def make_offline_gpt2(shape: str = "gpt2-tiny", folder: str | Path | None = None, seed: int = 0) -> Path:
-    """Write a GPT-2 checkpoint folder (real tokenizer, random weights) that loads with ``from_pretrained``.
-
-    Idempotent: an existing complete folder is reused. Random weights prove the plumbing, not the science.
-    """
-    if shape not in OFFLINE_SHAPES:
-        raise ModelLoadError(f"Unknown offline shape {shape!r}; choose one of {sorted(OFFLINE_SHAPES)}")
-    folder = Path(folder) if folder else cache_dir() / "models" / f"offline-{shape}"
-    if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
+def _write_random_checkpoint(folder: Path, config, tokenizer, note: str, seed: int) -> Path:
+    """A checkpoint folder with random weights for `config` and this tokenizer; idempotent, written atomically."""
+    if (folder / "model.safetensors").exists() and (folder / "tokenizer_config.json").exists():
         return folder
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(seed)
-    config = GPT2Config(**OFFLINE_SHAPES[shape], vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar for a file of a few MB is noise (before a one-line error, say)
     try:
-        GPT2LMHeadModel(config).save_pretrained(tmp)
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp)
     finally:
         if shown:
             hf_logging.enable_progress_bar()
-    gpt2_tokenizer().save_pretrained(tmp)
-    (tmp / "OFFLINE_README.md").write_text(
-        f"Offline GPT-2 ({shape}): the real GPT-2 tokenizer with RANDOM weights (seed {seed}).\n"
-        "It exercises the pipeline; it is not a language model.\n"
-    )
+    tokenizer.save_pretrained(tmp)
+    (tmp / "OFFLINE_README.md").write_text(f"{note}\nRANDOM weights (seed {seed}): it is not a language model.\n")
     tmp.replace(folder) if not folder.exists() else shutil.rmtree(tmp)  # another process may have won the race
     return folder
 
 
+def make_offline_gpt2(shape: str = "gpt2-tiny", folder: str | Path | None = None, seed: int = 0) -> Path:
+    """Write a GPT-2 checkpoint folder (real tokenizer, random weights) that loads with ``from_pretrained``.
+    Random weights prove the plumbing, not the science."""
+    if shape not in OFFLINE_SHAPES:
+        raise ModelLoadError(f"Unknown offline shape {shape!r}; choose one of {sorted(OFFLINE_SHAPES)}")
+    config = GPT2Config(**OFFLINE_SHAPES[shape], vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
+    folder = Path(folder) if folder else cache_dir() / "models" / f"offline-{shape}"
+    return _write_random_checkpoint(folder, config, gpt2_tokenizer(), f"Offline GPT-2 ({shape}): the real GPT-2 "
+                                    "tokenizer.", seed)
+
+
+def make_random_twin(name_or_path: str, seed: int = 0) -> Path:
+    """The control for a DPO result: `name_or_path`'s architecture and tokenizer with random weights. A random network
+    trained with DPO also learns to separate chosen from rejected answers by their surface; what DPO did to the real
+    model only counts beyond what it does to this twin."""
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig, resolve_model_path(name_or_path))
+    digest = hashlib.sha256(name_or_path.encode()).hexdigest()[:10]
+    folder = cache_dir() / "models" / f"random-twin-{digest}-seed{seed}"
+    return _write_random_checkpoint(folder, config, load_tokenizer(name_or_path),
+                                    f"Random-weight twin of {name_or_path} (same architecture and tokenizer).", seed)
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """``offline:<name>`` becomes a local checkpoint folder; anything else is a Hub id or a local folder."""
+    """``offline:<name>`` and ``random-twin:<model>`` become local checkpoint folders; anything else is a Hub id or a
+    local folder."""
+    if name_or_path.startswith(RANDOM_TWIN_PREFIX):
+        return str(make_random_twin(name_or_path[len(RANDOM_TWIN_PREFIX):]))
     if (folder := resolve_pretrained(name_or_path)) is not None:  # offline:smollm2-135m, a real pretrained model
         return folder
     if name_or_path.startswith(OFFLINE_PREFIX):

@@ -90,3 +90,16 @@ def test_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
         model_lib.load_base_model(str(tmp_path))
     with pytest.raises(model_lib.ModelLoadError, match="Unknown offline shape"):
         model_lib.resolve_model_path("offline:gpt2-xxl")
+
+
+def test_random_twin_keeps_architecture_and_tokenizer_with_new_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPO_PIPELINE_CACHE", str(tmp_path / "cache"))
+    real = model_lib.make_offline_gpt2("gpt2-tiny", tmp_path / "real", seed=1)  # stands in for a trained model
+    twin_name = model_lib.RANDOM_TWIN_PREFIX + str(real)
+    twin, base = model_lib.load_base_model(twin_name), model_lib.load_base_model(str(real))
+    assert twin.config.to_diff_dict() == base.config.to_diff_dict()
+    assert [n for n, _ in twin.named_parameters()] == [n for n, _ in base.named_parameters()]
+    assert not torch.equal(twin.transformer.h[0].attn.c_attn.weight, base.transformer.h[0].attn.c_attn.weight)
+    text = "Hello there, how are you?"
+    assert model_lib.load_tokenizer(twin_name)(text)["input_ids"] == model_lib.load_tokenizer(str(real))(text)["input_ids"]
+    assert model_lib.resolve_model_path(twin_name) == model_lib.resolve_model_path(twin_name)  # written once, reused
