@@ -25,9 +25,10 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 from .config import cache_dir
 from .hub import hub_reachable
 from .pretrained import resolve as resolve_pretrained
+from .runs import CONTROL_PREFIX
 
 OFFLINE_PREFIX = "offline:"
-RANDOM_TWIN_PREFIX = "random-twin:"  # + any model name: the control (make_random_twin)
+RANDOM_TWIN_PREFIX = CONTROL_PREFIX  # "random-twin:" + any model name: the control (make_random_twin)
 # Random-weight GPT-2 shapes: the real 124M architecture, and a tiny one that trains in seconds on a CPU for tests.
 OFFLINE_SHAPES = {
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),

@@ -28,6 +28,7 @@ UPLOAD_FILES = (
     "added_tokens.json", "chat_template.jinja",
     "run_config.json", "record.json", "cleaning_report.json",
 )
+CONTROL_PREFIX = "random-twin:"  # a control run's model (model.RANDOM_TWIN_PREFIX): never the best run
 BEST_RULE = ("highest reward accuracy (TRL eval rewards/accuracies) on the evaluated split (the validation slice "
              "when the profile has one, else the held-out test split), then lowest eval loss")
 
@@ -124,9 +125,18 @@ def load_records(folders: list[Path]) -> list[dict]:
 
 def pick_best(records: list[dict]) -> dict | None:
     """The best finished run by BEST_RULE, or None when no run finished."""
-    finished = [r for r in records if r["status"] == "finished" and r.get("final_eval")]
+    finished = [r for r in records if r["status"] == "finished" and r.get("final_eval") and not is_control(r)]
     key = lambda r: (-r["final_eval"].get("rewards/accuracies", 0.0), r["final_eval"].get("loss", float("inf")))
     return min(finished, key=key) if finished else None
+
+
+def is_control(record: dict) -> bool:
+    return str(record.get("config", {}).get("model", "")).startswith(CONTROL_PREFIX)
+
+
+def control_of(config):
+    """The same run on the random-weight twin of its base model (same architecture, tokenizer, data, settings)."""
+    return dataclasses.replace(config, model=CONTROL_PREFIX + config.model, output_dir=config.output_dir + "-control")
 
 
 def publish_best(best: dict, best_dir: str | Path) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, RunConfig, check_fields, resolve
-from .runs import BEST_RULE, RunLock, RunRecord, load_records, pick_best, publish_best, run_id
+from .runs import BEST_RULE, RunLock, RunRecord, control_of, load_records, pick_best, publish_best, run_id
 
 
 @dataclass
@@ -32,6 +32,7 @@ class SweepSpec:
     random_samples: int = 0  # > 0: draw this many combinations at random instead of taking them all
     sample_seed: int = 0
     profile: str = "auto"  # the profile the sweep starts from (data, model, defaults)
+    control: bool = False  # also train the best run's settings on the random-weight twin of its base model
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SweepSpec":
@@ -189,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Sweep from {args.spec}: profile {name} ({why})")
     data = prepare_data(base)  # the sweep's base data, checked before any run starts (and shown)
     print(data.report)
-    records = run_sweep(spec.configs(out / "runs"))
+    configs = spec.configs(out / "runs")
+    records = run_sweep(configs)
+    best = pick_best(records)
+    if spec.control and best:  # the control: the best settings on a random-weight model, beside it in the workbook
+        records += run_sweep([control_of(next(c for c in configs if run_id(c) == best["run_id"]))])
     made = report_sweep(records, data, out, sweep_info={"spec": str(args.spec), "grid": spec.grid})
     print(f"best run: {made['best_run_id']} -> {made['best']}\nworkbook: {made['workbook']}")
     return 0

@@ -43,6 +43,7 @@ def _get(part, key):
 # Runs columns: (header, how to read it from a record, number format, width), in reading order.
 RUN_COLUMNS = [
     ("run_id", lambda r: r.get("run_id"), None, 24), ("status", lambda r: r.get("status"), None, 9),
+    ("base model", _get("config", "model"), None, 18),
     *[(k.replace("_", " "), _get("config", k), fmt, width) for k, fmt, width in [
         ("learning_rate", LR, 8), ("batch_size", INT, 6), ("grad_accum", INT, 6), ("beta", SMALL, 6),
         ("optimizer", None, 9), ("loss_type", None, 8), ("lora_r", INT, 5), ("lora_alpha", INT, 6),

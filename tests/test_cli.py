@@ -80,21 +80,29 @@ def test_sweep_base_reaches_tokenizer_and_data_and_every_run_folder_is_complete(
     # Profile `full` names a Hub model and dataset; the sweep's base replaces both, so nothing is fetched, and its
     # max_length (16: some synthetic prompts no longer fit) is the length the data is cleaned for and trained at.
     base = {**TINY, "max_length": 16, "max_eval_pairs": 16}
-    spec = write_sweep(tmp_path / "sweep.yaml", profile="full", base=base, grid={"learning_rate": [1e-3, 2e-4]})
+    spec = write_sweep(tmp_path / "sweep.yaml", profile="full", base=base, grid={"learning_rate": [1e-3, 2e-4]},
+                       control=True)
     proc = command(["dpo_pipeline.sweep", str(spec)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = tmp_path / "results"
     expected = prepare_data(RunConfig(**{**base, "output_dir": "unused"})).report.as_dict()
     assert expected["dropped"]["prompt_too_long"] > 0  # the length matters for this data
     folders = [d for d in (results / "runs").iterdir() if d.is_dir()] + [results / "best"]
-    assert len(folders) == 3
+    assert len(folders) == 4  # two runs, the control (the best settings on a random-weight twin), best/
+    best = json.loads((results / "best" / "record.json").read_text())
+    control = json.loads((results / "runs" / f"{best['run_id']}-control" / "record.json").read_text())
+    assert control["config"] == {**best["config"], "model": "random-twin:offline:gpt2-tiny",
+                                 "output_dir": best["config"]["output_dir"] + "-control"}
+    sheet = __import__("openpyxl").load_workbook(results / "sweep_results.xlsx")["Runs"]
+    assert any(row[0] == control["run_id"] and row[2] == "random-twin:offline:gpt2-tiny"
+               for row in sheet.iter_rows(values_only=True))
     for folder in folders:
         for name in ("adapter_model.safetensors", "adapter_config.json", "run_config.json", "record.json",
                      "cleaning_report.json"):
             assert (folder / name).exists(), (folder, name)
         assert json.loads((folder / "cleaning_report.json").read_text()) == expected
         record = json.loads((folder / "record.json").read_text())
-        assert record["config"]["model"] == "offline:gpt2-tiny" and record["config"]["max_length"] == 16
+        assert record["config"]["model"].endswith("offline:gpt2-tiny") and record["config"]["max_length"] == 16
     # The card pushed for the best adapter names its dataset (it reads cleaning_report.json).
     from dpo_pipeline.card import build_model_card
 
