@@ -105,7 +105,8 @@ def test_conversion_is_an_ordinary_checkpoint_with_the_same_weights(tiny_gguf, c
 
     model = model_lib.load_base_model(str(converted))
     assert not getattr(model, "hf_quantizer", None) and not getattr(model, "is_quantized", False)
-    assert model.dtype == torch.float32
+    assert model.dtype == model_lib.compute_dtype()  # fp32 on a CPU, bf16/fp16 on CUDA
+    model = model.float()  # compared with the fp32 reference below
     got, want = model.state_dict(), reference.state_dict()
     for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
                  "model.layers.1.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight",
