@@ -48,7 +48,8 @@ from transformers import TrainerCallback
 
 from dpo_pipeline import model as model_lib
 from dpo_pipeline.config import HH_SAMPLE, RunConfig
-from dpo_pipeline.pipeline import free_memory, prepare_data, run
+from dpo_pipeline.pipeline import free_memory, run
+from dpo_pipeline.prepare import prepare_data
 
 SETUPS = {
     "seed-style": dict(trainer="trl", trl_args={"pad_to_multiple_of": 1024, "bf16": False, "fp16": False,

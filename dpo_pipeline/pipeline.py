@@ -1,4 +1,4 @@
-"""One run, start to end: `run(config)` prepares the data, builds TRL's DPOTrainer over a LoRA-wrapped (optionally
+"""One run, start to end: `run(config)` prepares the data (prepare.py), builds TRL's DPOTrainer over a LoRA-wrapped (optionally
 4-bit) base model, trains, evaluates on held-out pairs and writes the whole run folder (runs.py says what is in it).
 
 The notebook, `python -m dpo_pipeline.cli`, the sweep and the benchmark all call `run`; `dpo_args` is the one place
@@ -11,7 +11,6 @@ import gc
 import math
 import time
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -21,50 +20,15 @@ from trl import DPOConfig, DPOTrainer
 
 from . import model as model_lib
 from .config import RunConfig
-from .data import PreferenceData, drop_truncation_ties, load_preferences, resolve_prompt_format, to_chat_template
+from .data import PreferenceData
 from .evaluate import preference_eval
+from .prepare import prepare_data
 from .refcache import CachedRefDPOTrainer
 from .runs import RunRecord, write_run_start
-from .synthetic import get_synthetic
 
 OPTIMIZERS = {"adamw": "adamw_torch", "rmsprop": "rmsprop"}  # short names -> transformers' optimizer names
 EVAL_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
              "logps/rejected"]  # TRL's eval metrics that a record keeps (prefix "eval_")
-DATA_FIELDS = ("model", "source", "data_dir", "max_pairs", "max_eval_pairs", "validation_pairs", "test_fraction",
-               "split_seed", "prompt_format", "max_length")  # what the prepared data depends on
-_PREPARED: "OrderedDict[tuple, PreferenceData]" = OrderedDict()  # a sweep prepares each distinct data once
-
-
-def prepare_data(config: RunConfig, tokenizer=None) -> PreferenceData:
-    """Cleaned train/test (and validation) pairs for this config, in the model's prompt format, with the token-level
-    cleaning for its tokenizer and max_length. Memoized per distinct DATA_FIELDS in the process."""
-    key = tuple(str(getattr(config, f)) for f in DATA_FIELDS)
-    if key in _PREPARED:
-        _PREPARED.move_to_end(key)
-        return _PREPARED[key]
-    tokenizer = tokenizer or model_lib.load_tokenizer(config.model)
-    if config.source == "synthetic":
-        data = get_synthetic(n_pairs=config.max_pairs or 600, split_seed=config.split_seed,
-                             test_fraction=config.test_fraction)
-    else:
-        data = load_preferences(config.source, data_dir=config.data_dir, split_seed=config.split_seed,
-                                test_fraction=config.test_fraction, max_pairs=config.max_pairs)
-    if resolve_prompt_format(config.prompt_format, tokenizer) == "chat":
-        data = to_chat_template(data, tokenizer)
-    data = drop_truncation_ties(data, tokenizer, config.max_length)
-    if config.max_eval_pairs is not None and len(data.test) > config.max_eval_pairs:
-        data.test = data.test.select(range(config.max_eval_pairs))
-        data.report.splits["test (evaluated)"] = config.max_eval_pairs
-    if config.validation_pairs:  # settings are picked on these, never on the test split
-        n = len(data.train) - config.validation_pairs
-        data.validation, data.train = data.train.select(range(n, len(data.train))), data.train.select(range(n))
-        data.report.splits.update({"train": len(data.train), "validation": len(data.validation)})
-    _PREPARED[key] = data
-    while len(_PREPARED) > 4:
-        _PREPARED.popitem(last=False)
-    return data
-
-
 def micro_batch_size(config: RunConfig) -> int:
     """Pairs per forward pass. On a CPU one pair at a time pays for no padding between pairs and holds the least
     activation memory (measured: 1.15-1.4x faster than 4-pair forwards, 41% less memory); a GPU wants the whole

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .cli import one_line_errors
     from .config import results_dir
-    from .pipeline import prepare_data
+    from .prepare import prepare_data
 
     parser = one_line_errors(argparse.ArgumentParser(prog="python -m dpo_pipeline.sweep", description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))

@@ -12,7 +12,7 @@ from hub_double import make_tiny_adapter
 
 from dpo_pipeline import chat
 from dpo_pipeline.config import RunConfig
-from dpo_pipeline.pipeline import prepare_data
+from dpo_pipeline.prepare import prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = ROOT / "tests" / "data"
