@@ -181,6 +181,16 @@ def build_model_card(adapter_dir: str | Path, repo_id: str, *, sweep_rows: list[
                 rows.append({"setting": key, "value": record[key]})
         parts.append("## Training configuration\n\n" + markdown_table(rows) + "\n")
     parts.append(_eval_section(record, base_eval, config.get("loss_type")))
+    if record.get("judged"):
+        j = record["judged"]
+        parts.append(
+            f"## Judged answers against the base model\n\nOn {j['n']} prompts, answers of this adapter and of the base "
+            f"model ({j.get('decoding', '')}) scored by the judge `{j.get('judge')}`: win rate **{fmt(j['win_rate'])}** "
+            f"(95% CI {fmt(j['win_rate_ci'])}; {j['wins']} wins, {j['ties']} ties, {j['losses']} losses; a tie counts "
+            f"half), length-matched win rate {fmt(j['length_matched']['win_rate'])} over "
+            f"{j['length_matched']['n']} prompts, mean answer length {fmt(j['mean_length_policy'])} vs "
+            f"{fmt(j['mean_length_base'])} tokens. The judge picks the chosen answer of held-out pairs "
+            f"{fmt(j.get('judge_accuracy'))} of the time (pick-the-shorter: {fmt(j.get('judge_shorter_accuracy'))}).\n")
     if sweep_rows:
         shown = list(sweep_rows)[:MAX_SWEEP_ROWS]
         parts.append(f"## Sweep\n\nThe runs this adapter was picked from ({len(sweep_rows)}"

@@ -65,6 +65,8 @@ class RunConfig:
     gradient_checkpointing: bool = False  # TRL turns it on by default; small models train faster without it
     precision: str = "auto"  # fp32 | bf16 | fp16 autocast; auto picks by hardware (model.mixed_precision)
     precompute_ref: bool = True  # reference log-probs computed once, cached on disk and shared (refcache.py)
+    judge: str | None = None  # judged generations after training: "proxy" (a reward model trained here on the train
+    judge_prompts: int = 32  # split), a Hub reward model id or a folder; on this many validation (else test) prompts
     trainer: str = "tuned"  # tuned: refcache.CachedRefDPOTrainer + the CPU levers | trl: TRL's DPOTrainer as is
     trl_args: dict = field(default_factory=dict)  # any other DPOConfig field, passed to TRL as is
     output_dir: str = "results/run"
@@ -78,7 +80,8 @@ FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 PROFILES: dict[str, dict] = {
     "full": dict(
         model="openai-community/gpt2", load_in_4bit=True, source="Anthropic/hh-rlhf", max_eval_pairs=2000,
-        max_length=512, batch_size=16, learning_rate=5e-5,  # 16 pairs a forward: 135 pairs/s, 14 GB on an H100 beta=0.1, max_steps=2000,
+        max_length=512, batch_size=16, learning_rate=5e-5,  # 16 pairs a forward: 135 pairs/s, 14 GB on an H100
+        judge="OpenAssistant/reward-model-deberta-v3-large-v2", judge_prompts=64, beta=0.1, max_steps=2000,
         eval_steps=250, logging_steps=25,
     ),
     "cpu": dict(
@@ -87,11 +90,11 @@ PROFILES: dict[str, dict] = {
     ),
     "pretrained-cpu": dict(
         model="offline:smollm2-135m", load_in_4bit=False,  # 4-bit is slower than fp32 on this CPU; it saves memory
-        source=HH_SAMPLE, validation_pairs=64,
+        source=HH_SAMPLE, validation_pairs=64, judge="proxy", judge_prompts=32,
         max_length=256, batch_size=4, learning_rate=1e-4, beta=0.1, epochs=1, eval_steps=50, logging_steps=10,
     ),
     "smoke": dict(
-        model="offline:gpt2-tiny", load_in_4bit=True, source="synthetic", max_pairs=400,
+        model="offline:gpt2-tiny", load_in_4bit=True, source="synthetic", max_pairs=400, judge="proxy", judge_prompts=8,
         max_length=64, batch_size=8, learning_rate=1e-3, beta=0.1, max_steps=30, eval_steps=15, logging_steps=5,
     ),
 }

@@ -1,9 +1,13 @@
 """Evaluation beyond the loss: per-pair implicit rewards on held-out pairs, and generations base vs adapter.
 
 For a pair, the implicit reward of a completion y is beta * (log pi(y|x) - log pi_ref(y|x)), summed over the
-completion tokens exactly as TRL tokenizes and truncates them. The reference is the same model with its LoRA
-adapter disabled, so both numbers come from one model in memory. Ties (equal rewards, e.g. an untrained adapter)
-are counted apart, not as wrong.
+completion tokens exactly as TRL 1.16's DPOTrainer tokenizes and truncates them (tests/test_evaluate.py checks this
+against a real DPOTrainer). The reference is the same model with its LoRA adapter disabled, so both numbers come from
+one model in memory. Ties (equal rewards, e.g. an untrained adapter) are counted apart, not as wrong.
+
+Every accuracy comes with a 95% Wilson interval, and next to it the length baselines on the same pairs: how often
+"pick the shorter completion" or "pick the longer one" matches the label. An accuracy that does not beat them may be
+nothing more than a length preference.
 """
 
 from __future__ import annotations
@@ -15,75 +19,120 @@ from transformers import set_seed
 
 from trl.data_utils import common_prefix_length
 
+from .stats import _share, length_shares, wilson_interval  # noqa: F401 - wilson_interval is part of this API
+
 TIE_TOLERANCE = 1e-6
 
 
-def _tokenize_pair_side(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], int]:
-    """(input ids, index where the completion starts), as TRL 1.16 builds them: eos appended, keep_start truncation."""
+def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen ids, rejected ids) as TRL 1.16's DPOTrainer builds them from text: eos appended to each
+    completion, and the completions start where the tokenized prompt and prompt+completion first differ on either
+    side (a token can merge across the boundary), before the collator's truncation."""
     eos = tokenizer.eos_token
-    text = completion if completion.endswith(eos) else completion + eos
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    full = tokenizer(prompt + text)["input_ids"]
-    start = common_prefix_length(prompt_ids, full)
-    return full[:max_length], start
+    chosen, rejected = (c if c.endswith(eos) else c + eos for c in (chosen, rejected))
+    prompt_ids = tokenizer(text=prompt)["input_ids"]
+    with_chosen = tokenizer(text=prompt + chosen)["input_ids"]
+    with_rejected = tokenizer(text=prompt + rejected)["input_ids"]
+    start = min(common_prefix_length(prompt_ids, with_chosen), common_prefix_length(prompt_ids, with_rejected))
+    return prompt_ids[:start], with_chosen[start:], with_rejected[start:]
 
 
 @torch.no_grad()
-def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], max_length: int,
-                     batch_size: int = 8) -> torch.Tensor:
-    """Sum of log-probabilities of each completion's tokens given its prompt."""
+def _sequence_logps(model, pad_token_id: int, sequences: list[tuple[list[int], list[int]]], max_length: int,
+                    batch_size: int) -> torch.Tensor:
+    """Sum of log-probabilities of the completion tokens of (prompt ids, completion ids) sequences, each cut to its
+    first `max_length` tokens like TRL's collator (keep_start). TRL drops a pair whose prompt alone fills `max_length`;
+    here it scores 0 on both sides, a tie."""
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for i in range(0, len(prompts), batch_size):
-        items = [_tokenize_pair_side(tokenizer, p, c, max_length)
-                 for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
-        width = max(len(ids) for ids, _ in items)
-        ids = torch.full((len(items), width), tokenizer.pad_token_id, dtype=torch.long)
+    for i in range(0, len(sequences), batch_size):
+        batch = [(prompt + completion)[:max_length] for prompt, completion in sequences[i:i + batch_size]]
+        starts = [len(prompt) for prompt, _ in sequences[i:i + batch_size]]
+        width = max(len(ids) for ids in batch)
+        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
         attention = torch.zeros_like(ids)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        for row, (seq, start) in enumerate(items):  # right padding; only completion tokens are scored
+        scored = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (seq, start) in enumerate(zip(batch, starts)):  # right padding; only completion tokens are scored
             ids[row, :len(seq)] = torch.tensor(seq)
             attention[row, :len(seq)] = 1
-            mask[row, start:len(seq)] = True
-        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float()
-        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device)).squeeze(-1)
-        out.append((logps * mask[:, 1:].to(device)).sum(-1).cpu())
-    return torch.cat(out)
+            scored[row, start:len(seq)] = True
+        ids, attention, scored = ids.to(device), attention.to(device), scored.to(device)
+        logits = model(input_ids=ids, attention_mask=attention).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        out.append((logps * scored[:, 1:]).sum(-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
-def _summary(chosen_shift, rejected_shift, chosen_logps, rejected_logps, beta) -> dict:
+def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], max_length: int,
+                     batch_size: int = 8) -> torch.Tensor:
+    """Sum of log-probabilities of each completion's tokens given its prompt (tokenized as a pair of two equal
+    completions would be)."""
+    sequences = [tokenize_pair(tokenizer, p, c, c)[:2] for p, c in zip(prompts, completions)]
+    return _sequence_logps(model, tokenizer.pad_token_id, sequences, max_length, batch_size)
+
+
+def _tokenize_pairs(tokenizer, pairs) -> list[tuple[list[int], list[int], list[int]]]:
+    return [tokenize_pair(tokenizer, *row) for row in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
+
+
+def _pair_logps(model, pad_token_id: int, tokenized, max_length: int, batch_size: int):
+    chosen = _sequence_logps(model, pad_token_id, [(p, c) for p, c, _ in tokenized], max_length, batch_size)
+    rejected = _sequence_logps(model, pad_token_id, [(p, r) for p, _, r in tokenized], max_length, batch_size)
+    return chosen, rejected
+
+
+def pair_logps(model, tokenizer, pairs, max_length: int, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) completion log-probabilities of prompt/chosen/rejected pairs, exactly as DPO scores them."""
+    return _pair_logps(model, tokenizer.pad_token_id, _tokenize_pairs(tokenizer, pairs), max_length, batch_size)
+
+
+def length_baselines(tokenizer, pairs) -> dict:
+    """The length baselines on prompt/chosen/rejected pairs, in completion tokens as DPO tokenizes them (eos included,
+    before truncation)."""
+    return length_shares([(len(c), len(r)) for _, c, r in _tokenize_pairs(tokenizer, pairs)])
+
+
+def _summary(chosen_shift, rejected_shift, chosen_logps, rejected_logps, beta, baselines: dict) -> dict:
     margins = beta * (chosen_shift - rejected_shift)
-    ties = margins.abs() <= TIE_TOLERANCE
+    n = len(margins)
+    wins = int((margins > TIE_TOLERANCE).sum())
+    logp_wins = int((chosen_logps > rejected_logps).sum())
     return {
-        "pairs": len(margins),
-        "reward_accuracy": float(((margins > TIE_TOLERANCE)).float().mean()),
-        "reward_ties": float(ties.float().mean()),
-        "reward_margin": float(margins.mean()),
-        "logp_accuracy": float((chosen_logps > rejected_logps).float().mean()),
-        "chosen_logp_shift": float(chosen_shift.mean()),
-        "rejected_logp_shift": float(rejected_shift.mean()),
+        "pairs": n,
+        "reward_accuracy": _share(wins, n),
+        "reward_accuracy_ci": list(wilson_interval(wins, n)),
+        "reward_wins": wins,
+        "reward_ties": _share(int((margins.abs() <= TIE_TOLERANCE).sum()), n),
+        "reward_margin": float(margins.mean()) if n else float("nan"),
+        "logp_accuracy": _share(logp_wins, n),
+        "logp_accuracy_ci": list(wilson_interval(logp_wins, n)),
+        "chosen_logp_shift": float(chosen_shift.mean()) if n else float("nan"),
+        "rejected_logp_shift": float(rejected_shift.mean()) if n else float("nan"),
+        **baselines,
     }
 
 
 def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch_size: int = 8) -> dict:
     """{"adapter": metrics, "base": metrics} on held-out pairs for a PeftModel (adapter on vs disabled).
 
-    reward_accuracy  share of pairs whose chosen implicit reward beats the rejected one (ties excluded)
+    reward_accuracy  share of pairs whose chosen implicit reward beats the rejected one (ties count as misses,
+                     and are also shown apart); reward_wins is the count, reward_accuracy_ci its 95% Wilson interval
     reward_ties      share of pairs with equal rewards
     reward_margin    mean chosen minus rejected implicit reward
     logp_accuracy    share of pairs where the model gives the chosen completion the higher log-probability
     *_logp_shift     mean change in the completions' log-probabilities against the base model
+    shorter_accuracy, longer_accuracy (+ _ci), length_ties   the length baselines on the same pairs
     """
-    prompts, chosen, rejected = list(pairs["prompt"]), list(pairs["chosen"]), list(pairs["rejected"])
-    score = lambda completions: completion_logps(model, tokenizer, prompts, completions, max_length, batch_size)
-    policy_c, policy_r = score(chosen), score(rejected)
+    tokenized = _tokenize_pairs(tokenizer, pairs)
+    policy_c, policy_r = _pair_logps(model, tokenizer.pad_token_id, tokenized, max_length, batch_size)
     with model.disable_adapter():
-        ref_c, ref_r = score(chosen), score(rejected)
+        ref_c, ref_r = _pair_logps(model, tokenizer.pad_token_id, tokenized, max_length, batch_size)
+    baselines = length_shares([(len(c), len(r)) for _, c, r in tokenized])
     zero = torch.zeros_like(ref_c)
     return {
-        "adapter": _summary(policy_c - ref_c, policy_r - ref_r, policy_c, policy_r, beta),
-        "base": _summary(zero, zero, ref_c, ref_r, beta),  # the base is its own reference: every reward is 0
+        "adapter": _summary(policy_c - ref_c, policy_r - ref_r, policy_c, policy_r, beta, baselines),
+        "base": _summary(zero, zero, ref_c, ref_r, beta, baselines),  # the base is its own reference: every reward is 0
     }
 
 
@@ -107,3 +156,84 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int =
                 row[f"{who} ({label})"] = text.split("\n\nHuman:")[0]  # stop where the next turn would begin
         rows.append(row)
     return rows
+
+
+def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", prompts: int = 0, judge: str | None = None,
+                     batch_size: int = 8) -> dict:
+    """An adapter (folder or Hub id) on a preference file, in the adapter's own prompt format, max_length and beta:
+    preference_eval of the policy and of its base on the same pairs (with the length baselines), and with `prompts`
+    > 0 judged generations against the base ("proxy": a reward model trained on the file's train split)."""
+    from datasets import concatenate_datasets
+
+    from .chat import load_adapter
+    from .config import FIELDS, RunConfig
+    from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judge
+    from .prepare import prepare_data
+
+    loaded = load_adapter(source)
+    trained = {k: v for k, v in loaded.run["run_config"].items() if k in FIELDS}
+    config = RunConfig(**{**trained, "source": str(pairs_file), "data_dir": None, "max_pairs": None,
+                          "max_eval_pairs": None, "validation_pairs": None, "output_dir": str(loaded.folder)})
+    data = prepare_data(config, loaded.tokenizer)
+    pairs = data.test if split == "test" else concatenate_datasets([data.train, data.test])
+    scores = preference_eval(loaded.model, loaded.tokenizer, pairs, config.beta, config.max_length, batch_size)
+    report = {"adapter": source, "pairs_file": str(pairs_file), "split": split, "prompt_format": data.prompt_format,
+              "max_length": config.max_length, "beta": config.beta, "policy": scores["adapter"], "base": scores["base"]}
+    if prompts > 0:
+        name = judge or config.judge or "proxy"
+        found = load_judge(proxy_judge(config, data) if name == "proxy" else name)
+        report["judged"] = judged_generations(loaded.model, loaded.tokenizer, list(pairs["prompt"][:prompts]), found,
+                                              seed=config.seed)["summary"]
+        report["judge_check"] = pairwise_accuracy(found, pairs)
+    return report
+
+
+def describe_report(report: dict) -> str:
+    """The evaluation as a few lines of text: each accuracy with its 95% interval, next to its baselines."""
+    ci = lambda m, key: f"{m[key]:.3f} [{m[key + '_ci'][0]:.2f}, {m[key + '_ci'][1]:.2f}]"
+    policy, base = report["policy"], report["base"]
+    lines = [f"{report['adapter']} on {policy['pairs']} pairs ({report['split']} split of {report['pairs_file']}, "
+             f"{report['prompt_format']} prompts, max_length {report['max_length']})",
+             f"  implicit-reward accuracy  {ci(policy, 'reward_accuracy')}  ties {policy['reward_ties']:.3f}, "
+             f"margin {policy['reward_margin']:.4f}",
+             f"  log-prob accuracy         policy {ci(policy, 'logp_accuracy')}  base {ci(base, 'logp_accuracy')}",
+             f"  length baselines          pick the shorter {ci(policy, 'shorter_accuracy')}  pick the longer "
+             f"{ci(policy, 'longer_accuracy')}"]
+    if "judged" in report:
+        j, check = report["judged"], report["judge_check"]
+        lines += [f"  judged vs base ({j['n']} prompts, {j['judge']}): win rate {ci(j, 'win_rate')} "
+                  f"({j['wins']}/{j['ties']}/{j['losses']} w/t/l), length-matched {j['length_matched']['win_rate']:.3f}"
+                  f" over {j['length_matched']['n']}, answer length {j['mean_length_policy']:.0f} vs "
+                  f"{j['mean_length_base']:.0f} tokens",
+                  f"  the judge on these pairs  {ci(check, 'accuracy')}  (pick the shorter "
+                  f"{check['shorter_accuracy']:.3f})"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    from .errors import one_line_errors
+
+    parser = one_line_errors(argparse.ArgumentParser(prog="python -m dpo_pipeline.evaluate",
+                                                     description=evaluate_adapter.__doc__))
+    parser.add_argument("adapter", help="an adapter folder (a run folder, results/best) or a Hub repo id")
+    parser.add_argument("--pairs", required=True, help="a preference file the loader reads (or a Hub dataset id)")
+    parser.add_argument("--split", choices=["test", "all"], default="test",
+                        help="the file's held-out split (default; the seeded 80/20 split) or all its pairs")
+    parser.add_argument("--prompts", type=int, default=0, help="judge this many generations against the base")
+    parser.add_argument("--judge", help="reward model: a Hub id, a folder, or 'proxy' (default: the run's own)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    args = parser.parse_args(argv)
+    report = evaluate_adapter(args.adapter, args.pairs, split=args.split, prompts=args.prompts, judge=args.judge)
+    print(json.dumps(report, default=str) if args.json else describe_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .errors import command
+
+    sys.exit(command(main))

@@ -22,9 +22,10 @@ from . import model as model_lib
 from .config import RunConfig
 from .data import PreferenceData
 from .evaluate import preference_eval
+from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judge
 from .prepare import prepare_data
 from .refcache import CachedRefDPOTrainer
-from .runs import RunRecord, write_run_start
+from .runs import RunRecord, write_json_atomic, write_run_start
 
 OPTIMIZERS = {"adamw": "adamw_torch", "rmsprop": "rmsprop"}  # short names -> transformers' optimizer names
 EVAL_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
@@ -112,6 +113,20 @@ def _eval_metrics(metrics: dict) -> dict:
     return {k: metrics[f"eval_{k}"] for k in EVAL_KEYS if f"eval_{k}" in metrics}
 
 
+def judge_policy(config: RunConfig, data: PreferenceData, model, tokenizer, folder: Path) -> dict:
+    """Judged generations of the trained policy against its base, on the first `judge_prompts` prompts of the split
+    settings are picked on (validation, else test); the answers go to judged.json, the summary is returned with the
+    judge's own accuracy on the held-out test pairs (what its verdicts are worth)."""
+    judge = load_judge(proxy_judge(config, data) if config.judge == "proxy" else config.judge)
+    prompts = list(data.monitor["prompt"][:config.judge_prompts])
+    result = judged_generations(model, tokenizer, prompts, judge, seed=config.seed)
+    check = pairwise_accuracy(judge, data.test)
+    result["summary"].update(judge_accuracy=check["accuracy"], judge_accuracy_ci=check["accuracy_ci"],
+                             judge_pairs=check["pairs"], judge_shorter_accuracy=check["shorter_accuracy"])
+    write_json_atomic(folder / "judged.json", result)
+    return result["summary"]
+
+
 def run(config: RunConfig, data: PreferenceData | None = None, *,
         setup: Callable[[DPOTrainer], None] | None = None) -> RunRecord:
     """Train one run and write its folder; returns its record. `data` defaults to `prepare_data(config)`; `setup` is
@@ -149,6 +164,7 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
     train_time = wall - sum(e.get("eval_runtime", 0.0) for e in history)  # throughput of training, not eval
     evaluation = preference_eval(trainer.model, tokenizer, data.test, config.beta, config.max_length,
                                  config.batch_size) if main else {"adapter": {}, "base": {}}
+    judged = judge_policy(config, data, trainer.model, tokenizer, out) if main and config.judge else {}
     record = RunRecord(
         config=config.to_dict(), status="finished", train_pairs=len(trainer.train_dataset),
         eval_pairs=len(trainer.eval_dataset), train_steps=steps,
@@ -156,7 +172,7 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
         best_eval={"step": best.get("step"), **_eval_metrics(best)} if best else {}, log_history=history,
         wall_time_s=round(wall, 2), pairs_per_second=round(pairs_seen / train_time, 3) if train_time > 0 else 0.0,
         adapter_path=str(out.resolve()), model_info=model_lib.describe_model(trainer.model, config.model),
-        run_id=out.name, evaluation=evaluation["adapter"], base_evaluation=evaluation["base"],
+        run_id=out.name, evaluation=evaluation["adapter"], base_evaluation=evaluation["base"], judged=judged,
     )
     if main:
         record.save(out / "record.json")

@@ -26,11 +26,17 @@ UPLOAD_FILES = (
     *ADAPTER_WEIGHTS, "adapter_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "added_tokens.json", "chat_template.jinja",
-    "run_config.json", "record.json", "cleaning_report.json",
+    "run_config.json", "record.json", "cleaning_report.json", "judged.json",
 )
 CONTROL_PREFIX = "random-twin:"  # a control run's model (model.RANDOM_TWIN_PREFIX): never the best run
-BEST_RULE = ("highest reward accuracy (TRL eval rewards/accuracies) on the evaluated split (the validation slice "
-             "when the profile has one, else the held-out test split), then lowest eval loss")
+EVALUATED_SPLIT = "the validation slice when the profile has one, else the held-out test split"
+BEST_RULES = {
+    "reward_accuracy": f"highest reward accuracy (TRL eval rewards/accuracies) on {EVALUATED_SPLIT}, then lowest eval "
+                       "loss",
+    "win_rate": f"highest judged win rate against the base model on prompts from {EVALUATED_SPLIT}, then highest "
+                "reward accuracy there",
+}
+BEST_RULE = BEST_RULES["reward_accuracy"]
 
 
 @dataclass
@@ -54,6 +60,7 @@ class RunRecord:
     run_id: str = ""  # the output folder's name (in a sweep, a hash of the config)
     evaluation: dict = field(default_factory=dict)  # held-out per-pair metrics of the adapter (evaluate.py)
     base_evaluation: dict = field(default_factory=dict)  # the same for the base model (adapter disabled)
+    judged: dict = field(default_factory=dict)  # judged generations against the base model (judge.py), summary
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,10 +130,16 @@ def load_records(folders: list[Path]) -> list[dict]:
     return [json.loads((d / "record.json").read_text()) for d in map(Path, folders) if (d / "record.json").exists()]
 
 
-def pick_best(records: list[dict]) -> dict | None:
-    """The best finished run by BEST_RULE, or None when no run finished."""
+def pick_best(records: list[dict], by: str = "reward_accuracy") -> dict | None:
+    """The best finished run by BEST_RULES[by], or None when no run finished (control runs never count)."""
+    if by not in BEST_RULES:
+        raise ValueError(f"best_by must be one of {sorted(BEST_RULES)}, got {by!r}")
     finished = [r for r in records if r["status"] == "finished" and r.get("final_eval") and not is_control(r)]
-    key = lambda r: (-r["final_eval"].get("rewards/accuracies", 0.0), r["final_eval"].get("loss", float("inf")))
+    accuracy = lambda r: r["final_eval"].get("rewards/accuracies", 0.0)
+    if by == "win_rate":
+        key = lambda r: (-(r.get("judged") or {}).get("win_rate", -1.0), -accuracy(r))
+    else:
+        key = lambda r: (-accuracy(r), r["final_eval"].get("loss", float("inf")))
     return min(finished, key=key) if finished else None
 
 

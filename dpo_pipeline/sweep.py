@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, RunConfig, check_fields, resolve
-from .runs import BEST_RULE, RunLock, RunRecord, control_of, load_records, pick_best, publish_best, run_id
+from .runs import BEST_RULES, RunLock, RunRecord, control_of, load_records, pick_best, publish_best, run_id
 
 
 @dataclass
@@ -33,6 +33,7 @@ class SweepSpec:
     sample_seed: int = 0
     profile: str = "auto"  # the profile the sweep starts from (data, model, defaults)
     control: bool = False  # also train the best run's settings on the random-weight twin of its base model
+    best_by: str = "reward_accuracy"  # or "win_rate": the judged win rate (runs need a `judge`), runs.BEST_RULES
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SweepSpec":
@@ -55,6 +56,8 @@ class SweepSpec:
         if not isinstance(self.base, dict) or not isinstance(self.grid, dict):
             raise ConfigError(f"{where}: 'base' and 'grid' must be mappings of run settings")
         check_fields({**self.base, **self.grid}, where)
+        if self.best_by not in BEST_RULES:
+            raise ConfigError(f"{where}: best_by must be one of {sorted(BEST_RULES)}, got {self.best_by!r}")
         for name, values in self.grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}: grid field '{name}' needs a non-empty list of values")
@@ -142,13 +145,13 @@ def best_samples(best: dict, prompts: list[str], max_new_tokens: int = 40) -> li
 
 
 def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info: dict | None = None,
-                 n_samples: int = 4) -> dict:
+                 n_samples: int = 4, best_by: str = "reward_accuracy") -> dict:
     """Publish the best run, write the plots and rebuild the workbook from the records. Returns what it made."""
     from .report import save_plots
     from .workbook import build_workbook
 
     results_dir = Path(results_dir)
-    best = pick_best(records)
+    best = pick_best(records, best_by)
     finished = [r for r in records if r["status"] == "finished"]
     baseline = next((r["base_evaluation"] for r in finished if r.get("base_evaluation")), None)
     best_id = best["run_id"] if best else None
@@ -163,8 +166,8 @@ def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info:
         "best": str(publish_best(best, results_dir / "best")) if best else None,
         "plots": [str(p) for p in save_plots(records, results_dir / "plots", best_id)],
         "workbook": str(build_workbook(
-            records, results_dir / "sweep_results.xlsx", best_run_id=best_id, best_rule=BEST_RULE,
-            summary=summary, samples=samples, baseline=baseline,
+            records, results_dir / "sweep_results.xlsx", best_run_id=best_id, best_rule=BEST_RULES[best_by],
+            best_by=best_by, summary=summary, samples=samples, baseline=baseline,
         )),
         "best_run_id": best_id,
         "baseline": baseline,
@@ -175,7 +178,7 @@ def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .cli import one_line_errors
+    from .errors import one_line_errors
     from .config import results_dir
     from .prepare import prepare_data
 
@@ -192,15 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     print(data.report)
     configs = spec.configs(out / "runs")
     records = run_sweep(configs)
-    best = pick_best(records)
+    best = pick_best(records, spec.best_by)
     if spec.control and best:  # the control: the best settings on a random-weight model, beside it in the workbook
         records += run_sweep([control_of(next(c for c in configs if run_id(c) == best["run_id"]))])
-    made = report_sweep(records, data, out, sweep_info={"spec": str(args.spec), "grid": spec.grid})
+    made = report_sweep(records, data, out, sweep_info={"spec": str(args.spec), "grid": spec.grid},
+                        best_by=spec.best_by)
     print(f"best run: {made['best_run_id']} -> {made['best']}\nworkbook: {made['workbook']}")
     return 0
 
 
 if __name__ == "__main__":
-    from .cli import command
+    from .errors import command
 
     sys.exit(command(main))

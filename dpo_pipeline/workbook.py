@@ -62,6 +62,32 @@ EVAL_COLUMNS = [
         ("logp accuracy", "logp_accuracy", METRIC), ("chosen logp shift", "chosen_logp_shift", METRIC),
         ("rejected logp shift", "rejected_logp_shift", METRIC)]
 ]
+
+
+def _interval(part: str, key: str):
+    """A 95% interval [lo, hi] as text, e.g. "0.58-0.69"."""
+    def get(record):
+        ci = (record.get(part) or {}).get(key)
+        return f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else None
+    return get
+
+
+EVAL_COLUMNS[2:2] = [("reward accuracy 95% CI", _interval("evaluation", "reward_accuracy_ci"), None, 10)]
+EVAL_COLUMNS += [("logp accuracy 95% CI", _interval("evaluation", "logp_accuracy_ci"), None, 10),
+                 ("pick-the-shorter baseline", _get("evaluation", "shorter_accuracy"), METRIC, 10)]
+# Judged generations against the base model (judge.py): a tie counts half.
+JUDGED_COLUMNS = [
+    ("judged prompts", _get("judged", "n"), INT, 8), ("win rate vs base", _get("judged", "win_rate"), METRIC, 9),
+    ("win rate 95% CI", _interval("judged", "win_rate_ci"), None, 10),
+    ("wins / ties / losses", lambda r: "/".join(str((r.get("judged") or {}).get(k, "")) for k in
+                                                ("wins", "ties", "losses")) if r.get("judged") else None, None, 10),
+    ("length-matched win rate", lambda r: ((r.get("judged") or {}).get("length_matched") or {}).get("win_rate"),
+     METRIC, 10),
+    ("answer length policy / base", lambda r: "{:.0f} / {:.0f}".format(r["judged"]["mean_length_policy"],
+                                                                        r["judged"]["mean_length_base"])
+     if r.get("judged") else None, None, 10),
+    ("judge accuracy on held-out pairs", _get("judged", "judge_accuracy"), METRIC, 10),
+]
 COST_COLUMNS = [(name, lambda r, key=key: r.get(key), fmt, width) for name, key, fmt, width in [
     ("train steps", "train_steps", INT, 8), ("wall time (s)", "wall_time_s", SECONDS, 9),
     ("pairs/s", "pairs_per_second", SECONDS, 8), ("error", "error", None, 48)]]
@@ -122,7 +148,8 @@ def _print_setup(ws, landscape: bool = True, pages_wide: int = 1, one_page: bool
 
 def _write_runs(ws, records, baseline, best_run_id, best_rule) -> list[tuple]:
     has_eval = baseline is not None or any(r.get("evaluation") for r in records)
-    columns = RUN_COLUMNS + (EVAL_COLUMNS if has_eval else []) + COST_COLUMNS
+    has_judged = any(r.get("judged") for r in records)
+    columns = RUN_COLUMNS + (EVAL_COLUMNS if has_eval else []) + (JUDGED_COLUMNS if has_judged else []) + COST_COLUMNS
     _header(ws, 1, [c[0] for c in columns], [c[3] for c in columns], lines=3)
     base = {"run_id": BASELINE_LABEL, "status": "reference", "evaluation": baseline}
     rows = ([base] if baseline is not None else []) + records
@@ -244,10 +271,13 @@ def _rule_numbers(record: dict) -> str:
     """The numbers the sweep's rule looks at, as text."""
     ev = record.get("final_eval") or {}
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
-    return f"eval reward accuracy {fmt(ev.get('rewards/accuracies'))}, eval loss {fmt(ev.get('loss'))}"
+    judged = record.get("judged") or {}
+    return (f"eval reward accuracy {fmt(ev.get('rewards/accuracies'))}, eval loss {fmt(ev.get('loss'))}"
+            + (f", judged win rate {fmt(judged.get('win_rate'))}" if judged else ""))
 
 
-def _write_summary(ws, records, columns, best_run_id, best_rule, summary, baseline, generated_at) -> None:
+def _write_summary(ws, records, columns, best_run_id, best_rule, summary, baseline, generated_at,
+                   best_by="reward_accuracy") -> None:
     ws.column_dimensions["A"].width, ws.column_dimensions["B"].width = 30, VALUE_WIDTH
     ws.column_dimensions["C"].width = ws.column_dimensions["D"].width = 24
     _put(ws, 1, 1, "DPO sweep summary").font = Font(name="Calibri", bold=True, size=14)
@@ -258,7 +288,7 @@ def _write_summary(ws, records, columns, best_run_id, best_rule, summary, baseli
     _put(ws, 3, 2, f"{len(records)} ({len(records) - len(failed)} finished, {len(failed)} failed)")
     row = _section(ws, 5, "Best configuration and why")
     best = next((r for r in records if best_run_id is not None and r.get("run_id") == best_run_id), None)
-    runner_up = pick_best([r for r in records if r is not best])
+    runner_up = pick_best([r for r in records if r is not best], best_by)
     why = "\n".join(f"{label} {r.get('run_id')}: {_rule_numbers(r)}" for label, r in
                     (("best", best), ("runner-up", runner_up)) if r is not None)
     row = _key_values(ws, row, {"best run": best_run_id or "none (no finished run)", "rule": best_rule,
@@ -302,12 +332,12 @@ def runs_frame(records: list[dict], baseline: dict | None = None):
     import pandas as pd
 
     base = [{"run_id": BASELINE_LABEL, "status": "reference", "evaluation": baseline}] if baseline else []
-    columns = RUN_COLUMNS + EVAL_COLUMNS + COST_COLUMNS
+    columns = RUN_COLUMNS + EVAL_COLUMNS + JUDGED_COLUMNS + COST_COLUMNS
     return pd.DataFrame([{c[0]: c[1](r) for c in columns} for r in base + records]).set_index("run_id")
 
 
 def build_workbook(records: list[dict], path, *, best_run_id: str | None, best_rule: str, summary: dict,
-                   samples: list[dict], baseline: dict | None = None) -> Path:
+                   samples: list[dict], baseline: dict | None = None, best_by: str = "reward_accuracy") -> Path:
     """Write the sweep workbook to `path` atomically (temp file in the same folder, then rename); return the path.
 
     records: RunRecord.to_dict() per run; baseline: the held-out evaluation of the base model without adapter;
@@ -319,7 +349,7 @@ def build_workbook(records: list[dict], path, *, best_run_id: str | None, best_r
     runs.title = "Runs"
     columns = _write_runs(runs, records, baseline, best_run_id, best_rule)
     _write_summary(wb.create_sheet("Summary"), records, columns, best_run_id, best_rule, summary, baseline,
-                   generated_at)
+                   generated_at, best_by)
     charts = wb.create_sheet("Charts")
     _write_history(wb.create_sheet("History"), records)
     _write_samples(wb.create_sheet("Samples"), samples)

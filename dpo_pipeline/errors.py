@@ -1,0 +1,35 @@
+"""User mistakes at the commands (cli, sweep, evaluate): one line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What a user's mistake raises: settings and data (ValueError: ConfigError, DataError, TRL's own argument
+    checks), a model or adapter that cannot be loaded, a missing file."""
+    from .chat import ChatError
+    from .model import ModelLoadError
+    from .pretrained import PretrainedError
+
+    return ValueError, ModelLoadError, PretrainedError, ChatError, FileNotFoundError
+
+
+def command(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run a command's main; a user mistake becomes one line on stderr and exit code 2, never a traceback."""
+    try:
+        return main(argv) or 0
+    except user_errors() as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
+
+
+def one_line_errors(parser):
+    """argparse's own mistakes (a bad flag or value) as one line too."""
+    def error(message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error
+    return parser

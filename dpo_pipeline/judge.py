@@ -1,0 +1,210 @@
+"""Judged generations: does the DPO policy answer better than the base model, in a reward model's judgment?
+
+TRL 1.16 ships no judges, so a judge here is any sequence-classification reward model with one output: a Hub model
+(e.g. OpenAssistant/reward-model-deberta-v3-large-v2) or a local folder, such as the proxy reward model that
+`train_proxy_reward_model` trains with TRL's RewardTrainer on the training split only (never the held-out pairs).
+How a judge reads an answer: a decoder (GPT-2, SmolLM2; what RewardTrainer trains) reads `prompt + answer + eos` as
+one text, exactly as RewardTrainer tokenizes its pairs; an encoder whose tokenizer has a separator token (BERT,
+DeBERTa) reads the (prompt, answer) text pair, as the OpenAssistant reward models are meant to be used.
+Check a judge on held-out pairs first (`pairwise_accuracy`): one that cannot beat the length heuristic there says
+little about generations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from trl import RewardConfig, RewardTrainer
+
+from .data import HUMAN
+from .stats import length_shares, wilson_interval
+from .hub import hub_reachable
+from .model import load_tokenizer, resolve_model_path
+
+TIE_TOLERANCE = 1e-5  # scores closer than this tie (the same text scored in another batch moves by float noise)
+LENGTH_MATCH = 0.2  # answers whose token counts differ by at most 20% of the longer one are "length-matched"
+
+
+class JudgeError(ValueError):
+    """A judge that cannot be loaded; the message is one line."""
+
+
+@dataclass
+class Judge:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+
+
+def train_proxy_reward_model(train_pairs, base_model: str | Path, output_dir: str | Path, *, max_length: int = 256,
+                             max_steps: int = -1, learning_rate: float = 1e-4, batch_size: int = 8,
+                             seed: int = 0) -> Path:
+    """Train a reward model from `base_model` (all its weights plus a new one-output head) with TRL's RewardTrainer
+    on prompt/chosen/rejected text, and save it with its tokenizer to `output_dir`. Pass the TRAINING split only.
+    One epoch unless `max_steps` > 0. TRL appends eos and drops pairs longer than `max_length` tokens."""
+    base = resolve_model_path(str(base_model))  # offline:<name> works too
+    args = RewardConfig(
+        output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size, max_length=max_length, seed=seed, report_to="none",
+        save_strategy="no", gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # bf16 is emulated (slow) on most CPUs
+    )
+    trainer = RewardTrainer(model=base, args=args, processing_class=load_tokenizer(base),  # pad token set
+                            train_dataset=train_pairs.select_columns(["prompt", "chosen", "rejected"]))
+    trainer.train()
+    trainer.save_model(str(output_dir))  # the model (pad_token_id set) and the tokenizer
+    return Path(output_dir)
+
+
+def proxy_judge(config, data) -> Path:
+    """The proxy reward model for a run: trained once from the run's base model (a control run's real base, never its
+    random twin) on the run's training split, kept under cache_dir()/judges/ by what it depends on, and reused."""
+    from .config import cache_dir
+    from .refcache import xxhash  # the same fast hash as the reference cache
+    from .runs import CONTROL_PREFIX
+
+    base = config.model.removeprefix(CONTROL_PREFIX)
+    table = data.train.select_columns(["prompt", "chosen", "rejected"]).to_pandas().to_json()
+    key = xxhash.xxh3_128(f"{base}|{config.max_length}|{config.seed}|{table}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "judges" / key
+    if not (folder / "config.json").exists():
+        tmp = folder.with_name(f".{key}.tmp")
+        train_proxy_reward_model(data.train, base, tmp, max_length=config.max_length, seed=config.seed)
+        tmp.replace(folder)
+    return folder
+
+
+def _local_source(name: str) -> str:
+    """A local folder for `name`, or `name` itself when only the Hub has it; JudgeError when neither can."""
+    if Path(name).exists():
+        return name
+    try:  # a cached Hub snapshot loads as a local folder, with no network round-trips
+        return snapshot_download(name, local_files_only=True)
+    except HFValidationError:
+        raise JudgeError(f"Judge {name!r} is neither a local folder nor a Hub model id") from None
+    except LocalEntryNotFoundError:
+        if not hub_reachable():  # fail now rather than after from_pretrained's retries
+            raise JudgeError(f"Judge {name!r} is not cached here and the Hugging Face Hub cannot be reached") from None
+        return name
+
+
+def load_judge(name_or_path: str | Path, device: str | None = None) -> Judge:
+    """A one-output sequence-classification model (fp32) and its tokenizer, by Hub id or local folder."""
+    name = str(name_or_path)
+    source = _local_source(name)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise JudgeError(f"Cannot load judge {name!r}: {str(err).strip().splitlines()[0]}") from None
+    if model.config.num_labels != 1:
+        raise JudgeError(f"{name!r} is not a reward model: it has {model.config.num_labels} outputs, not 1")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id  # where a decoder finds the last real token
+    tokenizer.truncation_side = "left"  # too long a text loses the start of the prompt, never the judged answer
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Judge(model.to(device).eval(), tokenizer, name)
+
+
+@torch.no_grad()
+def score(judge: Judge, prompts: list[str], answers: list[str], batch_size: int = 8) -> list[float]:
+    """The judge's reward for each answer to its prompt."""
+    tokenizer = judge.tokenizer
+    limit = min(tokenizer.model_max_length, getattr(judge.model.config, "max_position_embeddings", None) or 10**9)
+    device = next(judge.model.parameters()).device
+    scores = []
+    for i in range(0, len(prompts), batch_size):
+        batch_prompts, batch_answers = prompts[i:i + batch_size], answers[i:i + batch_size]
+        if tokenizer.sep_token is not None:  # an encoder: the (prompt, answer) pair, cut from the prompt's start
+            inputs = tokenizer(batch_prompts, batch_answers, truncation="only_first", max_length=limit,
+                               padding=True, return_tensors="pt")
+        else:  # a decoder: one text, as RewardTrainer builds it
+            eos = tokenizer.eos_token
+            texts = [p + a if a.endswith(eos) else p + a + eos for p, a in zip(batch_prompts, batch_answers)]
+            inputs = tokenizer(texts, truncation=True, max_length=limit, padding=True, return_tensors="pt")
+        scores += judge.model(**inputs.to(device)).logits[:, 0].float().tolist()
+    return scores
+
+
+def pairwise_accuracy(judge: Judge, pairs) -> dict:
+    """How often the judge scores the chosen answer above the rejected one on held-out pairs: accuracy (ties count as
+    misses), wins, ties, a 95% Wilson interval, and the length baselines on the same pairs in the judge's tokens."""
+    prompts = list(pairs["prompt"])
+    chosen, rejected = score(judge, prompts, list(pairs["chosen"])), score(judge, prompts, list(pairs["rejected"]))
+    n = len(prompts)
+    wins = sum(c - r > TIE_TOLERANCE for c, r in zip(chosen, rejected))
+    tokens = lambda text: len(judge.tokenizer(text, add_special_tokens=False)["input_ids"])
+    lengths = [(tokens(c), tokens(r)) for c, r in zip(pairs["chosen"], pairs["rejected"])]
+    return {"pairs": n, "accuracy": wins / n if n else float("nan"), "accuracy_ci": list(wilson_interval(wins, n)),
+            "wins": wins, "ties": sum(abs(c - r) <= TIE_TOLERANCE for c, r in zip(chosen, rejected)),
+            **length_shares(lengths)}
+
+
+def _tally(outcomes: list[str]) -> dict:
+    """Counts and the win rate with a tie as half a win. The 95% Wilson interval is on (wins + ties / 2) out of n: a
+    half point varies less than a win or a loss, so the interval is, if anything, too wide."""
+    n, wins, ties = len(outcomes), outcomes.count("win"), outcomes.count("tie")
+    points = wins + ties / 2
+    return {"n": n, "wins": wins, "ties": ties, "losses": n - wins - ties,
+            "win_rate": points / n if n else float("nan"), "win_rate_ci": list(wilson_interval(points, n))}
+
+
+@torch.no_grad()
+def _answer(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    set_seed(seed)  # the same random draws for both sides: identical models give identical answers
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return text.split(HUMAN)[0]  # the answer ends where the next human turn would begin
+
+
+def judged_generations(policy_peft_model, tokenizer, prompts: list[str], judge: Judge, *, max_new_tokens: int = 48,
+                       temperature: float = 1.0, seed: int = 0) -> dict:
+    """Answers of the base (adapter disabled) and of the policy (a PeftModel) to each prompt, scored by the judge.
+
+    Decoding, the same for both sides: sampling from the full distribution at `temperature` (no top-k/top-p), with
+    the seed reset to `seed + i` before each side of prompt i, so both use the same random numbers and a difference
+    comes from the models, not the draws; `temperature=0` decodes greedily (small models then tend to repeat).
+    rows: prompt, base, policy, score_base, score_policy, length_base, length_policy (tokens), outcome (the policy's
+    win / tie / loss; identical answers or scores within TIE_TOLERANCE tie).
+    summary: n, wins, ties, losses, win_rate (a tie counts half), win_rate_ci (see _tally), mean_score_policy/base,
+    mean_length_policy/base, and length_matched: the same tally over the prompts whose two answers are within
+    LENGTH_MATCH (20%) of the longer one in tokens, so a win there is not just a longer answer.
+    """
+    policy_peft_model.eval()
+    base_answers, policy_answers = [], []
+    for i, prompt in enumerate(prompts):
+        with policy_peft_model.disable_adapter():
+            base_answers.append(_answer(policy_peft_model, tokenizer, prompt, max_new_tokens, temperature, seed + i))
+        policy_answers.append(_answer(policy_peft_model, tokenizer, prompt, max_new_tokens, temperature, seed + i))
+    base_scores, policy_scores = score(judge, prompts, base_answers), score(judge, prompts, policy_answers)
+    tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    rows = []
+    for prompt, base, policy, score_base, score_policy in zip(prompts, base_answers, policy_answers, base_scores,
+                                                              policy_scores):
+        difference = score_policy - score_base
+        tie = base == policy or abs(difference) <= TIE_TOLERANCE
+        rows.append({"prompt": prompt, "base": base, "policy": policy, "score_base": score_base,
+                     "score_policy": score_policy, "length_base": tokens(base), "length_policy": tokens(policy),
+                     "outcome": "tie" if tie else "win" if difference > 0 else "loss"})
+    matched = [row["outcome"] for row in rows if abs(row["length_policy"] - row["length_base"])
+               <= LENGTH_MATCH * max(row["length_policy"], row["length_base"])]
+    mean = lambda key: sum(row[key] for row in rows) / len(rows) if rows else float("nan")
+    summary = {
+        **_tally([row["outcome"] for row in rows]),
+        "mean_score_policy": mean("score_policy"), "mean_score_base": mean("score_base"),
+        "mean_length_policy": mean("length_policy"), "mean_length_base": mean("length_base"),
+        "length_matched": {"max_relative_difference": LENGTH_MATCH, **_tally(matched)},
+        "judge": judge.name,
+        "decoding": (f"sampled, temperature {temperature:g}, seed {seed} + prompt index" if temperature > 0
+                     else "greedy") + f", at most {max_new_tokens} new tokens",
+    }
+    return {"rows": rows, "summary": summary}
