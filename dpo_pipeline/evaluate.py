@@ -165,23 +165,25 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
     > 0 judged generations against the base ("proxy": a reward model trained on the file's train split)."""
     from datasets import concatenate_datasets
 
-    from .chat import load_adapter
+    from .chat import load_adapter, resolve_adapter
     from .config import FIELDS, RunConfig
     from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judge
     from .prepare import prepare_data
+    from .runs import read_run
 
-    loaded = load_adapter(source)
-    trained = {k: v for k, v in loaded.run["run_config"].items() if k in FIELDS}
+    folder = resolve_adapter(source)
+    trained = {k: v for k, v in read_run(folder)["run_config"].items() if k in FIELDS}
     config = RunConfig(**{**trained, "source": str(pairs_file), "data_dir": None, "max_pairs": None,
-                          "max_eval_pairs": None, "validation_pairs": None, "output_dir": str(loaded.folder)})
-    data = prepare_data(config, loaded.tokenizer)
+                          "max_eval_pairs": None, "validation_pairs": None, "output_dir": str(folder)})
+    data = prepare_data(config)  # data and judge before the model is loaded: a bad file or judge fails at once
+    name = judge or config.judge or "proxy"
+    found = load_judge(proxy_judge(config, data) if name == "proxy" else name) if prompts > 0 else None
+    loaded = load_adapter(source)
     pairs = data.test if split == "test" else concatenate_datasets([data.train, data.test])
     scores = preference_eval(loaded.model, loaded.tokenizer, pairs, config.beta, config.max_length, batch_size)
     report = {"adapter": source, "pairs_file": str(pairs_file), "split": split, "prompt_format": data.prompt_format,
               "max_length": config.max_length, "beta": config.beta, "policy": scores["adapter"], "base": scores["base"]}
-    if prompts > 0:
-        name = judge or config.judge or "proxy"
-        found = load_judge(proxy_judge(config, data) if name == "proxy" else name)
+    if found is not None:
         report["judged"] = judged_generations(loaded.model, loaded.tokenizer, list(pairs["prompt"][:prompts]), found,
                                               seed=config.seed)["summary"]
         report["judge_check"] = pairwise_accuracy(found, pairs)

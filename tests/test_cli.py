@@ -12,6 +12,7 @@ from hub_double import make_tiny_adapter
 
 from dpo_pipeline import chat
 from dpo_pipeline.config import RunConfig
+from dpo_pipeline.data import load_preferences
 from dpo_pipeline.prepare import prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,3 +117,28 @@ def test_app_shows_the_base_model_metrics(tmp_path):
     (folder / "record.json").write_text(json.dumps(record))
     info = chat.describe(chat.load_adapter(str(folder)))
     assert info["metrics"]["base model"] == record["base_evaluation"]
+
+
+def test_evaluate_command_reports_intervals_and_baselines_and_one_line_errors(tmp_path):
+    adapter = make_tiny_adapter(tmp_path / "adapter")
+    pairs = TEST_DATA / "plain_good.jsonl"
+    proc = command(["dpo_pipeline.evaluate", str(adapter), "--pairs", str(pairs), "--split", "all", "--json"],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    policy, base = report["policy"], report["base"]
+    n = load_preferences(str(pairs)).report.kept  # every pair the cleaning keeps (--split all)
+    assert policy["pairs"] == base["pairs"] == n and report["prompt_format"] == "text"
+    for metrics in (policy, base):
+        for key in ("reward_accuracy", "logp_accuracy", "shorter_accuracy", "longer_accuracy"):
+            lo, hi = metrics[f"{key}_ci"]
+            assert 0 <= lo <= metrics[key] <= hi <= 1
+    assert base["reward_ties"] == 1.0 and policy["reward_ties"] < 1.0  # the base is its own reference
+    assert policy["shorter_accuracy"] == base["shorter_accuracy"]  # the baselines are the pairs', not the model's
+
+    assert_one_line_error(command(["dpo_pipeline.evaluate", str(tmp_path / "nothing"), "--pairs", str(pairs)],
+                                  tmp_path), "nothing")
+    assert_one_line_error(command(["dpo_pipeline.evaluate", str(adapter), "--pairs", "missing.jsonl"], tmp_path),
+                          "missing.jsonl")
+    assert_one_line_error(command(["dpo_pipeline.evaluate", str(adapter), "--pairs", str(pairs), "--prompts", "2",
+                                   "--judge", str(tmp_path / "no_judge")], tmp_path), "no_judge")

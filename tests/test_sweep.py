@@ -174,3 +174,16 @@ def test_two_processes_share_one_results_folder(tmp_path):
     dirs = run_dirs(results)
     assert len(dirs) == 3 and all(json.loads((d / "record.json").read_text())["status"] == "finished" for d in dirs)
     assert openpyxl.load_workbook(results / "sweep_results.xlsx")["Runs"].max_row >= 4
+
+
+def test_best_run_rule_by_win_rate_and_never_a_control():
+    def record(run_id, accuracy, win_rate, model="offline:gpt2-tiny"):
+        return {"run_id": run_id, "status": "finished", "config": {"model": model},
+                "final_eval": {"rewards/accuracies": accuracy, "loss": 0.6}, "judged": {"win_rate": win_rate}}
+
+    records = [record("a", 0.9, 0.40), record("b", 0.6, 0.70), record("c", 0.7, 0.70),
+               record("control", 1.0, 0.99, model="random-twin:offline:gpt2-tiny")]
+    assert runs.pick_best(records)["run_id"] == "a"  # reward accuracy, the control left out
+    assert runs.pick_best(records, "win_rate")["run_id"] == "c"  # win rate, then reward accuracy
+    with pytest.raises(ValueError, match="best_by"):
+        runs.pick_best(records, "loss")
