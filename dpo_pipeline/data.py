@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -449,22 +450,145 @@ def truncation_verdicts(ds: datasets.Dataset, tokenizer, max_length: int) -> lis
 
     TRL appends eos to each completion, tokenizes prompt, prompt+chosen and prompt+rejected, drops the pair when the
     prompt alone fills max_length, and keeps the first max_length tokens; equal truncated sequences give no gradient.
+    Pairs are read and tokenized a chunk at a time (batched calls; memory stays flat at any size). For a GPT-2-style
+    tokenizer the shared start of the prompt is tokenized once per pair instead of three times (see _head_split).
     """
     if len(ds) == 0:
         return []
-    eos, cols = tokenizer.eos_token, ds.to_dict()  # plain lists: indexing a column gives a lazy Column in datasets 5
-    full = {side: tokenizer([p + t + ("" if t.endswith(eos) else eos) for p, t in zip(cols["prompt"], cols[side])])
-            ["input_ids"] for side in ("chosen", "rejected")}  # one batched call per side: fast
     verdicts = []
-    for p, c, r in zip(tokenizer(cols["prompt"])["input_ids"], full["chosen"], full["rejected"]):
-        prompt_len = min(common_prefix_length(p, c), common_prefix_length(p, r))  # where TRL says the completion starts
-        if prompt_len >= max_length:
-            verdicts.append("prompt_too_long")
-        elif c[:max_length] == r[:max_length]:
-            verdicts.append("identical_after_truncation")
-        else:
-            verdicts.append(None)
+    if not _splits_like_gpt2(tokenizer):
+        for cols in ds.iter(batch_size=_CHUNK):  # plain lists of strings, _CHUNK pairs at a time
+            verdicts += _verdicts_whole(cols, tokenizer, max_length)
+        return verdicts
+    # The package turns the tokenizer's own threads off (TOKENIZERS_PARALLELISM=false, safe across forks); its
+    # batch call releases the GIL, so a few threads of ours use every core and end with this call.
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(threads) as pool:
+
+        def encode(texts: list[str]) -> list:  # backend.encode_batch_fast(texts), shared out between the threads
+            step = max(1, -(-len(texts) // threads))
+            parts = pool.map(tokenizer.backend_tokenizer.encode_batch_fast,
+                             [texts[i:i + step] for i in range(0, len(texts), step)])
+            return [e for part in parts for e in part]
+
+        for cols in ds.iter(batch_size=_CHUNK):
+            verdicts += _verdicts_split(cols, tokenizer.eos_token, max_length, encode)
     return verdicts
+
+
+_CHUNK = 8192  # pairs per batched tokenizer call
+# Python's whitespace includes all of the regex engine's \s; the cut point must be a space both agree on.
+_CUT = re.compile(r"\S[\t\n\x0b\x0c\r ]")
+
+
+def _completions(cols: dict, side: str, eos: str, prefixes: list[str]) -> list[str]:
+    return [p + t + ("" if t.endswith(eos) else eos) for p, t in zip(prefixes, cols[side])]
+
+
+def _verdict(prompt_len: int, chosen: list[int], rejected: list[int], max_length: int) -> str | None:
+    if prompt_len >= max_length:
+        return "prompt_too_long"
+    return "identical_after_truncation" if chosen[:max_length] == rejected[:max_length] else None
+
+
+def _verdicts_whole(cols: dict, tokenizer, max_length: int) -> list[str | None]:
+    """Any tokenizer: tokenize prompt, prompt+chosen+eos and prompt+rejected+eos whole, as TRL does."""
+    eos = tokenizer.eos_token
+    full = {side: tokenizer(_completions(cols, side, eos, cols["prompt"]))["input_ids"]
+            for side in ("chosen", "rejected")}
+    return [_verdict(min(common_prefix_length(p, c), common_prefix_length(p, r)), c, r, max_length)
+            for p, c, r in zip(tokenizer(cols["prompt"])["input_ids"], full["chosen"], full["rejected"])]
+
+
+def _head_split(prompt: str) -> int:
+    r"""Where to cut a prompt so that its head and the rest tokenize apart exactly as together (GPT-2-style
+    tokenizers): the start of its last whitespace run (at an ASCII space, tab or newline) that follows a non-space
+    character; 0 when there is none.
+
+    GPT-2's pre-tokenizer cuts text into pieces with 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
+    \s+(?!\S)|\s+ and runs BPE on each piece alone. No piece holds a non-space character followed by whitespace, and
+    the regex never looks behind, so a piece ends at the cut and tokens(head + rest) == tokens(head) + tokens(rest)
+    for any rest. An hh-rlhf prompt's rest is "\n\nAssistant:": the long history is tokenized once, not three times.
+    """
+    last = None
+    for last in _CUT.finditer(prompt, max(0, prompt.rfind("\n\n") - 1)):  # the usual cut is in the last "\n\n"
+        pass
+    if last is None:  # none there: search the whole prompt
+        for last in _CUT.finditer(prompt):
+            pass
+    return last.start() + 1 if last is not None else 0
+
+
+def _first_difference(a: str, b: str) -> int:
+    """Index of the first character where a and b differ (the shorter one's length when one starts the other)."""
+    i, n = 0, min(len(a), len(b))
+    while i + 64 <= n and a[i:i + 64] == b[i:i + 64]:
+        i += 64
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _verdicts_split(cols: dict, eos: str, max_length: int, encode) -> list[str | None]:
+    """The same verdicts as _verdicts_whole, for less tokenizing, with the cut of _head_split used twice:
+
+    - each prompt's head is tokenized once, for its length h only (it starts all three sequences: it counts towards
+      the prompt and fills the first h of the max_length tokens); the verdict is then taken on the tails: the rest of
+      the prompt, and the rest + each completion + eos;
+    - each completion tail is first tokenized only up to the end of the word where chosen and rejected first differ
+      (a safe cut, so these tokens start its whole tokens). Once the two token lists differ at an index both reach,
+      the verdict on them is the verdict on the whole (the prompt's common prefix is shorter still); the few pairs
+      where one list is a prefix of the other are tokenized whole.
+    """
+    prompts = cols["prompt"]
+    cuts = [_head_split(p) for p in prompts]
+    heads = [len(e) for e in encode([p[:k] for p, k in zip(prompts, cuts)])]
+    rests = [p[k:] for p, k in zip(prompts, cuts)]
+    tails = {side: _completions(cols, side, eos, rests) for side in ("chosen", "rejected")}
+    short = {side: [] for side in tails}
+    for chosen, rejected in zip(tails["chosen"], tails["rejected"]):
+        d = _first_difference(chosen, rejected)
+        for side, text in (("chosen", chosen), ("rejected", rejected)):
+            cut = _CUT.search(text, d)  # the first safe cut after the first difference
+            short[side].append(text[:cut.start() + 1] if cut else text)
+    rest_ids = [e.ids for e in encode(rests)]
+    ids = {side: [e.ids for e in encode(texts)] for side, texts in short.items()}
+    verdicts, whole = [], []
+    for n, (h, p, c, r) in enumerate(zip(heads, rest_ids, ids["chosen"], ids["rejected"])):
+        if h >= max_length:
+            verdicts.append("prompt_too_long")
+            continue
+        if common_prefix_length(c, r) == min(len(c), len(r)) and any(
+                len(short[side][n]) < len(tails[side][n]) for side in tails):
+            whole.append(n)  # undecided on the short tokens: decided below on the whole tails
+        verdicts.append(_verdict(min(common_prefix_length(p, c), common_prefix_length(p, r)), c, r, max_length - h))
+    if whole:
+        full = {side: [e.ids for e in encode([tails[side][n] for n in whole])] for side in tails}
+        for n, c, r in zip(whole, full["chosen"], full["rejected"]):
+            p = rest_ids[n]
+            verdicts[n] = _verdict(min(common_prefix_length(p, c), common_prefix_length(p, r)), c, r,
+                                   max_length - heads[n])
+    return verdicts
+
+
+def _splits_like_gpt2(tokenizer) -> bool:
+    """A byte-level BPE that splits on GPT-2's regex and adds nothing (GPT-2's own tokenizer and its kin): the
+    tokenizers for which _head_split's cut is exact. Anything else takes the whole-sequence path."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast") or tokenizer.eos_token is None:
+        return False
+    try:
+        spec = json.loads(backend.to_str())
+        plain = tokenizer.num_special_tokens_to_add(pair=False) == 0
+    except Exception:
+        return False
+    pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+    added = spec.get("added_tokens") or []
+    return (plain and spec.get("normalizer") is None and spec.get("truncation") is None
+            and spec.get("padding") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and not pre.get("add_prefix_space") and model.get("type") == "BPE" and not model.get("dropout")
+            and all(not (t.get("lstrip") or t.get("rstrip") or t.get("single_word"))
+                    and not any(ch.isspace() for ch in t["content"]) for t in added))
 
 
 def drop_truncation_ties(data: PreferenceData, tokenizer, max_length: int) -> PreferenceData:

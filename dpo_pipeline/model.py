@@ -89,7 +89,7 @@ def make_offline_gpt2(shape: str = "gpt2-tiny", folder: str | Path | None = None
                                     "tokenizer.", seed)
 
 
-def make_random_twin(name_or_path: str, seed: int = 0) -> Path:
+def make_random_twin(name_or_path: str, seed: int = 1) -> Path:  # seed 1: not the offline GPT-2s (seed 0)
     """The control for a DPO result: `name_or_path`'s architecture and tokenizer with random weights. A random network
     trained with DPO also learns to separate chosen from rejected answers by their surface; what DPO did to the real
     model only counts beyond what it does to this twin."""

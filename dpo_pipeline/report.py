@@ -120,3 +120,30 @@ def save_plots(records: list[dict], plots_dir, best_run_id: str | None = None) -
     plots_dir = Path(plots_dir)
     paths = [plot_run(r, plots_dir / f"{r.get('run_id')}.png") for r in records if r.get("log_history")]
     return paths + [plot_sweep(records, plots_dir / "sweep.png", best_run_id)]
+
+
+def plot_against_controls(runs: dict[str, dict]):
+    """Bars with 95% intervals for each run record in `runs` (label -> record): held-out reward accuracy, log-prob
+    accuracy and judged win rate against its base, with the pick-the-shorter baseline and chance as lines."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.6))
+    panels = [("held-out reward accuracy", "evaluation", "reward_accuracy"),
+              ("log-prob accuracy", "evaluation", "logp_accuracy"), ("judged win rate vs base", "judged", "win_rate")]
+    for ax, (title, part, key) in zip(fig.subplots(1, 3), panels):
+        labels = [label for label, r in runs.items() if (r.get(part) or {}).get(key) is not None]
+        values = [runs[label][part][key] for label in labels]
+        ci = [runs[label][part].get(f"{key}_ci") or [v, v] for label, v in zip(labels, values)]
+        errors = [[v - lo for v, (lo, _) in zip(values, ci)], [hi - v for v, (_, hi) in zip(values, ci)]]
+        colours = dict(zip(runs, ["tab:green", "tab:gray", "tab:blue", "tab:orange"]))  # one colour a run, all panels
+        ax.bar(labels, values, yerr=errors, capsize=6, color=[colours[label] for label in labels])
+        ax.tick_params(axis="x", labelsize=8)
+        ax.axhline(0.5, color="black", lw=0.8, ls=":", label="chance")
+        shorter = next((r["evaluation"].get("shorter_accuracy") for r in runs.values() if r.get("evaluation")), None)
+        if part == "evaluation" and shorter is not None:
+            ax.axhline(shorter, color="tab:red", lw=1, ls="--", label="pick the shorter")
+        ax.set(title=title, ylim=(0, 1.05))
+        ax.legend(fontsize=8)
+    fig.suptitle("DPO against its controls (95% Wilson intervals)")
+    fig.tight_layout()
+    return fig

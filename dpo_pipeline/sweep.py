@@ -170,6 +170,7 @@ def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info:
             best_by=best_by, summary=summary, samples=samples, baseline=baseline,
         )),
         "best_run_id": best_id,
+        "best_rule": BEST_RULES[best_by],
         "baseline": baseline,
         "samples": samples,
     }

@@ -399,3 +399,92 @@ def test_to_chat_template_renders_pairs_with_the_models_template(hh, chat_tokeni
             assert after[side] == before[side].strip() + "<|im_end|>"  # ends with eos: TRL adds no second one
     # The truncation check works on the rendered text and keeps the format.
     assert data.drop_truncation_ties(chat, chat_tokenizer, 512).prompt_format == "chat"
+
+
+# ---------------------------------------------------------------- token-level checks at scale: the fast path
+
+
+def whole_tokens(tokenizer, p: dict) -> tuple[list[int], list[int], list[int]]:
+    """The reference: prompt, prompt+chosen+eos and prompt+rejected+eos, each tokenized whole, one call per text
+    (TRL adds no second eos to a completion that already ends with one)."""
+    eos = tokenizer.eos_token
+    chosen, rejected = (p[side] if p[side].endswith(eos) else p[side] + eos for side in ("chosen", "rejected"))
+    return tuple(tokenizer.encode(text) for text in (p["prompt"], p["prompt"] + chosen, p["prompt"] + rejected))
+
+
+def reference_verdict(tokens: tuple, max_length: int) -> str | None:
+    prompt, chosen, rejected = tokens
+    prompt_len = 0
+    while prompt_len < len(prompt) and prompt[prompt_len] == chosen[prompt_len] == rejected[prompt_len]:
+        prompt_len += 1
+    if prompt_len >= max_length:
+        return "prompt_too_long"
+    return "identical_after_truncation" if chosen[:max_length] == rejected[:max_length] else None
+
+
+def all_verdicts(d: PreferenceData, tokenizer, max_length: int) -> list:
+    return data.truncation_verdicts(d.train, tokenizer, max_length) + data.truncation_verdicts(d.test, tokenizer,
+                                                                                                 max_length)
+
+
+@pytest.fixture(scope="module")
+def hh_tokens(hh, tokenizer):
+    return [whole_tokens(tokenizer, p) for p in pairs(hh)]
+
+
+def test_fast_truncation_verdicts_match_the_reference_on_the_real_file(hh, hh_tokens, tokenizer, monkeypatch):
+    """GPT-2 takes the split path (each prompt's head tokenized once, threads, chunks); every verdict on every real
+    pair at every max_length is the whole-sequence reference's."""
+    assert data._splits_like_gpt2(tokenizer)
+    monkeypatch.setattr(data, "_CHUNK", 97)  # many chunks, uneven last one: order is kept across chunks and threads
+    for max_length in (1, 16, 63, 64, 65, 100, 256, 512, 1024):
+        expected = [reference_verdict(t, max_length) for t in hh_tokens]
+        assert all_verdicts(hh, tokenizer, max_length) == expected, max_length
+    assert [reference_verdict(t, 64) for t in hh_tokens].count("identical_after_truncation") == 3
+
+
+def test_whole_sequence_path_matches_the_reference(hh, hh_tokens, tokenizer, monkeypatch):
+    monkeypatch.setattr(data, "_splits_like_gpt2", lambda tok: False)  # what a non-GPT-2 tokenizer takes
+    for max_length in (64, 512):
+        assert all_verdicts(hh, tokenizer, max_length) == [reference_verdict(t, max_length) for t in hh_tokens]
+
+
+def test_fast_truncation_verdicts_on_awkward_text(tokenizer):
+    """Random text from pieces that stress the cut: every kind of whitespace, contractions, digits, emoji, the eos
+    text itself and the turn markers; the split path must agree with whole-sequence tokenization on all of it."""
+    import random
+
+    import datasets
+
+    rng = random.Random(0)
+    alphabet = list("ab Z1 '\n\t\r\x0b\x0c\x85\xa0\u2028\u3000\x1c:!.é") + [
+        "'s", "'ll", "<|endoftext|>", A, "\n\nHuman:", "  ", "99", "\U0001F600"]
+
+    def text(n):
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, n)))
+
+    rows = [{"prompt": text(30), "chosen": text(6), "rejected": text(6)} for _ in range(1500)]
+    ds = datasets.Dataset.from_list(rows)
+    tokens = [whole_tokens(tokenizer, r) for r in rows]
+    for max_length in (1, 4, 16, 40):
+        verdicts = data.truncation_verdicts(ds, tokenizer, max_length)
+        assert verdicts == [reference_verdict(t, max_length) for t in tokens], max_length
+        assert len(set(verdicts)) == 3  # all three outcomes are exercised
+
+
+def test_fast_truncation_verdicts_with_chat_template_tokens(hh, chat_tokenizer):
+    """Added special tokens (<|im_start|>, <|im_end|> as eos) keep the split path exact."""
+    assert data._splits_like_gpt2(chat_tokenizer)
+    small = data.PreferenceData(hh.train.select(range(150)), hh.test.select(range(50)), hh.report)
+    chat = data.to_chat_template(small, chat_tokenizer)
+    tokens = [whole_tokens(chat_tokenizer, p) for p in pairs(chat)]
+    for max_length in (32, 128, 512):
+        assert all_verdicts(chat, chat_tokenizer, max_length) == [reference_verdict(t, max_length) for t in tokens]
+
+
+def test_head_split_cuts_before_the_last_space_run(hh):
+    p = pairs(hh)[0]["prompt"]
+    assert p[data._head_split(p):] == A
+    assert data._head_split("no-space-at-all") == 0 and data._head_split("   lead") == 0
+    assert data._head_split("a b\u2028c") == 1  # \u2028 is not a safe cut, the ASCII space is
+    assert data._head_split("x\n\n\ny \t") == 5  # the last run that follows a non-space character

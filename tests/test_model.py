@@ -94,7 +94,7 @@ def test_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
 
 def test_random_twin_keeps_architecture_and_tokenizer_with_new_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_PIPELINE_CACHE", str(tmp_path / "cache"))
-    real = model_lib.make_offline_gpt2("gpt2-tiny", tmp_path / "real", seed=1)  # stands in for a trained model
+    real = model_lib.make_offline_gpt2("gpt2-tiny", tmp_path / "real", seed=2)  # stands in for a trained model
     twin_name = model_lib.RANDOM_TWIN_PREFIX + str(real)
     twin, base = model_lib.load_base_model(twin_name), model_lib.load_base_model(str(real))
     assert twin.config.to_diff_dict() == base.config.to_diff_dict()
