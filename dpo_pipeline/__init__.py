@@ -1,16 +1,13 @@
 """dpo_pipeline: preference-tune small causal LMs with DPO (TRL + LoRA + 4-bit), one module per stage.
 
-data      load and clean preference pairs (hh-rlhf, UltraFeedback, local files) into prompt/chosen/rejected text
-synthetic a deterministic preference set with a learnable rule, to prove the wiring
-model     tokenizer, offline GPT-2 checkpoints, base model (4-bit NF4), LoRA
-train     one DPO run with TRL's DPOTrainer, returning a run record
-evaluate  held-out per-pair implicit rewards and generation samples, base vs adapter
-sweep     grids of runs with durable per-run records, resume after a crash, the best run
-workbook  the sweep's Excel workbook (openpyxl, native charts), rebuilt from run records
-report    tables and plots
-profiles  the notebook's named configurations (full / cpu / smoke / auto)
-hub       Hub reachability and pushing an adapter with its model card (card)
-chat      loading an adapter on its base and streaming answers, for the Streamlit app
+config    RunConfig (every setting of a run), the profiles, the precedence rule
+data      load and clean preference pairs (hh-rlhf, UltraFeedback, local files); synthetic: a learnable set
+prepare   the data a run uses, in the model's prompt format; model: tokenizer, offline checkpoints, 4-bit, LoRA
+pipeline  run(config): one DPO run with TRL's DPOTrainer, evaluated, written to its run folder (runs)
+refcache  reference log-probs cached on disk across runs; evaluate, judge, stats: what DPO changed, with intervals
+sweep     grids of runs, resume after a crash, the best run; workbook, report: the Excel workbook and plots
+hub, card, chat  push an adapter with its model card; load one for the Streamlit app
+cli, errors      the command line; one-line user errors
 """
 
 import logging
