@@ -181,7 +181,7 @@ def build_model_card(adapter_dir: str | Path, repo_id: str, *, sweep_rows: list[
                 rows.append({"setting": key, "value": record[key]})
         parts.append("## Training configuration\n\n" + markdown_table(rows) + "\n")
     parts.append(_eval_section(record, base_eval, config.get("loss_type")))
-    if record.get("judged"):
+    if (record.get("judged") or {}).get("n"):
         j = record["judged"]
         parts.append(
             f"## Judged answers against the base model\n\nOn {j['n']} prompts, answers of this adapter and of the base "

@@ -66,7 +66,8 @@ class RunConfig:
     precision: str = "auto"  # fp32 | bf16 | fp16 autocast; auto picks by hardware (model.mixed_precision)
     precompute_ref: bool = True  # reference log-probs computed once, cached on disk and shared (refcache.py)
     judge: str | None = None  # judged generations after training: "proxy" (a reward model trained here on the train
-    judge_prompts: int = 32  # split), a Hub reward model id or a folder; on this many validation (else test) prompts
+    judge_prompts: int = 32  # split), a Hub reward model id, a folder, or "none"; on this many validation (else
+    # test) prompts
     trainer: str = "tuned"  # tuned: refcache.CachedRefDPOTrainer + the CPU levers | trl: TRL's DPOTrainer as is
     trl_args: dict = field(default_factory=dict)  # any other DPOConfig field, passed to TRL as is
     output_dir: str = "results/run"

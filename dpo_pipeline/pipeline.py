@@ -22,7 +22,7 @@ from . import model as model_lib
 from .config import RunConfig
 from .data import PreferenceData
 from .evaluate import preference_eval
-from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judge
+from .judge import JudgeError, judged_generations, load_judge, pairwise_accuracy, proxy_judge
 from .prepare import prepare_data
 from .refcache import CachedRefDPOTrainer
 from .runs import RunRecord, write_json_atomic, write_run_start
@@ -164,7 +164,13 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
     train_time = wall - sum(e.get("eval_runtime", 0.0) for e in history)  # throughput of training, not eval
     evaluation = preference_eval(trainer.model, tokenizer, data.test, config.beta, config.max_length,
                                  config.batch_size) if main else {"adapter": {}, "base": {}}
-    judged = judge_policy(config, data, trainer.model, tokenizer, out) if main and config.judge else {}
+    judged = {}
+    if main and config.judge not in (None, "", "none"):  # "none" turns off a profile's judge from a file or flag
+        try:
+            judged = judge_policy(config, data, trainer.model, tokenizer, out)
+        except JudgeError as err:  # the trained run is kept; the record says why it has no judged numbers
+            judged = {"error": str(err)}
+            print(f"judged generations skipped: {err}", flush=True)
     record = RunRecord(
         config=config.to_dict(), status="finished", train_pairs=len(trainer.train_dataset),
         eval_pairs=len(trainer.eval_dataset), train_steps=steps,

@@ -64,6 +64,10 @@ EVAL_COLUMNS = [
 ]
 
 
+def _judged(record: dict) -> bool:
+    return bool((record.get("judged") or {}).get("n"))
+
+
 def _interval(part: str, key: str):
     """A 95% interval [lo, hi] as text, e.g. "0.58-0.69"."""
     def get(record):
@@ -80,13 +84,14 @@ JUDGED_COLUMNS = [
     ("judged prompts", _get("judged", "n"), INT, 8), ("win rate vs base", _get("judged", "win_rate"), METRIC, 9),
     ("win rate 95% CI", _interval("judged", "win_rate_ci"), None, 10),
     ("wins / ties / losses", lambda r: "/".join(str((r.get("judged") or {}).get(k, "")) for k in
-                                                ("wins", "ties", "losses")) if r.get("judged") else None, None, 10),
+                                                ("wins", "ties", "losses")) if _judged(r) else None, None, 10),
     ("length-matched win rate", lambda r: ((r.get("judged") or {}).get("length_matched") or {}).get("win_rate"),
      METRIC, 10),
     ("answer length policy / base", lambda r: "{:.0f} / {:.0f}".format(r["judged"]["mean_length_policy"],
                                                                         r["judged"]["mean_length_base"])
-     if r.get("judged") else None, None, 10),
+     if _judged(r) else None, None, 10),
     ("judge accuracy on held-out pairs", _get("judged", "judge_accuracy"), METRIC, 10),
+    ("judge error", _get("judged", "error"), None, 30),
 ]
 COST_COLUMNS = [(name, lambda r, key=key: r.get(key), fmt, width) for name, key, fmt, width in [
     ("train steps", "train_steps", INT, 8), ("wall time (s)", "wall_time_s", SECONDS, 9),

@@ -102,3 +102,11 @@ def test_micro_batch_must_divide_the_batch(tiny_gpt2, synthetic, tmp_path):
     config = RunConfig(model=tiny_gpt2, batch_size=4, micro_batch_size=3, output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="micro_batch_size 3 must divide batch_size 4"):
         build_trainer(config, synthetic)
+
+
+def test_a_judge_that_cannot_load_keeps_the_trained_run(tiny_gpt2, synthetic, tmp_path):
+    config = RunConfig(model=tiny_gpt2, load_in_4bit=False, batch_size=4, max_steps=1, max_length=48,
+                       max_eval_pairs=4, judge=str(tmp_path / "no_judge"), output_dir=str(tmp_path / "run"))
+    record = run(config, synthetic)
+    assert record.status == "finished" and "no_judge" in record.judged["error"]
+    assert (tmp_path / "run" / "adapter_model.safetensors").exists()
