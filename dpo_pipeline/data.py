@@ -156,8 +156,8 @@ def to_chat_template(data: PreferenceData, tokenizer) -> PreferenceData:
         prompt = chat_prompt(tokenizer, messages)
         out = {"prompt": prompt}
         for side in ("chosen", "rejected"):
-            turns = [{"role": r, "content": c} for r, c in messages + [("assistant", pair[side].strip())]]
-            full = tokenizer.apply_chat_template(turns, tokenize=False)
+            turns = messages + [("assistant", pair[side].strip())]
+            full = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False)
             if not full.startswith(prompt):
                 raise ValueError("the chat template renders a prompt differently once an answer follows it")
             out[side] = full[len(prompt):].rstrip()  # ends with the end-of-turn token, so TRL adds no second eos
@@ -227,13 +227,12 @@ def _read_hub(repo_id: str, data_dir: str | None) -> dict[str, tuple[str, list[d
     try:
         with _offline(not online):
             names = datasets.get_dataset_split_names(repo_id, data_dir=data_dir)
-            for train, test in (("train_prefs", "test_prefs"), ("train", "test")):
-                if train in names and test in names:
-                    picked = {"train": train, "test": test}
-                    break
-            else:  # one split only (e.g. argilla's cleaned UltraFeedback): we split it ourselves
-                picked = {"all": "train" if "train" in names else names[0]}
+            own = [{"train": tr, "test": te} for tr, te in (("train_prefs", "test_prefs"), ("train", "test"))
+                   if tr in names and te in names]
+            # one split only (e.g. argilla's cleaned UltraFeedback): we split it ourselves
+            picked = own[0] if own else {"all": "train" if "train" in names else names[0]}
             return {key: (f"{label}[{split}]",
+
                           datasets.load_dataset(repo_id, data_dir=data_dir, split=split).to_list())
                     for key, split in picked.items()}
     except Exception as e:
@@ -327,10 +326,9 @@ def _plain_prompt(prompt: str) -> str:
 def _side(row: dict, name: str, schema: str, where: str) -> tuple[str, str]:
     """(prompt, completion) for the `name` ("chosen" or "rejected") side of one row, in PROMPT_FORMAT."""
     if schema == "hh_raw":
+        text = _text(row, name, where)
         try:
-            return split_hh_transcript(_text(row, name, where))
-        except DataError:
-            raise
+            return split_hh_transcript(text)
         except ValueError as e:
             raise DataError(f"{where}, field '{name}': {e}") from None
     if schema == "messages":
@@ -450,11 +448,8 @@ def truncation_verdicts(ds: datasets.Dataset, tokenizer, max_length: int) -> lis
 
     TRL appends eos to each completion, tokenizes prompt, prompt+chosen and prompt+rejected, drops the pair when the
     prompt alone fills max_length, and keeps the first max_length tokens; equal truncated sequences give no gradient.
-    Pairs are read and tokenized a chunk at a time (batched calls; memory stays flat at any size). For a GPT-2-style
-    tokenizer the shared start of the prompt is tokenized once per pair instead of three times (see _head_split).
+    Pairs are tokenized a chunk at a time, so memory stays flat at any size.
     """
-    if len(ds) == 0:
-        return []
     verdicts = []
     if not _splits_like_gpt2(tokenizer):
         for cols in ds.iter(batch_size=_CHUNK):  # plain lists of strings, _CHUNK pairs at a time
@@ -485,8 +480,9 @@ def _completions(cols: dict, side: str, eos: str, prefixes: list[str]) -> list[s
     return [p + t + ("" if t.endswith(eos) else eos) for p, t in zip(prefixes, cols[side])]
 
 
-def _verdict(prompt_len: int, chosen: list[int], rejected: list[int], max_length: int) -> str | None:
-    if prompt_len >= max_length:
+def _verdict(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int) -> str | None:
+    """TRL's prompt ends where its tokens and either prompt+completion first differ (a token can merge across)."""
+    if min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected)) >= max_length:
         return "prompt_too_long"
     return "identical_after_truncation" if chosen[:max_length] == rejected[:max_length] else None
 
@@ -496,19 +492,17 @@ def _verdicts_whole(cols: dict, tokenizer, max_length: int) -> list[str | None]:
     eos = tokenizer.eos_token
     full = {side: tokenizer(_completions(cols, side, eos, cols["prompt"]))["input_ids"]
             for side in ("chosen", "rejected")}
-    return [_verdict(min(common_prefix_length(p, c), common_prefix_length(p, r)), c, r, max_length)
+    return [_verdict(p, c, r, max_length)
             for p, c, r in zip(tokenizer(cols["prompt"])["input_ids"], full["chosen"], full["rejected"])]
 
 
 def _head_split(prompt: str) -> int:
     r"""Where to cut a prompt so that its head and the rest tokenize apart exactly as together (GPT-2-style
-    tokenizers): the start of its last whitespace run (at an ASCII space, tab or newline) that follows a non-space
-    character; 0 when there is none.
+    tokenizers): the start of its last whitespace run that follows a non-space character; 0 when there is none.
 
-    GPT-2's pre-tokenizer cuts text into pieces with 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
-    \s+(?!\S)|\s+ and runs BPE on each piece alone. No piece holds a non-space character followed by whitespace, and
-    the regex never looks behind, so a piece ends at the cut and tokens(head + rest) == tokens(head) + tokens(rest)
-    for any rest. An hh-rlhf prompt's rest is "\n\nAssistant:": the long history is tokenized once, not three times.
+    GPT-2's pre-tokenizer regex never looks behind and no piece it makes holds a non-space character followed by
+    whitespace, so tokens(head + rest) == tokens(head) + tokens(rest). An hh-rlhf prompt's rest is "\n\nAssistant:":
+    the long history is tokenized once, not three times.
     """
     last = None
     for last in _CUT.finditer(prompt, max(0, prompt.rfind("\n\n") - 1)):  # the usual cut is in the last "\n\n"
@@ -519,26 +513,14 @@ def _head_split(prompt: str) -> int:
     return last.start() + 1 if last is not None else 0
 
 
-def _first_difference(a: str, b: str) -> int:
-    """Index of the first character where a and b differ (the shorter one's length when one starts the other)."""
-    i, n = 0, min(len(a), len(b))
-    while i + 64 <= n and a[i:i + 64] == b[i:i + 64]:
-        i += 64
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _verdicts_split(cols: dict, eos: str, max_length: int, encode) -> list[str | None]:
     """The same verdicts as _verdicts_whole, for less tokenizing, with the cut of _head_split used twice:
 
-    - each prompt's head is tokenized once, for its length h only (it starts all three sequences: it counts towards
-      the prompt and fills the first h of the max_length tokens); the verdict is then taken on the tails: the rest of
-      the prompt, and the rest + each completion + eos;
-    - each completion tail is first tokenized only up to the end of the word where chosen and rejected first differ
-      (a safe cut, so these tokens start its whole tokens). Once the two token lists differ at an index both reach,
-      the verdict on them is the verdict on the whole (the prompt's common prefix is shorter still); the few pairs
-      where one list is a prefix of the other are tokenized whole.
+    - each prompt's head is tokenized once, for its length h only (it starts all three sequences); the verdict is
+      taken on the tails (the rest of the prompt, and the rest + each completion + eos) against max_length - h;
+    - each completion tail is first tokenized only up to the end of the word where chosen and rejected first differ.
+      Once the two token lists differ at an index both reach, that decides the verdict; the few pairs where one list
+      is a prefix of the other are tokenized whole.
     """
     prompts = cols["prompt"]
     cuts = [_head_split(p) for p in prompts]
@@ -547,7 +529,7 @@ def _verdicts_split(cols: dict, eos: str, max_length: int, encode) -> list[str |
     tails = {side: _completions(cols, side, eos, rests) for side in ("chosen", "rejected")}
     short = {side: [] for side in tails}
     for chosen, rejected in zip(tails["chosen"], tails["rejected"]):
-        d = _first_difference(chosen, rejected)
+        d = len(os.path.commonprefix((chosen, rejected)))  # where the two first differ
         for side, text in (("chosen", chosen), ("rejected", rejected)):
             cut = _CUT.search(text, d)  # the first safe cut after the first difference
             short[side].append(text[:cut.start() + 1] if cut else text)
@@ -561,13 +543,11 @@ def _verdicts_split(cols: dict, eos: str, max_length: int, encode) -> list[str |
         if common_prefix_length(c, r) == min(len(c), len(r)) and any(
                 len(short[side][n]) < len(tails[side][n]) for side in tails):
             whole.append(n)  # undecided on the short tokens: decided below on the whole tails
-        verdicts.append(_verdict(min(common_prefix_length(p, c), common_prefix_length(p, r)), c, r, max_length - h))
+        verdicts.append(_verdict(p, c, r, max_length - h))
     if whole:
         full = {side: [e.ids for e in encode([tails[side][n] for n in whole])] for side in tails}
         for n, c, r in zip(whole, full["chosen"], full["rejected"]):
-            p = rest_ids[n]
-            verdicts[n] = _verdict(min(common_prefix_length(p, c), common_prefix_length(p, r)), c, r,
-                                   max_length - heads[n])
+            verdicts[n] = _verdict(rest_ids[n], c, r, max_length - heads[n])
     return verdicts
 
 
@@ -592,11 +572,9 @@ def _splits_like_gpt2(tokenizer) -> bool:
 
 
 def drop_truncation_ties(data: PreferenceData, tokenizer, max_length: int) -> PreferenceData:
-    """Drop, in both splits, pairs TRL would drop or learn nothing from at max_length.
+    """Drop, in both splits, pairs TRL would drop or learn nothing from at max_length (None: TRL does not truncate).
+    Returns new data with a copy of the report, so calling it twice never double-counts."""
 
-    Returns new data with an updated copy of the report (the input is left alone, so calling it twice never
-    double-counts); max_length=None means TRL does not truncate, so nothing is dropped.
-    """
     if max_length is None:
         return data
     report = copy.deepcopy(data.report)
