@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import snapshot_download
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 from trl import ModelConfig, get_peft_config, get_quantization_config
@@ -34,10 +33,9 @@ OFFLINE_SHAPES = {
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
     "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=512),
 }
-GPT2_LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
 # LoRA on every attention and MLP projection, by architecture; any other model gets peft's "all-linear".
 LORA_TARGETS = {
-    "gpt2": GPT2_LORA_TARGETS,
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
@@ -226,17 +224,10 @@ def add_lora(model, config: LoraConfig, gradient_checkpointing: bool = False):
     return get_peft_model(prepare_for_training(model, gradient_checkpointing), config)
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights are packed two to a byte, so count their real size."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = 0
-    for p in model.parameters():
-        total += p.numel() * 2 if p.dtype == torch.uint8 else p.numel()
-    return trainable, total
-
-
 def describe_model(model, name: str) -> dict:
-    trainable, total = count_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # 4-bit weights are packed two to a byte (uint8): count their real size
+    total = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
     return {
         "model": name,
         "architecture": model.config.model_type,
@@ -246,7 +237,3 @@ def describe_model(model, name: str) -> dict:
         "trainable_percent": round(100 * trainable / total, 3),
     }
 
-
-def read_adapter_base(adapter_dir: str | Path) -> str | None:
-    cfg = Path(adapter_dir) / "adapter_config.json"
-    return json.loads(cfg.read_text()).get("base_model_name_or_path") if cfg.exists() else None
