@@ -7,6 +7,7 @@ Every user-facing failure is a `ChatError` whose message is one line; the app sh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -127,7 +128,6 @@ def resolve_adapter(source: str) -> Path:
 def load_adapter(source: str, base_override: str | None = None) -> LoadedAdapter:
     """Resolve `source`, load its base model the way training did (4-bit when the run was) and put the adapter on."""
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     from .model import ModelLoadError, load_base_model, load_tokenizer
 
@@ -143,8 +143,8 @@ def load_adapter(source: str, base_override: str | None = None) -> LoadedAdapter
     load_in_4bit = bool(run["run_config"].get("load_in_4bit", False))
     try:
         model = load_base_model(base, load_in_4bit=load_in_4bit)
-        tokenizer = (AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists()
-                     else load_tokenizer(base))
+        # the tokenizer saved with the adapter, else the base model's (load_tokenizer sets a pad token)
+        tokenizer = load_tokenizer(str(folder) if (folder / "tokenizer_config.json").exists() else base)
     except ModelLoadError as err:
         raise ChatError(str(err)) from None
     try:
@@ -158,20 +158,16 @@ def load_adapter(source: str, base_override: str | None = None) -> LoadedAdapter
         raise ChatError(f"Cannot put the adapter from {source} on {base!r}: {type(err).__name__}: "
                         f"{(str(err).splitlines() or [''])[0]}") from None
     model.eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     card = (folder / "README.md").read_text(errors="replace") if (folder / "README.md").exists() else ""
     return LoadedAdapter(model, tokenizer, source.strip(), folder, base, load_in_4bit, run, card)
 
 
 def build_prompt(tokenizer, turns: list[tuple[str, str]], user: str, *, prompt_format: str = "text",
                  max_chars: int = MAX_CHARS, max_tokens: int = MAX_PROMPT_TOKENS) -> tuple[str, list[str]]:
-    """The training-format prompt for `user` after the earlier (user, answer) `turns`, cut to fit; plus notes.
+    """The prompt for `user` after the earlier (user, answer) `turns` in the adapter's training format (Human/Assistant
+    text or the model's chat template), plus notes on what was cut to fit: the message to `max_chars`, then the
+    oldest turns until it fits `max_tokens`, then, if still too long, all but its last tokens."""
 
-    The format is the one the adapter was trained with: Human/Assistant text, or the model's chat template.
-    The message is cut to `max_chars`; then the oldest turns are dropped until the prompt fits `max_tokens`; a single
-    message that still does not fit keeps its last tokens.
-    """
     def render(history):
         if prompt_format == "chat":
             return chat_prompt(tokenizer, [m for u, a in history for m in (("user", u), ("assistant", a))]
@@ -246,13 +242,10 @@ def stream_reply(loaded: LoadedAdapter, prompt: str, settings: GenerationSetting
 
     def generate():
         try:
-            with torch.no_grad():
-                if use_adapter:
-                    model.generate(**kwargs)
-                else:
-                    with model.disable_adapter():
-                        model.generate(**kwargs)
+            with torch.no_grad(), (contextlib.nullcontext() if use_adapter else model.disable_adapter()):
+                model.generate(**kwargs)
         except Exception as err:  # reported by the reader below, as one line
+
             errors.append(err)
             streamer.end()
 
