@@ -1,13 +1,10 @@
 """Evaluation beyond the loss: per-pair implicit rewards on held-out pairs, and generations base vs adapter.
 
 For a pair, the implicit reward of a completion y is beta * (log pi(y|x) - log pi_ref(y|x)), summed over the
-completion tokens exactly as TRL 1.16's DPOTrainer tokenizes and truncates them (tests/test_evaluate.py checks this
-against a real DPOTrainer). The reference is the same model with its LoRA adapter disabled, so both numbers come from
-one model in memory. Ties (equal rewards, e.g. an untrained adapter) are counted apart, not as wrong.
-
-Every accuracy comes with a 95% Wilson interval, and next to it the length baselines on the same pairs: how often
-"pick the shorter completion" or "pick the longer one" matches the label. An accuracy that does not beat them may be
-nothing more than a length preference.
+completion tokens exactly as TRL 1.16's DPOTrainer tokenizes and truncates them (tests/test_evaluate.py checks this).
+The reference is the same model with its LoRA adapter disabled. Ties (e.g. an untrained adapter) are counted apart.
+Every accuracy comes with a 95% Wilson interval and the length baselines on the same pairs ("pick the shorter / the
+longer completion"): an accuracy that does not beat them may be nothing more than a length preference.
 """
 
 from __future__ import annotations
@@ -19,7 +16,8 @@ from transformers import set_seed
 
 from trl.data_utils import common_prefix_length
 
-from .stats import _share, length_shares, wilson_interval  # noqa: F401 - wilson_interval is part of this API
+from .data import HUMAN
+from .stats import _share, length_shares, wilson_interval
 
 TIE_TOLERANCE = 1e-6
 
@@ -137,25 +135,30 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
 
 
 @torch.no_grad()
+def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, **sampling) -> str:
+    """One answer to `prompt` after set_seed(seed) (the same draws for any model), cut where the next human turn
+    would begin; `sampling` are generate()'s decoding arguments."""
+    ids = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    set_seed(seed)
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).split(HUMAN)[0]
+
+
 def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, seed: int = 0) -> list[dict]:
     """Greedy and sampled (fixed seed) answers to each prompt, from the base model and from the adapter."""
     model.eval()
-    device = next(model.parameters()).device
     rows = []
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").to(device)
         row = {"prompt": prompt}
-        for label, sampled in (("greedy", False), ("sampled", True)):
+        for label, sampling in (("greedy", dict(do_sample=False)),
+                                ("sampled", dict(do_sample=True, temperature=0.8, top_p=0.95))):
             for who in ("base", "adapter"):
-                set_seed(seed)  # the same random draws for base and adapter
-                kwargs = dict(do_sample=True, temperature=0.8, top_p=0.95) if sampled else dict(do_sample=False)
                 with model.disable_adapter() if who == "base" else contextlib.nullcontext():
-                    out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                         **kwargs)
-                text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-                row[f"{who} ({label})"] = text.split("\n\nHuman:")[0]  # stop where the next turn would begin
+                    row[f"{who} ({label})"] = generate_answer(model, tokenizer, prompt, max_new_tokens, seed,
+                                                              **sampling)
         rows.append(row)
     return rows
+
 
 
 def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", prompts: int = 0, judge: str | None = None,
