@@ -1,13 +1,11 @@
 """Judged generations: does the DPO policy answer better than the base model, in a reward model's judgment?
 
-TRL 1.16 ships no judges, so a judge here is any sequence-classification reward model with one output: a Hub model
+TRL 1.16 ships no judges, so a judge here is any one-output sequence-classification reward model: a Hub model
 (e.g. OpenAssistant/reward-model-deberta-v3-large-v2) or a local folder, such as the proxy reward model that
-`train_proxy_reward_model` trains with TRL's RewardTrainer on the training split only (never the held-out pairs).
-How a judge reads an answer: a decoder (GPT-2, SmolLM2; what RewardTrainer trains) reads `prompt + answer + eos` as
-one text, exactly as RewardTrainer tokenizes its pairs; an encoder whose tokenizer has a separator token (BERT,
-DeBERTa) reads the (prompt, answer) text pair, as the OpenAssistant reward models are meant to be used.
-Check a judge on held-out pairs first (`pairwise_accuracy`): one that cannot beat the length heuristic there says
-little about generations.
+`train_proxy_reward_model` trains with TRL's RewardTrainer on the training split only. A decoder judge reads
+`prompt + answer + eos` as one text, as RewardTrainer does; an encoder (one with a separator token) reads the
+(prompt, answer) pair. Check a judge on held-out pairs first (`pairwise_accuracy`): one that cannot beat the length
+heuristic there says little about generations.
 """
 
 from __future__ import annotations
@@ -18,12 +16,12 @@ from pathlib import Path
 import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
-from .data import HUMAN
-from .stats import length_shares, wilson_interval
+from .evaluate import generate_answer
 from .hub import hub_reachable
+from .stats import _share, length_shares, wilson_interval
 from .model import load_tokenizer, resolve_model_path
 
 TIE_TOLERANCE = 1e-5  # scores closer than this tie (the same text scored in another batch moves by float noise)
@@ -141,7 +139,7 @@ def pairwise_accuracy(judge: Judge, pairs) -> dict:
     wins = sum(c - r > TIE_TOLERANCE for c, r in zip(chosen, rejected))
     tokens = lambda text: len(judge.tokenizer(text, add_special_tokens=False)["input_ids"])
     lengths = [(tokens(c), tokens(r)) for c, r in zip(pairs["chosen"], pairs["rejected"])]
-    return {"pairs": n, "accuracy": wins / n if n else float("nan"), "accuracy_ci": list(wilson_interval(wins, n)),
+    return {"pairs": n, "accuracy": _share(wins, n), "accuracy_ci": list(wilson_interval(wins, n)),
             "wins": wins, "ties": sum(abs(c - r) <= TIE_TOLERANCE for c, r in zip(chosen, rejected)),
             **length_shares(lengths)}
 
@@ -152,18 +150,7 @@ def _tally(outcomes: list[str]) -> dict:
     n, wins, ties = len(outcomes), outcomes.count("win"), outcomes.count("tie")
     points = wins + ties / 2
     return {"n": n, "wins": wins, "ties": ties, "losses": n - wins - ties,
-            "win_rate": points / n if n else float("nan"), "win_rate_ci": list(wilson_interval(points, n))}
-
-
-@torch.no_grad()
-def _answer(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
-    ids = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
-    set_seed(seed)  # the same random draws for both sides: identical models give identical answers
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
-        dict(do_sample=False)
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-    text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    return text.split(HUMAN)[0]  # the answer ends where the next human turn would begin
+            "win_rate": _share(points, n), "win_rate_ci": list(wilson_interval(points, n))}
 
 
 def judged_generations(policy_peft_model, tokenizer, prompts: list[str], judge: Judge, *, max_new_tokens: int = 48,
@@ -171,20 +158,25 @@ def judged_generations(policy_peft_model, tokenizer, prompts: list[str], judge: 
     """Answers of the base (adapter disabled) and of the policy (a PeftModel) to each prompt, scored by the judge.
 
     Decoding, the same for both sides: sampling from the full distribution at `temperature` (no top-k/top-p), with
-    the seed reset to `seed + i` before each side of prompt i, so both use the same random numbers and a difference
-    comes from the models, not the draws; `temperature=0` decodes greedily (small models then tend to repeat).
+    the seed reset to `seed + i` before each side of prompt i, so a difference comes from the models, not the draws;
+    `temperature=0` decodes greedily (small models then tend to repeat).
     rows: prompt, base, policy, score_base, score_policy, length_base, length_policy (tokens), outcome (the policy's
     win / tie / loss; identical answers or scores within TIE_TOLERANCE tie).
-    summary: n, wins, ties, losses, win_rate (a tie counts half), win_rate_ci (see _tally), mean_score_policy/base,
-    mean_length_policy/base, and length_matched: the same tally over the prompts whose two answers are within
-    LENGTH_MATCH (20%) of the longer one in tokens, so a win there is not just a longer answer.
+    summary: the _tally counts and win rate, mean scores and lengths, and length_matched: the same tally over the
+    prompts whose two answers are within LENGTH_MATCH of the longer one in tokens (a win there is not just length).
     """
     policy_peft_model.eval()
+    sampling = dict(do_sample=False)
+    if temperature > 0:  # the full distribution: no top-k, no top-p
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
     base_answers, policy_answers = [], []
     for i, prompt in enumerate(prompts):
+        answer = lambda: generate_answer(policy_peft_model, tokenizer, prompt, max_new_tokens, seed + i, **sampling)
         with policy_peft_model.disable_adapter():
-            base_answers.append(_answer(policy_peft_model, tokenizer, prompt, max_new_tokens, temperature, seed + i))
-        policy_answers.append(_answer(policy_peft_model, tokenizer, prompt, max_new_tokens, temperature, seed + i))
+            base_answers.append(answer())
+        policy_answers.append(answer())
+
+
     base_scores, policy_scores = score(judge, prompts, base_answers), score(judge, prompts, policy_answers)
     tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
     rows = []
