@@ -1,21 +1,14 @@
 """What TRL lacks for sweeps: reference log-probs kept on disk under a key that leaves the LoRA weights out.
 
-DPO compares the policy with a frozen reference. With a LoRA adapter the reference is the base model with the
-adapter disabled, so its log-probs of each pair's chosen and rejected completions depend only on
+With a LoRA adapter the reference is the base model with the adapter disabled, so its log-probs of each pair's
+completions depend only on the base weights (not lora_r, seed, learning rate, beta ...), the tokenized pairs,
+max_length, truncation_mode, ld_alpha, the precision and the device type (+ TRL and torch versions). TRL 1.16
+precomputes them (`precompute_ref_log_probs=True`) but keys its cache by a hash of the whole model, LoRA weights
+included, in a temporary folder: no two sweep runs share it. `CachedRefDPOTrainer` keeps them in
+``<DPO_REF_CACHE or cache_dir()/ref_logps>/<key>.safetensors``, written atomically (by rank 0 under data parallelism).
 
-    the base model weights (LoRA weights excluded: lora_r, lora_targets, seed, learning rate, beta ... do not matter),
-    the tokenized pairs (prompt_ids / chosen_ids / rejected_ids, in order),
-    max_length and truncation_mode, ld_alpha, the precision and the device type (+ TRL and torch versions).
-
-TRL 1.16 precomputes them (`precompute_ref_log_probs=True`) but keys its cache by a hash of the whole model,
-LoRA weights included, in a temporary folder: no two sweep runs share it. `CachedRefDPOTrainer` keeps them in
-``<DPO_REF_CACHE or cache_dir()/ref_logps>/<key>.safetensors``; a miss is computed with TRL's reference forward in
-batches sorted by length (little padding). Files are written atomically; under data parallelism rank 0 decides and
-writes.
-
-It overrides one private TRL method, `_precompute_ref_logps(dataset, name, batch_size)`;
-tests/test_refcache.py fails when the pinned TRL changes it. `lean_lm_head` (CPU only) patches two TRL globals,
-checked by the same test file.
+It overrides one private TRL method, `_precompute_ref_logps(dataset, name, batch_size)`, and `lean_lm_head` (CPU
+only) patches two TRL globals; tests/test_refcache.py fails when the pinned TRL changes either.
 """
 
 from __future__ import annotations
@@ -39,10 +32,6 @@ from .config import cache_dir
 CACHE_FORMAT = 2  # bump when what is stored, or how it is computed, changes
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-
-
-def default_ref_cache_dir() -> Path:
-    return Path(os.environ.get("DPO_REF_CACHE", cache_dir() / "ref_logps"))
 
 
 def base_model_fingerprint(model) -> str:
@@ -135,7 +124,7 @@ class CachedRefDPOTrainer(DPOTrainer):
     LEAN_LM_HEAD = True  # a class switch, for measuring (benchmarks/bench.py)
 
     def __init__(self, *args, ref_cache_dir: str | Path | None = None, **kwargs):
-        self.ref_cache_path = Path(ref_cache_dir) if ref_cache_dir else default_ref_cache_dir()
+        self.ref_cache_path = Path(ref_cache_dir or os.environ.get("DPO_REF_CACHE", cache_dir() / "ref_logps"))
         self.ref_cache_events: list[dict] = []
         self._base_fingerprint: str | None = None
         super().__init__(*args, **kwargs)
@@ -234,11 +223,11 @@ def lean_vocab_tile(n_tokens: int | None) -> int:
 def lean_lm_head(device: torch.device, n_tokens: int | None = None):
     """TRL's fused LM head as it runs on GPUs, on a CPU: only the completion positions are projected.
 
-    TRL 1.16 computes per-token log-probs in vocabulary tiles without materialising the logits. With Triton (CUDA,
-    XPU) it projects only the positions that have a label; elsewhere every position, prompt and padding included, in
-    32768-wide tiles (~2 GB of fp32 temporaries at 4 pairs x 256 tokens). Measured on the 2-core CPU: 1.36x faster,
-    44% less memory. A no-op off the CPU or if TRL's globals are not where 1.16 has them.
+    TRL 1.16 computes per-token log-probs in vocabulary tiles. With Triton (CUDA, XPU) it projects only the positions
+    that have a label; elsewhere every position, prompt and padding included, in 32768-wide tiles. Measured on the
+    2-core CPU: 1.36x faster, 44% less memory. A no-op off the CPU or if TRL's globals are not where 1.16 has them.
     """
+
     import trl.trainer.utils as trl_utils
 
     if device.type != "cpu" or not hasattr(trl_utils, "_use_triton") \
