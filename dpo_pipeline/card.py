@@ -11,6 +11,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .hub import repo_id_problem
 from .runs import read_run
 
 OFFLINE_PREFIX = "offline:"  # as in model.py, without importing torch for a card
@@ -27,15 +28,10 @@ def base_model_of(run: dict) -> str | None:
 
 def is_hub_id(name: str | None) -> bool:
     """A "namespace/name" Hub id, not an offline shape or a local path."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if not name or name.startswith(OFFLINE_PREFIX) or name.count("/") != 1 or Path(name).exists():
         return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+    return repo_id_problem(name) is None
+
 
 
 def fmt(value) -> str:
@@ -71,7 +67,7 @@ def flatten_row(row: dict) -> dict:
 
 def sweep_table(rows: list[dict]) -> str:
     """The sweep as a table of what differs between runs: settings every run shares, paths and logs left out."""
-    flat = [{k: v for k, v in flatten_row(dict(r)).items() if not k.endswith(("output_dir", "adapter_path"))}
+    flat = [{k: v for k, v in flatten_row(r).items() if not k.endswith(("output_dir", "adapter_path"))}
             for r in rows]
     columns = list(dict.fromkeys(k for row in flat for k in row))
     if len(flat) > 1:  # a shared value is already in the training configuration above
