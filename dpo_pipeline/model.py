@@ -153,9 +153,9 @@ def compute_dtype() -> torch.dtype:
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
-    cpuinfo = Path("/proc/cpuinfo")
     try:
-        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo.read_text()))
+        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
+
     except OSError:  # not Linux: be conservative
         return False
 
