@@ -68,6 +68,8 @@ class RunConfig:
     judge: str | None = None  # judged generations after training: "proxy" (a reward model trained here on the train
     judge_prompts: int = 32  # split), a Hub reward model id, a folder, or "none"; on this many validation (else
     # test) prompts
+    report_to: str = "tensorboard"  # trackers, comma-separated: tensorboard | trackio | wandb | mlflow | none
+    log_completions: int = 2  # answers to this many fixed validation prompts at every evaluation (0: none)
     trainer: str = "tuned"  # tuned: refcache.CachedRefDPOTrainer + the CPU levers | trl: TRL's DPOTrainer as is
     trl_args: dict = field(default_factory=dict)  # any other DPOConfig field, passed to TRL as is
     output_dir: str = "results/run"

@@ -26,6 +26,7 @@ from .judge import JudgeError, judged_generations, load_judge, pairwise_accuracy
 from .prepare import prepare_data
 from .refcache import CachedRefDPOTrainer
 from .runs import RunRecord, write_json_atomic, write_run_start
+from .tracking import CompletionsCallback, report_to
 
 OPTIMIZERS = {"adamw": "adamw_torch", "rmsprop": "rmsprop"}  # short names -> transformers' optimizer names
 EVAL_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
@@ -53,7 +54,8 @@ def dpo_args(config: RunConfig) -> DPOConfig:
         num_train_epochs=config.epochs, max_steps=config.max_steps, max_length=config.max_length,
         eval_strategy="steps", eval_steps=config.eval_steps, logging_steps=config.logging_steps,
         save_strategy="no",  # the adapter is saved once at the end; no optimizer-state checkpoints
-        seed=config.seed, data_seed=config.seed, report_to="none", use_cpu=not torch.cuda.is_available(),
+        seed=config.seed, data_seed=config.seed, use_cpu=not torch.cuda.is_available(),
+        report_to=report_to(config.report_to), run_name=Path(config.output_dir).name,  # logs under the run id
         logging_nan_inf_filter=False,  # let a NaN loss show (and StopOnNonFiniteLoss fail the run)
     )
     if config.trainer == "tuned":
@@ -94,6 +96,9 @@ def build_trainer(config: RunConfig, data: PreferenceData, tokenizer=None) -> DP
         peft_config=model_lib.lora_config(base, config.lora_r, config.lora_alpha, config.lora_dropout,
                                           config.lora_targets),
     )
+    if config.log_completions > 0:
+        trainer.add_callback(CompletionsCallback(trainer, data.monitor["prompt"][:config.log_completions],
+                                                 max_new_tokens=48, run_config=config.to_dict()))
     if config.trainer == "tuned" and not torch.cuda.is_available():
         # TRL casts 4-bit (QLoRA) adapters to bf16, the GPU recipe; a CPU without native bf16 runs it ~3x slower.
         for param in trainer.model.parameters():
@@ -181,6 +186,8 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
         wall_time_s=round(wall, 2), pairs_per_second=round(pairs_seen / train_time, 3) if train_time > 0 else 0.0,
         adapter_path=str(out.resolve()), model_info=model_lib.describe_model(trainer.model, config.model),
         run_id=out.name, evaluation=evaluation["adapter"], base_evaluation=evaluation["base"], judged=judged,
+        completions=next((cb.rows() for cb in trainer.callback_handler.callbacks
+                          if isinstance(cb, CompletionsCallback)), []),
     )
     if main:
         record.save(out / "record.json")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .runs import rule_value
+
 
 def show_examples(dataset, n: int = 3, width: int = 300) -> pd.DataFrame:
     """The first `n` pairs as a table, each text cut to its last `width` characters of prompt / first of answers."""
@@ -115,10 +117,38 @@ def plot_sweep(records: list[dict], path, best_run_id: str | None = None) -> Pat
     return _save(fig, path)
 
 
-def save_plots(records: list[dict], plots_dir, best_run_id: str | None = None) -> list[Path]:
-    """`<run-id>.png` for every run with a log, and `sweep.png`, under `plots_dir`; returns the paths written."""
+def plot_trials(records: list[dict], by: str = "reward_accuracy"):
+    """The best-run rule's number against the trial of a model-based (TPE) search, with the best so far."""
+    from matplotlib.figure import Figure
+
+    trials = sorted((r for r in records if (r.get("search") or {}).get("method") == "tpe"),
+                    key=lambda r: r["search"]["trial"])
+    fig = Figure(figsize=(8, 3.6))
+    ax = fig.subplots()
+    for status, colour in (("finished", "tab:blue"), ("pruned", "tab:orange"), ("failed", "tab:red")):
+        part = [r for r in trials if r["status"] == status]
+        ax.plot([r["search"]["trial"] for r in part], [rule_value(r, by) for r in part], "o", color=colour,
+                label=status)
+    finished = [(r["search"]["trial"], rule_value(r, by)) for r in trials if r["status"] == "finished"]
+    if finished:
+        best = pd.Series([v for _, v in finished]).cummax()
+        ax.step([t for t, _ in finished], best, where="post", color="tab:green", label="best so far")
+    ax.set(title="TPE search: the number the best-run rule ranks by, per trial", xlabel="trial",
+           ylabel=by.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_plots(records: list[dict], plots_dir, best_run_id: str | None = None, best_by: str = "reward_accuracy"
+               ) -> list[Path]:
+    """`<run-id>.png` for every run with a log, `sweep.png`, and `trials.png` for a TPE search, under `plots_dir`;
+    returns the paths written."""
     plots_dir = Path(plots_dir)
     paths = [plot_run(r, plots_dir / f"{r.get('run_id')}.png") for r in records if r.get("log_history")]
+    if any((r.get("search") or {}).get("method") == "tpe" for r in records):
+        paths.append(_save(plot_trials(records, best_by), plots_dir / "trials.png"))
     return paths + [plot_sweep(records, plots_dir / "sweep.png", best_run_id)]
 
 

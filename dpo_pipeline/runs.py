@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -61,6 +62,8 @@ class RunRecord:
     evaluation: dict = field(default_factory=dict)  # held-out per-pair metrics of the adapter (evaluate.py)
     base_evaluation: dict = field(default_factory=dict)  # the same for the base model (adapter disabled)
     judged: dict = field(default_factory=dict)  # judged generations against the base model (judge.py), summary
+    completions: list[dict] = field(default_factory=list)  # answers to fixed validation prompts while training
+    search: dict = field(default_factory=dict)  # which search made the run: grid, random or tpe (study, trial)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,6 +131,19 @@ def run_id(config) -> str:
 
 def load_records(folders: list[Path]) -> list[dict]:
     return [json.loads((d / "record.json").read_text()) for d in map(Path, folders) if (d / "record.json").exists()]
+
+
+def rule_value(record: dict, by: str = "reward_accuracy") -> float:
+    """The number BEST_RULES[by] ranks runs by (higher is better); NaN when the run has none (a failed run)."""
+    part, key = ("judged", "win_rate") if by == "win_rate" else ("final_eval", "rewards/accuracies")
+    return (record.get(part) or {}).get(key, math.nan)
+
+
+def search_label(record: dict) -> str:
+    """Which search made a run: "grid", "random", "control" or "tpe #<trial>"."""
+    search = record.get("search") or {}
+    method = search.get("method", "grid")
+    return f"tpe #{search.get('trial')}" if method == "tpe" else method
 
 
 def pick_best(records: list[dict], by: str = "reward_accuracy") -> dict | None:

@@ -1,9 +1,11 @@
-"""Sweep stage: a grid (or random draws from it) of run configs, each run once, with a durable record per run.
+"""Sweep stage: a grid (or random draws from it, or Optuna's TPE search) of run configs, each run once, with a
+durable record per run.
 
     python -m dpo_pipeline.sweep configs/sweep_smoke.yaml     # run or resume a sweep, then rebuild the report
+    python -m dpo_pipeline.sweep configs/sweep_tpe_smoke.yaml # a TPE study; start it in several shells to share it
 
 A sweep file names the profile it starts from, `base:` settings every run shares and a `grid:` of values (any
-RunConfig field). Each run lives in `results/runs/<run-id>/`, the id a hash of its config. Its `record.json` is
+RunConfig field), or `search: tpe` with `trials:` and a `space:` of ranges (search.py). Each run lives in `results/runs/<run-id>/`, the id a hash of its config. Its `record.json` is
 written atomically when the run ends, finished or failed, so a sweep killed at any moment and started again skips
 the runs that have a record and redoes the one that was cut off. A lock file per run lets several sweep processes
 share one results folder: a run locked by a live process is waited for, a dead process's lock is taken over.
@@ -22,7 +24,8 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, RunConfig, check_fields, resolve
-from .runs import BEST_RULES, RunLock, RunRecord, control_of, load_records, pick_best, publish_best, run_id
+from .runs import (BEST_RULES, RunLock, RunRecord, control_of, load_records, pick_best, publish_best, rule_value,
+                   run_id)
 
 
 @dataclass
@@ -34,6 +37,13 @@ class SweepSpec:
     profile: str = "auto"  # the profile the sweep starts from (data, model, defaults)
     control: bool = False  # also train the best run's settings on the random-weight twin of its base model
     best_by: str = "reward_accuracy"  # or "win_rate": the judged win rate (runs need a `judge`), runs.BEST_RULES
+    search: str = "grid"  # grid (random draws when random_samples > 0) | tpe: Optuna's TPE over `space`
+    trials: int = 0  # tpe: finished or pruned trials to reach, all workers together
+    space: dict = field(default_factory=dict)  # tpe: field -> [choices] or {low, high, log}
+    prune: bool = True  # tpe: stop a run whose validation reward accuracy lags the median at an evaluation
+    storage: str | None = None  # tpe: SQLAlchemy URL of the study; None: sqlite in the results folder
+    study: str | None = None  # tpe: the study's name; None: the sweep file's name
+    heartbeat_seconds: int = 60  # tpe: a trial silent for twice this is a dead worker's, and is run again
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SweepSpec":
@@ -48,7 +58,7 @@ class SweepSpec:
         for key in raw:
             if key not in known:
                 raise ConfigError(f"{path}: unknown key '{key}'; expected one of {sorted(known)}")
-        spec = cls(**raw)
+        spec = cls(**{"study": Path(path).stem, **raw})
         spec.validate(str(path))
         return spec
 
@@ -61,6 +71,14 @@ class SweepSpec:
         for name, values in self.grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}: grid field '{name}' needs a non-empty list of values")
+        if self.search not in ("grid", "random", "tpe"):
+            raise ConfigError(f"{where}: search must be grid, random or tpe, got {self.search!r}")
+        if self.search == "tpe" and (not self.space or self.trials < 1 or self.grid):
+            raise ConfigError(f"{where}: search tpe needs 'trials' (> 0) and a 'space' of ranges, and no 'grid'")
+        check_fields(self.space, where)
+        for name, values in self.space.items():
+            if not (isinstance(values, list) and values or isinstance(values, dict) and {"low", "high"} <= set(values)):
+                raise ConfigError(f"{where}: space field '{name}' needs a list of choices or {{low: .., high: ..}}")
 
     def base_config(self, *overrides: dict) -> tuple[RunConfig, str, str]:
         """The profile, then `base:`, then `overrides` (notebook parameters, flags): (config, profile, why)."""
@@ -94,9 +112,12 @@ def run_one(config: RunConfig, data=None, **run_kwargs) -> RunRecord:
     return record
 
 
-def run_sweep(configs: list[RunConfig], data=None, poll_seconds: float = 2.0) -> list[dict]:
+def run_sweep(configs: list[RunConfig], data=None, poll_seconds: float = 2.0, search: dict | None = None,
+              **run_kwargs) -> list[dict]:
     """Run every config that has no record yet; wait for runs other processes hold. Returns all their records.
-    `data` defaults to each config's own prepared data (prepared once per distinct data settings)."""
+    `data` defaults to each config's own prepared data (prepared once per distinct data settings); `search` says
+    which search made the runs (kept in each record; a pruned run's record has status "pruned")."""
+    search = search or {"method": "grid"}
     pending = list(configs)
     while pending:
         waiting = []
@@ -114,7 +135,10 @@ def run_sweep(configs: list[RunConfig], data=None, poll_seconds: float = 2.0) ->
                 if (folder / "record.json").exists():  # finished by another process since we looked
                     continue
                 print(f"{label} training: {describe(config)}", flush=True)
-                record = run_one(config, data)
+                record = run_one(config, data, **run_kwargs)
+                record.search = dict(search)
+                if record.status == "finished" and search.get("pruned_at_step"):
+                    record.status = "pruned"
                 record.save(folder / "record.json")
                 print(f"{label} {record.status}" + (f": {record.error}" if record.error else ""), flush=True)
             finally:
@@ -124,6 +148,63 @@ def run_sweep(configs: list[RunConfig], data=None, poll_seconds: float = 2.0) ->
             time.sleep(poll_seconds)
         pending = waiting
     return load_records([Path(c.output_dir) for c in configs])
+
+
+def run_tpe(spec: SweepSpec, base: RunConfig, runs_dir: Path, results_dir: Path) -> list[dict]:
+    """Trials until the study has `spec.trials` finished or pruned ones (other workers' count too); returns the
+    records of every run the study made, whichever worker ran it."""
+    import optuna
+
+    from .search import COUNTED, PruneLaggingRun, open_study, suggest
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own lines per run
+    study = open_study(spec, results_dir)
+
+    def objective(trial: optuna.Trial) -> float:
+        config = dataclasses.replace(base, **suggest(trial, spec.space))
+        config.output_dir = str(runs_dir / run_id(config))
+        trial.set_user_attr("run_id", run_id(config))
+        search = {"method": "tpe", "study": spec.study, "trial": trial.number}
+        print(f"trial {trial.number}:", flush=True)
+        [record] = run_sweep([config], search=search, setup=lambda t: t.add_callback(PruneLaggingRun(trial, search)))
+        if record["status"] == "pruned":
+            raise optuna.TrialPruned(f"lagging at step {record['search'].get('pruned_at_step')}")
+        return rule_value(record, spec.best_by)  # NaN (a failed run) makes a failed trial
+
+    left = spec.trials - len(study.get_trials(deepcopy=False, states=COUNTED))
+    if left > 0:  # MaxTrialsCallback: stop when the workers together reach `trials`
+        study.optimize(objective, n_trials=left, callbacks=[optuna.study.MaxTrialsCallback(spec.trials, COUNTED)])
+    ids = dict.fromkeys(t.user_attrs["run_id"] for t in study.get_trials(deepcopy=False) if "run_id" in t.user_attrs)
+    return load_records([runs_dir / i for i in ids])
+
+
+def run_spec(spec: SweepSpec, results_dir: str | Path, *overrides: dict) -> list[dict]:
+    """Run (or resume, or join) the sweep a spec describes, plus its control; return the records of its runs.
+    The sweep command and the notebook both call this."""
+    results_dir = Path(results_dir)
+    if spec.search == "tpe":
+        base = spec.base_config(*overrides)[0]
+        records = run_tpe(spec, base, results_dir / "runs", results_dir)
+        configs = {r["run_id"]: RunConfig(**r["config"]) for r in records}
+    else:
+        method = "random" if spec.random_samples else "grid"
+        configs = {run_id(c): c for c in spec.configs(results_dir / "runs", *overrides)}
+        records = run_sweep(list(configs.values()), search={"method": method})
+    best = pick_best(records, spec.best_by)
+    if spec.control and best:  # the control: the best settings on a random-weight model, beside it in the workbook
+        records += run_sweep([control_of(configs[best["run_id"]])], search={"method": "control"})
+    return records
+
+
+def search_info(spec: SweepSpec) -> dict:
+    """How the sweep searched, for the workbook's Summary (a database password never reaches the file)."""
+    if spec.search != "tpe":
+        return {"search": "random" if spec.random_samples else "grid", "grid": spec.grid}
+    from sqlalchemy.engine import make_url
+
+    storage = make_url(spec.storage).render_as_string(hide_password=True) if spec.storage else "sqlite (results)"
+    return {"search": "tpe (Optuna)" + (", median pruning" if spec.prune else ""), "study": spec.study,
+            "storage": storage, "trials": spec.trials, "space": spec.space}
 
 
 def describe(config: RunConfig) -> str:
@@ -159,12 +240,12 @@ def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info:
     summary = {
         "data": data.report.as_dict(),
         "model": (best or (finished or [{}])[0]).get("model_info", {}),
-        "sweep": {"runs": len(records), "finished": len(finished), "failed": len(records) - len(finished),
-                  **(sweep_info or {})},
+        "sweep": {"runs": len(records), **{status: sum(r["status"] == status for r in records)
+                                           for status in ("finished", "pruned", "failed")}, **(sweep_info or {})},
     }
     return {
         "best": str(publish_best(best, results_dir / "best")) if best else None,
-        "plots": [str(p) for p in save_plots(records, results_dir / "plots", best_id)],
+        "plots": [str(p) for p in save_plots(records, results_dir / "plots", best_id, best_by)],
         "workbook": str(build_workbook(
             records, results_dir / "sweep_results.xlsx", best_run_id=best_id, best_rule=BEST_RULES[best_by],
             best_by=best_by, summary=summary, samples=samples, baseline=baseline,
@@ -185,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = one_line_errors(argparse.ArgumentParser(prog="python -m dpo_pipeline.sweep", description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
-    parser.add_argument("spec", help="sweep file (YAML or JSON): profile, base, grid, random_samples")
+    parser.add_argument("spec", help="sweep file (YAML or JSON): profile, base, grid or search/trials/space")
     parser.add_argument("--results-dir", default=None, help="default: results/ (or $DPO_RESULTS_DIR)")
     args = parser.parse_args(argv)
     spec = SweepSpec.from_file(args.spec)
@@ -194,12 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Sweep from {args.spec}: profile {name} ({why})")
     data = prepare_data(base)  # the sweep's base data, checked before any run starts (and shown)
     print(data.report)
-    configs = spec.configs(out / "runs")
-    records = run_sweep(configs)
-    best = pick_best(records, spec.best_by)
-    if spec.control and best:  # the control: the best settings on a random-weight model, beside it in the workbook
-        records += run_sweep([control_of(next(c for c in configs if run_id(c) == best["run_id"]))])
-    made = report_sweep(records, data, out, sweep_info={"spec": str(args.spec), "grid": spec.grid},
+    records = run_spec(spec, out)
+    made = report_sweep(records, data, out, sweep_info={"spec": str(args.spec), **search_info(spec)},
                         best_by=spec.best_by)
     print(f"best run: {made['best_run_id']} -> {made['best']}\nworkbook: {made['workbook']}")
     return 0

@@ -4,7 +4,8 @@
 run records on disk are the truth, and the workbook is rebuilt from them whenever they change.
 
 Sheets: Runs (one row a run, the base model first, the best highlighted), Summary, Charts (native line charts),
-History (every logged train/eval step), Samples (generations), ChartData (the numbers the charts draw).
+History (every logged train/eval step), Samples (generations), Completions (answers while training), Trials (a TPE
+search: the rule's number per trial, with a chart), ChartData (the numbers the charts draw).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.utils import get_column_letter
 
 from .report import history_frame
-from .runs import pick_best  # the runner-up is the best of the rest by the sweep's own rule
+from .runs import pick_best, rule_value, search_label  # the runner-up is the best of the rest by the sweep's own rule
 
 BASELINE_LABEL = "base model (no adapter)"
 BEST_FILL = PatternFill("solid", fgColor="C6EFCE")  # Excel's own "good" green
@@ -43,6 +44,7 @@ def _get(part, key):
 # Runs columns: (header, how to read it from a record, number format, width), in reading order.
 RUN_COLUMNS = [
     ("run_id", lambda r: r.get("run_id"), None, 24), ("status", lambda r: r.get("status"), None, 9),
+    ("search", lambda r: search_label(r) if r.get("config") else None, None, 9),
     ("base model", _get("config", "model"), None, 18),
     *[(k.replace("_", " "), _get("config", k), fmt, width) for k, fmt, width in [
         ("learning_rate", LR, 8), ("batch_size", INT, 6), ("grad_accum", INT, 6), ("beta", SMALL, 6),
@@ -332,6 +334,33 @@ def _write_samples(ws, samples: list[dict]) -> None:
     _print_setup(ws)
 
 
+def _write_trials(ws, records, best_by: str) -> None:
+    """A TPE search's runs in trial order: the number the best-run rule ranks by, the best so far, and a chart."""
+    trials = sorted((r for r in records if (r.get("search") or {}).get("method") == "tpe"),
+                    key=lambda r: r["search"]["trial"])
+    _header(ws, 1, ["trial", "run_id", "status", best_by.replace("_", " "), "best so far"], [7, 24, 9, 12, 12])
+    best = None
+    for i, rec in enumerate(trials, start=2):
+        value = rule_value(rec, best_by)
+        if rec["status"] == "finished" and math.isfinite(value):
+            best = value if best is None else max(best, value)
+        for j, (cell, fmt) in enumerate([(rec["search"]["trial"], INT), (rec.get("run_id"), None),
+                                         (rec["status"], None), (value, METRIC), (best, METRIC)], start=1):
+            _put(ws, i, j, cell, fmt)
+    chart = ScatterChart(scatterStyle="lineMarker")
+    chart.title, chart.style, chart.width, chart.height = "the rule's number per trial", 2, 16, 8.5
+    chart.x_axis.title, chart.y_axis.title = "trial", best_by.replace("_", " ")
+    chart.x_axis.delete = chart.y_axis.delete = False
+    xs = Reference(ws, min_col=1, min_row=2, max_row=len(trials) + 1)
+    for col, line in ((4, False), (5, True)):
+        series = Series(Reference(ws, min_col=col, min_row=1, max_row=len(trials) + 1), xs, title_from_data=True)
+        series.marker.symbol = "none" if line else "circle"
+        series.graphicalProperties.line.noFill = not line
+        chart.series.append(series)
+    ws.add_chart(chart, "G2")
+    _print_setup(ws, one_page=True)
+
+
 def runs_frame(records: list[dict], baseline: dict | None = None):
     """The Runs sheet as a pandas DataFrame (the notebook shows it inline), base model first."""
     import pandas as pd
@@ -358,6 +387,11 @@ def build_workbook(records: list[dict], path, *, best_run_id: str | None, best_r
     charts = wb.create_sheet("Charts")
     _write_history(wb.create_sheet("History"), records)
     _write_samples(wb.create_sheet("Samples"), samples)
+    completions = [{"run_id": r.get("run_id"), **row} for r in records for row in r.get("completions") or []]
+    if completions:
+        _write_samples(wb.create_sheet("Completions"), completions)
+    if any((r.get("search") or {}).get("method") == "tpe" for r in records):
+        _write_trials(wb.create_sheet("Trials"), records, best_by)
     _write_charts(charts, wb.create_sheet("ChartData"), records, best_run_id)
 
     path = Path(path)

@@ -1,0 +1,77 @@
+"""Model-based sweep search: Optuna's TPE sampler, with median pruning, over a sweep file's `space:`.
+
+    search: tpe
+    trials: 24                      # finished (or pruned) trials the study should reach
+    space:
+      learning_rate: {low: 1.0e-5, high: 1.0e-3, log: true}
+      beta: {low: 0.05, high: 0.5}
+      loss_type: [sigmoid, ipo]     # a list: a choice
+
+The study lives in a database: SQLite under results/ by default, or any SQLAlchemy URL (`storage:`, e.g.
+postgresql://host/db) so several processes, GPUs and machines share one study; start the same sweep command in each.
+A trial is an ordinary sweep run (sweep.run_tpe runs it with sweep.run_sweep: its folder, lock and record), so a study's runs are read,
+plotted and published like a grid's. Optuna's heartbeat marks the trial of a worker that died (SIGKILL, preemption)
+as failed and queues its settings again; they resolve to the same run folder, so the cut-off run is redone, never
+duplicated. The workbook is rebuilt from the run records, never from the database.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import optuna
+from transformers import TrainerCallback
+
+# What the pruner compares at each evaluation: the validation reward accuracy TRL logs (higher is better).
+INTERMEDIATE = "eval_rewards/accuracies"
+
+
+def suggest(trial: optuna.Trial, space: dict) -> dict:
+    """Settings for one trial: a list is a choice, a mapping {low, high, log} a range (int when both ends are)."""
+    values = {}
+    for name, spec in space.items():
+        if isinstance(spec, list):
+            values[name] = trial.suggest_categorical(name, spec)
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int):
+            values[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec.get("log", False))
+        else:
+            values[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+    return values
+
+
+class PruneLaggingRun(TrainerCallback):
+    """Reports each evaluation to the trial; stops training when the pruner says the run lags the others there."""
+
+    def __init__(self, trial: optuna.Trial, search: dict):
+        self.trial, self.search = trial, search
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get(INTERMEDIATE)
+        if value is None or not state.is_world_process_zero:
+            return
+        self.trial.report(value, state.global_step)
+        if self.trial.should_prune():
+            self.search["pruned_at_step"] = state.global_step  # the record says so (status "pruned")
+            control.should_training_stop = True
+
+
+def open_study(spec, results_dir: Path) -> optuna.Study:
+    """The sweep's study, created on first use; every worker that opens it shares its trials."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    url = spec.storage or f"sqlite:///{(results_dir / 'optuna.db').resolve()}"
+    storage = optuna.storages.RDBStorage(
+        url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+        heartbeat_interval=spec.heartbeat_seconds, grace_period=2 * spec.heartbeat_seconds,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+    )
+    # Each worker its own seed: two workers with one seed would propose the same settings. TPE's default of 10
+    # random trials would be all of a small study; it models the results after a third of the trials (at least 2).
+    sampler = optuna.samplers.TPESampler(seed=(spec.sample_seed * 1_000_003 + os.getpid()) % 2**32,
+                                         n_startup_trials=max(2, spec.trials // 3))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if spec.prune else optuna.pruners.NopPruner()
+    return optuna.create_study(study_name=spec.study, storage=storage, sampler=sampler, pruner=pruner,
+                               direction="maximize", load_if_exists=True)
+
+
+COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # trials that count toward `trials`

@@ -1,0 +1,80 @@
+"""Experiment tracking: where a run's live logs go (`report_to`) and the answers it gives while it trains.
+
+`report_to` is handed to TRL as is: "tensorboard" (the default: event files in the run folder, no account needed;
+view them live with `tensorboard --logdir results`), "trackio", "wandb", "mlflow", several joined by commas, or
+"none". Every run logs under its run id (the name of its folder) with its settings.
+
+`CompletionsCallback` is TRL's `LogCompletionsCallback` (which itself writes only to W&B and Comet) pointed at a few
+fixed validation prompts and extended to the trackers this project defaults to: at each evaluation it generates
+greedy answers, keeps them (the run record stores them) and logs them as text to TensorBoard or as a table to
+trackio, so one can watch how the answers change over the steps.
+"""
+
+from __future__ import annotations
+
+import json
+
+from transformers import GenerationConfig
+from transformers.integrations import TensorBoardCallback, is_tensorboard_available
+from trl.trainer.callbacks import LogCompletionsCallback
+
+
+def report_to(setting: str | None) -> list[str]:
+    """The trackers TRL should report to. The default TensorBoard is dropped, with one line saying so, when the
+    tensorboard package is missing (training must not fail for want of a log viewer)."""
+    names = [n.strip() for n in (setting or "none").split(",") if n.strip() and n.strip() != "none"]
+    if "tensorboard" in names and not is_tensorboard_available():
+        print("tracking: tensorboard is not installed (pip install tensorboard): not logging to it", flush=True)
+        names.remove("tensorboard")
+    return names or ["none"]
+
+
+def tensorboard_writer(trainer):
+    """The SummaryWriter of the trainer's TensorBoard callback, once training has begun (else None)."""
+    return next((cb.tb_writer for cb in trainer.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)),
+                None)
+
+
+class CompletionsCallback(LogCompletionsCallback):
+    """Greedy answers to `prompts` at every evaluation step; `self.table` holds (step, prompt, completion) rows."""
+
+    def __init__(self, trainer, prompts: list[str], max_new_tokens: int, run_config: dict):
+        super().__init__(trainer, GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                                                   pad_token_id=trainer.processing_class.pad_token_id))
+        self.eval_dataset = {"prompt": list(prompts)}  # TRL reads only the "prompt" column: the raw text
+        self.run_config = run_config
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Transformers' TensorBoard callback logs TRL's DPOConfig; the project's own settings (model, LoRA, data)
+        # are what a reader of the logs looks for first.
+        writer = tensorboard_writer(self.trainer)
+        if writer is not None:
+            writer.add_text("run_config", f"```\n{json.dumps(self.run_config, indent=2, default=str)}\n```")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        tokenizer, model = kwargs["processing_class"], self.trainer.model
+        padding_side, training = tokenizer.padding_side, model.training
+        logged = len(self.table)
+        model.eval()  # no LoRA dropout while answering
+        try:
+            super().on_step_end(args, state, control, **kwargs)  # generates, and logs to W&B / Comet
+        finally:
+            tokenizer.padding_side = padding_side  # TRL leaves it on "left"; training collates on the right
+            model.train(training)
+        new = self.table[logged:]
+        if not new or not state.is_world_process_zero:
+            return
+        writer = tensorboard_writer(self.trainer)
+        if writer is not None:
+            for i, (step, prompt, completion) in enumerate(new):
+                writer.add_text(f"completions/prompt_{i}", f"**prompt** …{prompt[-300:]}\n\n**answer** {completion}",
+                                int(step))
+            writer.flush()
+        if "trackio" in args.report_to:
+            import trackio
+
+            trackio.log({"completions": trackio.Table(columns=["step", "prompt", "completion"], data=self.table)})
+
+    def rows(self) -> list[dict]:
+        return [{"step": int(step), "prompt": prompt, "completion": completion}
+                for step, prompt, completion in self.table]

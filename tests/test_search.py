@@ -1,0 +1,120 @@
+"""Model-based sweep search (Optuna TPE on a real SQLite study) and tracking: pruning, SIGKILL, several workers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openpyxl
+import optuna
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dpo_pipeline import sweep
+from dpo_pipeline.config import ConfigError, RunConfig
+from dpo_pipeline.search import PruneLaggingRun, suggest
+from dpo_pipeline.synthetic import get_synthetic
+
+TINY = dict(max_steps=4, eval_steps=2, logging_steps=2, batch_size=4, max_length=48, load_in_4bit=False,
+            max_pairs=100, max_eval_pairs=16, judge="none", log_completions=1)
+SPACE = {"learning_rate": {"low": 1e-4, "high": 3e-3, "log": True}, "beta": {"low": 0.05, "high": 0.5},
+         "lora_r": {"low": 2, "high": 8}, "loss_type": ["sigmoid", "ipo"]}
+
+
+def test_space_draws_ranges_and_choices_and_bad_specs_are_one_line(tmp_path):
+    trial = optuna.create_study().ask()
+    values = suggest(trial, SPACE)
+    assert 1e-4 <= values["learning_rate"] <= 3e-3 and 0.05 <= values["beta"] <= 0.5
+    assert isinstance(values["lora_r"], int) and values["loss_type"] in ("sigmoid", "ipo")
+    for bad, expected in [({"search": "tpe", "space": SPACE}, "needs 'trials'"),
+                          ({"search": "tpe", "trials": 3, "space": {"learning_rte": [1e-3]}}, "learning_rte"),
+                          ({"search": "tpe", "trials": 3, "space": {"beta": {"low": 0.1}}}, "space field 'beta'"),
+                          ({"search": "bayes", "grid": {"beta": [0.1]}}, "search must be")]:
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({"profile": "smoke", **bad}))
+        with pytest.raises(ConfigError, match=expected) as err:
+            sweep.SweepSpec.from_file(path)
+        assert "bad.yaml" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_run_lagging_the_study_is_pruned_at_an_evaluation(tiny_gpt2, tmp_path):
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
+    for _ in range(2):  # two earlier trials that were perfect (2.0: above any reward accuracy) at every evaluation
+        study.add_trial(optuna.create_trial(value=2.0, intermediate_values={2: 2.0, 4: 2.0}))
+    trial, search = study.ask(), {"method": "tpe", "trial": 2}
+    config = RunConfig(model=tiny_gpt2, **TINY, output_dir=str(tmp_path / "run"))
+    [record] = sweep.run_sweep([config], get_synthetic(n_pairs=100, seed=0), search=search,
+                               setup=lambda t: t.add_callback(PruneLaggingRun(trial, search)))
+    assert record["status"] == "pruned" and record["search"]["pruned_at_step"] == 2
+    assert record["train_steps"] == 2 < TINY["max_steps"]  # stopped at the first evaluation, not trained on
+    assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def sweep_cmd(spec: Path, results: Path) -> list[str]:
+    return [sys.executable, "-m", "dpo_pipeline.sweep", str(spec), "--results-dir", str(results)]
+
+
+@pytest.mark.slow
+def test_tpe_study_survives_sigkill_and_shares_one_sqlite_study_between_workers(tmp_path):
+    spec = tmp_path / "tpe.yaml"
+    spec.write_text(yaml.safe_dump({"profile": "smoke", "search": "tpe", "trials": 6, "heartbeat_seconds": 1,
+                                    "base": TINY, "space": SPACE}))
+    results = tmp_path / "results"
+    first = subprocess.Popen(sweep_cmd(spec, results), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill it while a trial trains: a run folder with a lock and no record
+        running = [d for d in (results / "runs").glob("*") if (d / ".lock").exists()
+                   and not (d / "record.json").exists()] if (results / "runs").exists() else []
+        if running:
+            break
+        assert first.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.2)
+    else:
+        pytest.fail("no trial in progress seen")
+    time.sleep(1.0)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed = running[0]
+    done_before = [d for d in (results / "runs").iterdir() if (d / "record.json").exists()]
+
+    workers = [subprocess.Popen(sweep_cmd(spec, results), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=900)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+
+    study = optuna.load_study(study_name="tpe", storage=f"sqlite:///{results / 'optuna.db'}")
+    states = optuna.trial.TrialState
+    counted = study.get_trials(states=(states.COMPLETE, states.PRUNED))
+    assert len(counted) >= 6  # two workers may each finish one trial past the target at the same moment
+    assert any(t.state == states.FAIL for t in study.trials)  # the killed worker's trial, failed by the heartbeat
+    assert (killed / "record.json").exists()  # ... and its settings run again: nothing cut off is left behind
+
+    folders = [d for d in (results / "runs").iterdir() if d.is_dir()]
+    records = [json.loads((d / "record.json").read_text()) for d in folders]
+    assert all((d / "record.json").exists() and not (d / ".lock").exists() for d in folders)
+    assert {t.user_attrs["run_id"] for t in counted} <= {r["run_id"] for r in records}  # every trial has its run
+    assert sum(o.count("training:") for o in outputs) == len(folders) - len(done_before)  # each run trained once
+    assert all(r["search"]["method"] == "tpe" and r["status"] in ("finished", "pruned") for r in records)
+    for record in records:  # the tracker logs every trial, with its settings and answers while training
+        tags = set()
+        for logdir in (results / "runs" / record["run_id"] / "runs").iterdir():  # the killed run has two
+            events = EventAccumulator(str(logdir))
+            events.Reload()
+            tags |= {*events.Tags()["scalars"], *events.Tags()["tensors"]}
+        assert {"train/loss", "eval/rewards/accuracies", "run_config/text_summary"} <= tags, tags
+        assert record["completions"] and record["completions"][0]["step"] == 2
+
+    book = openpyxl.load_workbook(results / "sweep_results.xlsx")
+    rows = [row for row in book["Runs"].iter_rows(min_row=2, values_only=True) if row[0] in
+            {r["run_id"] for r in records}]
+    assert sorted(r[0] for r in rows) == sorted(r["run_id"] for r in records)  # one row a run, none twice
+    assert all(str(r[2]).startswith("tpe #") for r in rows)
+    trial_rows = list(book["Trials"].iter_rows(min_row=2, values_only=True))
+    assert len(trial_rows) == len(records) and book["Trials"]._charts
+    assert "Completions" in book.sheetnames and (results / "plots" / "trials.png").exists()
