@@ -49,7 +49,8 @@ def test_notebook_smoke_profile_end_to_end(tmp_path):
     env = {**os.environ, "DPO_RESULTS_DIR": str(tmp_path / "results")}
     subprocess.run(
         [sys.executable, "-m", "papermill", str(NOTEBOOK), str(executed), "-k", "python3",
-         "-p", "profile", "smoke", "-p", "max_steps", "20", "-p", "eval_steps", "10", "--log-output"],
+         "-p", "profile", "smoke", "-p", "max_steps", "8", "-p", "eval_steps", "4",
+         "-p", "sweep_spec", str(ROOT / "configs" / "sweep_tpe_smoke.yaml"), "--log-output"],
         check=True, cwd=ROOT / "notebooks", env=env, timeout=900,
     )
     nb = nbformat.read(executed, as_version=4)
@@ -61,19 +62,21 @@ def test_notebook_smoke_profile_end_to_end(tmp_path):
 
     run = tmp_path / "results" / "run-smoke"
     record = json.loads((run / "record.json").read_text())
-    assert record["train_steps"] == 20 and record["status"] == "finished"
+    assert record["train_steps"] == 8 and record["status"] == "finished"
     assert set(record["final_eval"]) >= {"loss", "rewards/accuracies", "rewards/margins"}
     assert (run / "adapter_model.safetensors").exists()
     report = json.loads((run / "cleaning_report.json").read_text())
     assert report["source"] == "synthetic" and report["kept"] == sum(report["splits"].values())
 
-    # The sweep: configs/sweep_smoke.yaml draws 3 runs; each has a record, the best is published, the workbook made.
+    # The sweep: a 6-trial TPE study (configs/sweep_tpe_smoke.yaml); each trial has a record, the best is published,
+    # the workbook made with its Trials sheet, and the best run's answers while training are shown.
     runs = [d for d in (tmp_path / "results" / "runs").iterdir() if (d / "record.json").exists()]
-    assert len(runs) == 3
+    assert len(runs) == 6 and (tmp_path / "results" / "optuna.db").exists()
     best = json.loads((tmp_path / "results" / "best" / "record.json").read_text())
     assert best["run_id"] in {d.name for d in runs} and f"Best run: {best['run_id']}" in text
     assert (tmp_path / "results" / "best" / "adapter_model.safetensors").exists()
     sheets = openpyxl.load_workbook(tmp_path / "results" / "sweep_results.xlsx").sheetnames
-    assert {"Runs", "History", "Summary", "Samples", "Charts"} <= set(sheets)
+    assert {"Runs", "History", "Summary", "Samples", "Charts", "Trials", "Completions"} <= set(sheets)
     assert (tmp_path / "results" / "plots" / "sweep.png").stat().st_size > 10_000
     assert "Not pushing: no Hub repo id given" in text  # the push cell is skipped cleanly without a repo id
+    assert (tmp_path / "results" / "best-merged" / "config.json").exists()  # the export step
