@@ -95,8 +95,9 @@ def test_sweep_base_reaches_tokenizer_and_data_and_every_run_folder_is_complete(
     assert control["config"] == {**best["config"], "model": "random-twin:offline:gpt2-tiny",
                                  "output_dir": best["config"]["output_dir"] + "-control"}
     sheet = __import__("openpyxl").load_workbook(results / "sweep_results.xlsx")["Runs"]
-    assert any(row[0] == control["run_id"] and row[2] == "random-twin:offline:gpt2-tiny"
-               for row in sheet.iter_rows(values_only=True))
+    rows = [dict(zip(next(sheet.iter_rows(values_only=True)), row)) for row in sheet.iter_rows(values_only=True)]
+    assert any(row["run_id"] == control["run_id"] and row["base model"] == "random-twin:offline:gpt2-tiny"
+               and row["search"] == "control" for row in rows)
     for folder in folders:
         for name in ("adapter_model.safetensors", "adapter_config.json", "run_config.json", "record.json",
                      "cleaning_report.json"):
