@@ -15,7 +15,6 @@ logits to ~1e-6; bfloat16 halves the size at bf16 rounding.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 
 from . import model as model_lib
 from .card import base_model_of
-from .runs import adapter_files, read_run
+from .runs import adapter_files, read_run, replace_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,19 +67,12 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dt
     tokenizer = (AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists()
                  else model_lib.load_tokenizer(base))
 
-    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(staging)  # safetensors
-    tokenizer.save_pretrained(staging)
-    if (folder / "chat_template.jinja").exists() and not (staging / "chat_template.jinja").exists():
-        shutil.copy2(folder / "chat_template.jinja", staging / "chat_template.jinja")
-    old = out.with_name(f".{out.name}.{os.getpid()}.old")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    def fill(staging: Path) -> None:
+        merged.save_pretrained(staging)  # safetensors
+        tokenizer.save_pretrained(staging)
+        if (folder / "chat_template.jinja").exists() and not (staging / "chat_template.jinja").exists():
+            shutil.copy2(folder / "chat_template.jinja", staging / "chat_template.jinja")
+    return replace_folder(out, fill)
 
 
 def main(argv: list[str] | None = None) -> int:

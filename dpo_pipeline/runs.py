@@ -168,20 +168,30 @@ def control_of(config):
     return dataclasses.replace(config, model=CONTROL_PREFIX + config.model, output_dir=config.output_dir + "-control")
 
 
-def publish_best(best: dict, best_dir: str | Path) -> Path:
-    """Copy the best run's inference files and records to a stable folder (replaced atomically as a whole)."""
-    best_dir, source = Path(best_dir), Path(best["config"]["output_dir"])
-    staging = best_dir.with_name(f".{best_dir.name}.{os.getpid()}.tmp")
+def replace_folder(folder: str | Path, fill) -> Path:
+    """Write a folder as a whole: `fill(staging)` writes a temp folder beside it, which then takes its place (a reader
+    sees the old folder or the new one, never half of one)."""
+    folder = Path(folder)
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in adapter_files(source):
-        shutil.copy2(source / name, staging / name)
-    old = best_dir.with_name(f".{best_dir.name}.{os.getpid()}.old")
-    if best_dir.exists():
-        os.replace(best_dir, old)
-    os.replace(staging, best_dir)
+    fill(staging)
+    old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
     shutil.rmtree(old, ignore_errors=True)
-    return best_dir
+    return folder
+
+
+def publish_best(best: dict, best_dir: str | Path) -> Path:
+    """Copy the best run's inference files and records to a stable folder (replaced atomically as a whole)."""
+    source = Path(best["config"]["output_dir"])
+
+    def fill(staging: Path) -> None:
+        for name in adapter_files(source):
+            shutil.copy2(source / name, staging / name)
+    return replace_folder(best_dir, fill)
 
 
 class RunLock:

@@ -326,8 +326,9 @@ def _write_samples(ws, samples: list[dict]) -> None:
     for i, sample in enumerate(samples, start=2):
         lines = 1
         for j, key in enumerate(keys, start=1):
-            text = "" if sample.get(key) is None else str(sample[key])
-            _put(ws, i, j, text).alignment = Alignment(wrap_text=True, vertical="top")
+            value = sample.get(key)
+            text = "" if value is None else str(value)
+            _put(ws, i, j, value if isinstance(value, (int, float)) else text).alignment = Alignment(wrap_text=True, vertical="top")
             lines = max(lines, _lines(text, widths[j - 1]))
         ws.row_dimensions[i].height = min(15 * lines, 400)
     ws.freeze_panes = "B2"

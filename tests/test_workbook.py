@@ -82,9 +82,12 @@ def columns(ws) -> dict[str, int]:
 
 def test_sheets_and_runs_rows_match_the_records(sweep):
     wb, records = sweep["wb"], sweep["records"]
-    assert wb.sheetnames == ["Runs", "Summary", "Charts", "History", "Samples", "ChartData"]
+    assert wb.sheetnames == ["Runs", "Summary", "Charts", "History", "Samples", "Completions", "ChartData"]
+    answers = [row for row in wb["Completions"].iter_rows(min_row=2, values_only=True)]  # answers while training
+    assert answers == [(r["run_id"], c["step"], c["prompt"], c["completion"]) for r in records
+                       for c in r["completions"]] and answers
     ws, col = wb["Runs"], columns(wb["Runs"])
-    for header in ("run_id", "status", "learning rate", "batch size", "grad accum", "beta", "optimizer", "loss type",
+    for header in ("run_id", "status", "search", "learning rate", "batch size", "grad accum", "beta", "optimizer", "loss type",
                    "lora r", "lora alpha", "epochs", "max steps", "max length", "seed", "final train loss",
                    "eval loss", "eval reward accuracy", "eval reward margin", "eval chosen reward",
                    "eval rejected reward", "held-out reward accuracy", "reward ties", "logp accuracy",
