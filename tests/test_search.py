@@ -1,12 +1,7 @@
 """Model-based sweep search (Optuna TPE on a real SQLite study) and tracking: pruning, SIGKILL, several workers."""
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import openpyxl
 import optuna
@@ -18,6 +13,7 @@ from dpo_pipeline import sweep
 from dpo_pipeline.config import ConfigError, RunConfig
 from dpo_pipeline.search import PruneLaggingRun, suggest
 from dpo_pipeline.synthetic import get_synthetic
+from test_sweep import kill_while_a_run_trains, sweep_cmd
 
 TINY = dict(max_steps=4, eval_steps=2, logging_steps=2, batch_size=4, max_length=48, load_in_4bit=False,
             max_pairs=100, max_eval_pairs=16, judge="none", log_completions=1)
@@ -55,33 +51,14 @@ def test_a_run_lagging_the_study_is_pruned_at_an_evaluation(tiny_gpt2, tmp_path)
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
-def sweep_cmd(spec: Path, results: Path) -> list[str]:
-    return [sys.executable, "-m", "dpo_pipeline.sweep", str(spec), "--results-dir", str(results)]
-
-
 @pytest.mark.slow
 def test_tpe_study_survives_sigkill_and_shares_one_sqlite_study_between_workers(tmp_path):
     spec = tmp_path / "tpe.yaml"
     spec.write_text(yaml.safe_dump({"profile": "smoke", "search": "tpe", "trials": 6, "heartbeat_seconds": 1,
                                     "base": TINY, "space": SPACE}))
     results = tmp_path / "results"
-    first = subprocess.Popen(sweep_cmd(spec, results), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill it while a trial trains: a run folder with a lock and no record
-        running = [d for d in (results / "runs").glob("*") if (d / ".lock").exists()
-                   and not (d / "record.json").exists()] if (results / "runs").exists() else []
-        if running:
-            break
-        assert first.poll() is None, "the sweep ended before it could be killed"
-        time.sleep(0.2)
-    else:
-        pytest.fail("no trial in progress seen")
-    time.sleep(1.0)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    done_before, running = kill_while_a_run_trains(sweep_cmd(spec, results), results)
     killed = running[0]
-    done_before = [d for d in (results / "runs").iterdir() if (d / "record.json").exists()]
 
     workers = [subprocess.Popen(sweep_cmd(spec, results), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for _ in range(2)]

@@ -35,6 +35,27 @@ def run_dirs(results: Path) -> list[Path]:
     return sorted(p for p in (results / "runs").iterdir() if p.is_dir())
 
 
+def kill_while_a_run_trains(cmd: list[str], results: Path, after_one_finished: bool = False):
+    """Start a sweep command and SIGKILL it while a run trains (a run folder with a lock and no record); returns
+    the run folders (finished, in progress) at that moment."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        dirs = run_dirs(results) if (results / "runs").exists() else []
+        done = [d for d in dirs if (d / "record.json").exists()]
+        running = [d for d in dirs if (d / ".lock").exists() and not (d / "record.json").exists()]
+        if running and (done or not after_one_finished):
+            break
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.2)
+    else:
+        pytest.fail("no run in progress seen")
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return done, running
+
+
 def test_grid_and_random_draws_and_stable_ids(tmp_path):
     spec = sweep.SweepSpec(grid={"learning_rate": [1e-3, 1e-4], "beta": [0.1, 0.5]}, base={"max_steps": 5},
                            profile="smoke")
@@ -127,23 +148,8 @@ def test_sigkill_mid_run_then_restart_gives_exactly_one_row_per_config(tmp_path)
     steps = 300 if torch.cuda.is_available() else 8  # a run on a GPU must last long enough to be killed mid-way
     spec = write_spec(tmp_path / "sweep.yaml", {"learning_rate": [1e-3, 5e-4, 2e-4]}, steps=steps)
     results = tmp_path / "results"
-    proc = subprocess.Popen(sweep_cmd(spec, results), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 300
     # Kill it while a run is in progress after at least one finished: a lock and no record in some run folder.
-    while time.time() < deadline:
-        dirs = run_dirs(results) if (results / "runs").exists() else []
-        done = [d for d in dirs if (d / "record.json").exists()]
-        running = [d for d in dirs if (d / ".lock").exists() and not (d / "record.json").exists()]
-        if done and running:
-            break
-        assert proc.poll() is None, "the sweep ended before it could be killed"
-        time.sleep(0.2)
-    else:
-        pytest.fail("no run in progress seen")
-    time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    done, running = kill_while_a_run_trains(sweep_cmd(spec, results), results, after_one_finished=True)
     killed_run = running[0]
     assert (killed_run / ".lock").exists() and not (killed_run / "record.json").exists()
     first_done = {d: (d / "record.json").read_bytes() for d in done}
