@@ -33,7 +33,6 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime as dt
-import gc
 import json
 import os
 import platform
@@ -211,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["DPO_REF_CACHE"] = str(tmp / "ref_cache")  # a private cache: the first tuned run is a miss
     base = RunConfig(model="offline:gpt2-124m", load_in_4bit=opts.gpu, source=HH_SAMPLE, max_eval_pairs=8,
                      max_length=512 if opts.gpu else 256, batch_size=batch, max_steps=steps, learning_rate=5e-5,
-                     eval_steps=steps + 1, logging_steps=1, trl_args={"eval_strategy": "no"})
+                     eval_steps=steps + 1, logging_steps=1, trl_args={"eval_strategy": "no"},
+                     report_to="none", log_completions=0)  # training alone is timed: no trackers, no answers
     data = prepare_data(base)
     if len(data.train) < steps * batch:
         raise SystemExit(f"error: {HH_SAMPLE} has {len(data.train)} clean training pairs; {steps * batch} needed")

@@ -166,7 +166,9 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
         trainer.save_model(str(out))  # adapter (safetensors) + tokenizer; the base weights stay where they were
     train_losses = [e["loss"] for e in history if "loss" in e]
     pairs_seen = steps * config.batch_size * config.grad_accum * trainer.args.world_size  # all ranks
-    train_time = wall - sum(e.get("eval_runtime", 0.0) for e in history)  # throughput of training, not eval
+    answering = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CompletionsCallback)), None)
+    # throughput of training, not of evaluations or answers to the completion prompts
+    train_time = wall - sum(e.get("eval_runtime", 0.0) for e in history) - (answering.seconds if answering else 0.0)
     evaluation = preference_eval(trainer.model, tokenizer, data.test, config.beta, config.max_length,
                                  config.batch_size) if main else {"adapter": {}, "base": {}}
     judged = {}
@@ -186,8 +188,7 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
         wall_time_s=round(wall, 2), pairs_per_second=round(pairs_seen / train_time, 3) if train_time > 0 else 0.0,
         adapter_path=str(out.resolve()), model_info=model_lib.describe_model(trainer.model, config.model),
         run_id=out.name, evaluation=evaluation["adapter"], base_evaluation=evaluation["base"], judged=judged,
-        completions=next((cb.rows() for cb in trainer.callback_handler.callbacks
-                          if isinstance(cb, CompletionsCallback)), []),
+        completions=answering.rows() if answering else [],
     )
     if main:
         record.save(out / "record.json")

@@ -13,6 +13,7 @@ trackio, so one can watch how the answers change over the steps.
 from __future__ import annotations
 
 import json
+import time
 
 from transformers import GenerationConfig
 from transformers.integrations import TensorBoardCallback, is_tensorboard_available
@@ -43,6 +44,7 @@ class CompletionsCallback(LogCompletionsCallback):
                                                    pad_token_id=trainer.processing_class.pad_token_id))
         self.eval_dataset = {"prompt": list(prompts)}  # TRL reads only the "prompt" column: the raw text
         self.run_config = run_config
+        self.seconds = 0.0  # spent answering: not training time (the record's pairs/s leaves it out)
 
     def on_train_begin(self, args, state, control, **kwargs):
         # Transformers' TensorBoard callback logs TRL's DPOConfig; the project's own settings (model, LoRA, data)
@@ -54,13 +56,14 @@ class CompletionsCallback(LogCompletionsCallback):
     def on_step_end(self, args, state, control, **kwargs):
         tokenizer, model = kwargs["processing_class"], self.trainer.model
         padding_side, training = tokenizer.padding_side, model.training
-        logged = len(self.table)
+        logged, start = len(self.table), time.perf_counter()
         model.eval()  # no LoRA dropout while answering
         try:
             super().on_step_end(args, state, control, **kwargs)  # generates, and logs to W&B / Comet
         finally:
             tokenizer.padding_side = padding_side  # TRL leaves it on "left"; training collates on the right
             model.train(training)
+            self.seconds += time.perf_counter() - start
         new = self.table[logged:]
         if not new or not state.is_world_process_zero:
             return
