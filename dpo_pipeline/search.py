@@ -18,10 +18,15 @@ duplicated. The workbook is rebuilt from the run records, never from the databas
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import optuna
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from transformers import TrainerCallback
+
+from .config import ConfigError
 
 # What the pruner compares at each evaluation: the validation reward accuracy TRL logs (higher is better).
 INTERMEDIATE = "eval_rewards/accuracies"
@@ -60,11 +65,16 @@ def open_study(spec, results_dir: Path) -> optuna.Study:
     """The sweep's study, created on first use; every worker that opens it shares its trials."""
     results_dir.mkdir(parents=True, exist_ok=True)
     url = spec.storage or f"sqlite:///{(results_dir / 'optuna.db').resolve()}"
-    storage = optuna.storages.RDBStorage(
-        url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-        heartbeat_interval=spec.heartbeat_seconds, grace_period=2 * spec.heartbeat_seconds,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-    )
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the heartbeat's notice
+    try:
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+            heartbeat_interval=spec.heartbeat_seconds, grace_period=2 * spec.heartbeat_seconds,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+        )
+    except (ImportError, ValueError, SQLAlchemyError) as err:  # no driver, a bad URL, no server
+        shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+        raise ConfigError(f"cannot open the study storage {shown}: {str(err).splitlines()[0]}") from None
     # Each worker its own seed: two workers with one seed would propose the same settings. TPE's default of 10
     # random trials would be all of a small study; it models the results after a third of the trials (at least 2).
     sampler = optuna.samplers.TPESampler(seed=(spec.sample_seed * 1_000_003 + os.getpid()) % 2**32,

@@ -53,7 +53,8 @@ class SweepSpec:
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"{path}: cannot read the sweep file ({str(err).splitlines()[0]})") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping with 'grid' (and optionally 'base', 'profile')")
+            raise ConfigError(f"{path}: expected a mapping with 'grid' or 'search: tpe' (and optionally 'base', "
+                              "'profile')")
         known = {f.name for f in dataclasses.fields(cls)}
         for key in raw:
             if key not in known:

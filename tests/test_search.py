@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dpo_pipeline import sweep
 from dpo_pipeline.config import ConfigError, RunConfig
-from dpo_pipeline.search import PruneLaggingRun, suggest
+from dpo_pipeline.search import PruneLaggingRun, open_study, suggest
 from dpo_pipeline.synthetic import get_synthetic
 from test_sweep import kill_while_a_run_trains, sweep_cmd
 
@@ -35,6 +35,15 @@ def test_space_draws_ranges_and_choices_and_bad_specs_are_one_line(tmp_path):
         with pytest.raises(ConfigError, match=expected) as err:
             sweep.SweepSpec.from_file(path)
         assert "bad.yaml" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_study_storage_that_cannot_open_is_one_line_without_its_password(tmp_path):
+    for url, why in [("postgresql://me:s3cret@localhost/db", "DB access module"),
+                     (f"sqlite:///{tmp_path}/no/such/dir/study.db", "unable to open")]:
+        spec = sweep.SweepSpec(search="tpe", trials=2, space={"beta": [0.1]}, storage=url, study="s")
+        with pytest.raises(ConfigError, match=why) as err:
+            open_study(spec, tmp_path)
+        assert "s3cret" not in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.slow
