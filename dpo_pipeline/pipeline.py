@@ -172,14 +172,15 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
     evaluation = preference_eval(trainer.model, tokenizer, data.test, config.beta, config.max_length,
                                  config.batch_size) if main else {"adapter": {}, "base": {}}
     judged = {}
-    if main and config.judge not in (None, "", "none") and trainer.args.world_size > 1:
-        judged = {"error": "not judged in a data-parallel run: run python -m dpo_pipeline.evaluate on the adapter"}
-    elif main and config.judge not in (None, "", "none"):  # "none" turns off a profile's judge from a file or flag
-        try:
-            judged = judge_policy(config, data, trainer.model, tokenizer, out)
-        except JudgeError as err:  # the trained run is kept; the record says why it has no judged numbers
-            judged = {"error": str(err)}
-            print(f"judged generations skipped: {err}", flush=True)
+    if main and config.judge not in (None, "", "none"):  # "none" turns off a profile's judge from a file or flag
+        if trainer.args.world_size > 1:  # rank 0 alone would generate inside the process group
+            judged = {"error": "not judged in a data-parallel run: run python -m dpo_pipeline.evaluate on the adapter"}
+        else:
+            try:
+                judged = judge_policy(config, data, trainer.model, tokenizer, out)
+            except JudgeError as err:  # the trained run is kept; the record says why it has no judged numbers
+                judged = {"error": str(err)}
+                print(f"judged generations skipped: {err}", flush=True)
     record = RunRecord(
         config=config.to_dict(), status="finished", train_pairs=len(trainer.train_dataset),
         eval_pairs=len(trainer.eval_dataset), train_steps=steps,

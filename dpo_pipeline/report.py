@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .runs import rule_value
+from .runs import rule_value, tpe_trials
 
 
 def show_examples(dataset, n: int = 3, width: int = 300) -> pd.DataFrame:
@@ -121,8 +121,7 @@ def plot_trials(records: list[dict], by: str = "reward_accuracy"):
     """The best-run rule's number against the trial of a model-based (TPE) search, with the best so far."""
     from matplotlib.figure import Figure
 
-    trials = sorted((r for r in records if (r.get("search") or {}).get("method") == "tpe"),
-                    key=lambda r: r["search"]["trial"])
+    trials = tpe_trials(records)
     fig = Figure(figsize=(8, 3.6))
     ax = fig.subplots()
     for status, colour in (("finished", "tab:blue"), ("pruned", "tab:orange"), ("failed", "tab:red")):
@@ -147,7 +146,7 @@ def save_plots(records: list[dict], plots_dir, best_run_id: str | None = None, b
     returns the paths written."""
     plots_dir = Path(plots_dir)
     paths = [plot_run(r, plots_dir / f"{r.get('run_id')}.png") for r in records if r.get("log_history")]
-    if any((r.get("search") or {}).get("method") == "tpe" for r in records):
+    if tpe_trials(records):
         paths.append(_save(plot_trials(records, best_by), plots_dir / "trials.png"))
     return paths + [plot_sweep(records, plots_dir / "sweep.png", best_run_id)]
 

@@ -146,6 +146,12 @@ def search_label(record: dict) -> str:
     return f"tpe #{search.get('trial')}" if method == "tpe" else method
 
 
+def tpe_trials(records: list[dict]) -> list[dict]:
+    """The runs a TPE search made, in trial order (empty for a grid or random sweep)."""
+    return sorted((r for r in records if (r.get("search") or {}).get("method") == "tpe"),
+                  key=lambda r: r["search"]["trial"])
+
+
 def pick_best(records: list[dict], by: str = "reward_accuracy") -> dict | None:
     """The best finished run by BEST_RULES[by], or None when no run finished (control runs never count)."""
     if by not in BEST_RULES:

@@ -9,10 +9,10 @@
 
 The study lives in a database: SQLite under results/ by default, or any SQLAlchemy URL (`storage:`, e.g.
 postgresql://host/db) so several processes, GPUs and machines share one study; start the same sweep command in each.
-A trial is an ordinary sweep run (sweep.run_tpe runs it with sweep.run_sweep: its folder, lock and record), so a study's runs are read,
-plotted and published like a grid's. Optuna's heartbeat marks the trial of a worker that died (SIGKILL, preemption)
-as failed and queues its settings again; they resolve to the same run folder, so the cut-off run is redone, never
-duplicated. The workbook is rebuilt from the run records, never from the database.
+A trial is an ordinary sweep run (sweep.run_tpe runs it with sweep.run_sweep: its folder, lock and record), so a
+study's runs are read, plotted and published like a grid's. Optuna's heartbeat marks the trial of a worker that died
+(SIGKILL, preemption) as failed and queues its settings again; they resolve to the same run folder, so the cut-off
+run is redone, never duplicated. The workbook is rebuilt from the run records, never from the database.
 """
 
 from __future__ import annotations
@@ -61,6 +61,11 @@ class PruneLaggingRun(TrainerCallback):
             control.should_training_stop = True
 
 
+def shown_url(url: str) -> str:
+    """A storage URL as it may be printed or written: the password hidden."""
+    return make_url(url).render_as_string(hide_password=True) if "://" in url else url
+
+
 def open_study(spec, results_dir: Path) -> optuna.Study:
     """The sweep's study, created on first use; every worker that opens it shares its trials."""
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -73,8 +78,7 @@ def open_study(spec, results_dir: Path) -> optuna.Study:
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
         )
     except (ImportError, ValueError, SQLAlchemyError) as err:  # no driver, a bad URL, no server
-        shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
-        raise ConfigError(f"cannot open the study storage {shown}: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"cannot open the study storage {shown_url(url)}: {str(err).splitlines()[0]}") from None
     # Each worker its own seed: two workers with one seed would propose the same settings. TPE's default of 10
     # random trials would be all of a small study; it models the results after a third of the trials (at least 2).
     sampler = optuna.samplers.TPESampler(seed=(spec.sample_seed * 1_000_003 + os.getpid()) % 2**32,

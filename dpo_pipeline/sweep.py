@@ -5,9 +5,10 @@ durable record per run.
     python -m dpo_pipeline.sweep configs/sweep_tpe_smoke.yaml # a TPE study; start it in several shells to share it
 
 A sweep file names the profile it starts from, `base:` settings every run shares and a `grid:` of values (any
-RunConfig field), or `search: tpe` with `trials:` and a `space:` of ranges (search.py). Each run lives in `results/runs/<run-id>/`, the id a hash of its config. Its `record.json` is
-written atomically when the run ends, finished or failed, so a sweep killed at any moment and started again skips
-the runs that have a record and redoes the one that was cut off. A lock file per run lets several sweep processes
+RunConfig field), or `search: tpe` with `trials:` and a `space:` of ranges (search.py). Each run lives in
+`results/runs/<run-id>/`, the id a hash of its config. Its `record.json` is written atomically when the run ends,
+finished or failed, so a sweep killed at any moment and started again skips the runs that have a record and redoes
+the one that was cut off. A lock file per run lets several sweep processes
 share one results folder: a run locked by a live process is waited for, a dead process's lock is taken over.
 """
 
@@ -201,9 +202,9 @@ def search_info(spec: SweepSpec) -> dict:
     """How the sweep searched, for the workbook's Summary (a database password never reaches the file)."""
     if spec.search != "tpe":
         return {"search": "random" if spec.random_samples else "grid", "grid": spec.grid}
-    from sqlalchemy.engine import make_url
+    from .search import shown_url
 
-    storage = make_url(spec.storage).render_as_string(hide_password=True) if spec.storage else "sqlite (results)"
+    storage = shown_url(spec.storage) if spec.storage else "sqlite (results)"
     return {"search": "tpe (Optuna)" + (", median pruning" if spec.prune else ""), "study": spec.study,
             "storage": storage, "trials": spec.trials, "space": spec.space}
 

@@ -54,6 +54,9 @@ class CompletionsCallback(LogCompletionsCallback):
             writer.add_text("run_config", f"```\n{json.dumps(self.run_config, indent=2, default=str)}\n```")
 
     def on_step_end(self, args, state, control, **kwargs):
+        # TRL's own check, made first so that the steps in between do not switch the model to eval and back.
+        if state.global_step == self._last_logged_step or state.global_step % (self.freq or state.eval_steps):
+            return
         tokenizer, model = kwargs["processing_class"], self.trainer.model
         padding_side, training = tokenizer.padding_side, model.training
         logged, start = len(self.table), time.perf_counter()

@@ -23,7 +23,7 @@ from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.utils import get_column_letter
 
 from .report import history_frame
-from .runs import pick_best, rule_value, search_label  # the runner-up is the best of the rest by the sweep's own rule
+from .runs import pick_best, rule_value, search_label, tpe_trials  # pick_best: the runner-up by the sweep's rule
 
 BASELINE_LABEL = "base model (no adapter)"
 BEST_FILL = PatternFill("solid", fgColor="C6EFCE")  # Excel's own "good" green
@@ -328,7 +328,8 @@ def _write_samples(ws, samples: list[dict]) -> None:
         for j, key in enumerate(keys, start=1):
             value = sample.get(key)
             text = "" if value is None else str(value)
-            _put(ws, i, j, value if isinstance(value, (int, float)) else text).alignment = Alignment(wrap_text=True, vertical="top")
+            cell = _put(ws, i, j, value if isinstance(value, (int, float)) else text)  # numbers stay numbers
+            cell.alignment = Alignment(wrap_text=True, vertical="top")
             lines = max(lines, _lines(text, widths[j - 1]))
         ws.row_dimensions[i].height = min(15 * lines, 400)
     ws.freeze_panes = "B2"
@@ -337,8 +338,7 @@ def _write_samples(ws, samples: list[dict]) -> None:
 
 def _write_trials(ws, records, best_by: str) -> None:
     """A TPE search's runs in trial order: the number the best-run rule ranks by, the best so far, and a chart."""
-    trials = sorted((r for r in records if (r.get("search") or {}).get("method") == "tpe"),
-                    key=lambda r: r["search"]["trial"])
+    trials = tpe_trials(records)
     _header(ws, 1, ["trial", "run_id", "status", best_by.replace("_", " "), "best so far"], [7, 24, 9, 12, 12])
     best = None
     for i, rec in enumerate(trials, start=2):
@@ -391,7 +391,7 @@ def build_workbook(records: list[dict], path, *, best_run_id: str | None, best_r
     completions = [{"run_id": r.get("run_id"), **row} for r in records for row in r.get("completions") or []]
     if completions:
         _write_samples(wb.create_sheet("Completions"), completions)
-    if any((r.get("search") or {}).get("method") == "tpe" for r in records):
+    if tpe_trials(records):
         _write_trials(wb.create_sheet("Trials"), records, best_by)
     _write_charts(charts, wb.create_sheet("ChartData"), records, best_run_id)
 
