@@ -65,6 +65,7 @@ class RunConfig:
     gradient_checkpointing: bool = False  # TRL turns it on by default; small models train faster without it
     precision: str = "auto"  # fp32 | bf16 | fp16 autocast; auto picks by hardware (model.mixed_precision)
     precompute_ref: bool = True  # reference log-probs computed once, cached on disk and shared (refcache.py)
+    packing: bool = True  # each pair one sequence, its prompt once; pairs share rows, no padding (packing.py)
     judge: str | None = None  # judged generations after training: "proxy" (a reward model trained here on the train
     judge_prompts: int = 32  # split), a Hub reward model id, a folder, or "none"; on this many validation (else
     # test) prompts

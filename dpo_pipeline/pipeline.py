@@ -89,12 +89,12 @@ def build_trainer(config: RunConfig, data: PreferenceData, tokenizer=None) -> DP
     tokenizer = tokenizer or model_lib.load_tokenizer(config.model)
     base = model_lib.load_base_model(config.model, load_in_4bit=config.load_in_4bit)
     base = model_lib.prepare_for_training(base, args.gradient_checkpointing)
-    trainer_class = CachedRefDPOTrainer if config.trainer == "tuned" else DPOTrainer
-    trainer = trainer_class(
+    tuned = {"packing": config.packing} if config.trainer == "tuned" else {}
+    trainer = (CachedRefDPOTrainer if tuned else DPOTrainer)(
         model=base, ref_model=None, args=args, train_dataset=data.train, eval_dataset=data.monitor,
         processing_class=tokenizer, callbacks=[StopOnNonFiniteLoss()],
         peft_config=model_lib.lora_config(base, config.lora_r, config.lora_alpha, config.lora_dropout,
-                                          config.lora_targets),
+                                          config.lora_targets), **tuned,
     )
     if config.log_completions > 0:
         trainer.add_callback(CompletionsCallback(trainer, data.monitor["prompt"][:config.log_completions],

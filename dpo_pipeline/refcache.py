@@ -28,6 +28,7 @@ from datasets import Dataset
 from trl import DPOTrainer
 
 from .config import cache_dir
+from .packing import PackingCollator, add_packed_forward
 
 CACHE_FORMAT = 2  # bump when what is stored, or how it is computed, changes
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -118,16 +119,32 @@ class CachedRefDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer whose precomputed reference log-probs are kept on disk and shared between runs.
 
     `ref_cache_events`: per split, its key, pairs, whether it was a hit, seconds. Also on a CPU, the LM head scores
-    only the completion tokens (`lean_lm_head`), as TRL does on GPUs.
+    only the completion tokens (`lean_lm_head`), as TRL does on GPUs; `packing=True` trains and precomputes on
+    shared-prompt packed rows (packing.py).
     """
 
     LEAN_LM_HEAD = True  # a class switch, for measuring (benchmarks/bench.py)
 
-    def __init__(self, *args, ref_cache_dir: str | Path | None = None, **kwargs):
+    def __init__(self, *args, ref_cache_dir: str | Path | None = None, packing: bool = False, **kwargs):
         self.ref_cache_path = Path(ref_cache_dir or os.environ.get("DPO_REF_CACHE", cache_dir() / "ref_logps"))
         self.ref_cache_events: list[dict] = []
         self._base_fingerprint: str | None = None
+        self.packing = packing
         super().__init__(*args, **kwargs)
+        self._use_packing()
+
+    def _use_packing(self) -> None:
+        """Packed batches from the collator, and a model forward that takes them; once, before the first forward
+        (TRL's __init__ precomputes the reference log-probs after it has given the model its fused LM head)."""
+        if not self.packing or isinstance(self.data_collator, PackingCollator):
+            return
+        if self.args.truncation_mode != "keep_start":
+            raise ValueError("packing keeps the start of long pairs: set truncation_mode='keep_start' or packing=False")
+        model = self.accelerator.unwrap_model(self.model)
+        for lm in (model.get_base_model() if hasattr(model, "get_base_model") else model, self.ref_model):
+            if lm is not None:
+                add_packed_forward(lm)
+        self.data_collator = PackingCollator(self.data_collator, self.args.max_length)
 
     def _key_parts(self, dataset: Dataset) -> dict:
         import trl
@@ -144,12 +161,13 @@ class CachedRefDPOTrainer(DPOTrainer):
             "data": token_fingerprint(dataset), "max_length": self.args.max_length,
             "truncation_mode": self.args.truncation_mode, "ld_alpha": self.ld_alpha,
             "precision": [str(param.dtype), self.args.bf16, self.args.fp16, json.dumps(quant, default=str)],
-            "device": self.accelerator.device.type,
+            "device": self.accelerator.device.type, "packing": self.packing,  # the same values, other rounding
         }
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         from accelerate.utils import broadcast_object_list
 
+        self._use_packing()
         start = time.perf_counter()
         parts = self._key_parts(dataset)
         key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]

@@ -1,0 +1,165 @@
+"""Shared-prompt packing: each preference pair is one sequence (its prompt once, then the chosen answer, then the
+rejected one) and several pairs share a row. No padding between pairs, and no prompt is run twice.
+
+TRL 1.16 turns `padding_free` off for DPO ("temporarily unavailable after a refactor"), and padding-free alone
+would still run each prompt twice. So this module does it: `PackingCollator` adds the packed layout to TRL's batch,
+and `add_packed_forward` makes the model, when it is given that layout, run on it and return the per-token
+log-probs in TRL's own layout ([chosen rows; rejected rows] x positions). TRL's losses, metrics and reference
+precompute then run unchanged.
+
+One pair in a row (prompt p1..pn, chosen c1..ca, rejected r1..rb; pn' is a copy of pn at pn's position, so the
+rejected side starts exactly where the chosen side does):
+
+    tokens     p1 .. pn-1  pn   c1 .. ca    pn'  r1 .. rb
+    position   0  .. n-2   n-1  n  .. n+a-1 n-1  n  .. n+b-1
+    side       0  .. 0     1    1  .. 1     2    2  .. 2
+    predicts   -  .. -     c1   c2 .. -     r1   r2 .. -
+
+A token attends to the earlier tokens of its own pair, except that side 2 never sees side 1. The mask is 4-D, which
+transformers takes as given (sdpa and eager attention). Truncation is TRL's keep_start: each of prompt+chosen and
+prompt+rejected is cut to max_length.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+
+import torch
+from trl.trainer.utils import FusedCausalLMOutput
+
+IGNORE = -100
+PACKED_FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+ATTENTION = ("sdpa", "eager")  # implementations that take a 4-D mask; flash attention would need varlen instead
+
+
+def pair_segment(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int | None) -> dict:
+    """One pair's packed tokens, positions, sides and next-token labels; `n`, `a`, `b` are the kept lengths."""
+    n = len(prompt) if max_length is None else min(len(prompt), max_length)
+    a = len(chosen) if max_length is None else min(len(chosen), max_length - n)
+    b = len(rejected) if max_length is None else min(len(rejected), max_length - n)
+    copy = [prompt[n - 1]] if n and b else []
+    tokens = prompt[:n] + chosen[:a] + copy + rejected[:b]
+    positions = list(range(n + a)) + ([n - 1] if copy else []) + list(range(n, n + b))
+    sides = [0] * max(n - 1, 0) + [1] * (min(n, 1) + a) + [2] * (len(copy) + b)
+    shifted = lambda answer: answer[1:] + [IGNORE] if answer else []  # each answer token predicts the next
+    # pn predicts c1; with no prompt the first answer token is not predicted (as in TRL's shifted labels)
+    labels = ([IGNORE] * max(n - 1, 0) + ([chosen[0] if a else IGNORE] if n else []) + shifted(chosen[:a])
+              + rejected[:len(copy)] + shifted(rejected[:b]))
+    return dict(tokens=tokens, positions=positions, sides=sides, labels=labels, n=n, a=a, b=b)
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: pair indices per row, each row holding at most `capacity` tokens (a longer pair gets a
+    row of its own)."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fit = next((r for r, left in enumerate(room) if lengths[i] <= left), None)
+        if fit is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[fit].append(i)
+            room[fit] -= lengths[i]
+    return rows
+
+
+def pack_batch(examples: list[dict], max_length: int | None, width: int, pad_token_id: int,
+               capacity: int) -> dict[str, torch.Tensor]:
+    """The packed layout of a batch; `width` is the sequence width of TRL's padded batch, for the `dst` index."""
+    segments = [pair_segment(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"], max_length) for e in examples]
+    rows = pack_rows([len(s["tokens"]) for s in segments], capacity)
+    length = max(sum(len(segments[i]["tokens"]) for i in row) for row in rows)
+    shape = (len(rows), length)
+    ids, pos = torch.full(shape, pad_token_id), torch.zeros(shape, dtype=torch.long)
+    segment, side, labels = torch.full(shape, -1), torch.zeros(shape, dtype=torch.long), torch.full(shape, IGNORE)
+    src, dst, pairs = [], [], len(examples)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            s = segments[i]
+            span = slice(start, start + len(s["tokens"]))
+            ids[r, span], pos[r, span] = torch.tensor(s["tokens"]), torch.tensor(s["positions"])
+            segment[r, span], side[r, span], labels[r, span] = i, torch.tensor(s["sides"]), torch.tensor(s["labels"])
+            # where each predicted token sits in TRL's layout: row i (chosen) or pairs + i (rejected), column t for
+            # the token at t + 1
+            n, a, b = s["n"], s["a"], s["b"]
+            chosen_cols = list(range(max(n - 1, 0), n + a - 1))
+            rejected_cols = list(range(max(n - 1, 0), n + b - 1))
+            scored = [start + j for j, label in enumerate(s["labels"]) if label != IGNORE]
+            src += [r * length + j for j in scored]
+            dst += [i * (width - 1) + t for t in chosen_cols] + [(pairs + i) * (width - 1) + t for t in rejected_cols]
+            start += len(s["tokens"])
+    assert len(src) == len(dst)
+    return dict(input_ids=ids, position_ids=pos, segment=segment, side=side, shift_labels=labels,
+                src=torch.tensor(src, dtype=torch.long), dst=torch.tensor(dst, dtype=torch.long))
+
+
+class PackingCollator:
+    """TRL's preference collator plus the packed layout under "packed" (TRL's tensors stay: its loss reads the
+    completion mask and the labels from them)."""
+
+    def __init__(self, collator, max_length: int | None):
+        self.collator, self.max_length = collator, max_length
+        # a pair is at most 2 x max_length tokens; rows that long keep the dense mask's attention cost small next
+        # to the linear layers' (GPT-2 124M at 1,024 tokens: ~0.2x)
+        self.capacity = 2 * max_length if max_length else 2048
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collator(examples)
+        batch["packed"] = pack_batch(examples, self.max_length, batch["input_ids"].shape[1],
+                                     self.collator.pad_token_id, self.capacity)
+        return batch
+
+
+def attention_mask(packed: dict, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, 1, L, L]: same pair, causal, and the rejected side blind to the chosen side. Padding attends to
+    padding, so no query row is empty (an empty softmax row is NaN)."""
+    segment, side = packed["segment"], packed["side"]
+    length = segment.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
+    allowed = (segment[:, :, None] == segment[:, None, :]) & causal
+    allowed &= ~((side[:, :, None] == 2) & (side[:, None, :] == 1))
+    if implementation == "eager":  # eager attention adds the mask to the scores
+        return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[:, None]
+    return allowed[:, None]
+
+
+def add_packed_forward(model) -> None:
+    """Wrap the forward TRL gave the model (`add_fused_lm_head`): called with `packed=`, it runs on the packed rows
+    and returns TRL's per-token fields in TRL's layout. Without `packed`, the forward is unchanged."""
+    if getattr(model, "packed_forward", False):
+        return
+    implementation = model.config._attn_implementation
+    if implementation not in ATTENTION:
+        raise ValueError(f"packing needs {' or '.join(ATTENTION)} attention, the model has {implementation!r}: "
+                         "set packing=False")
+    fused = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, packed=None, **kwargs):
+        if packed is None:
+            return fused(*args, **kwargs)
+        if not kwargs.get("fused_lm_head"):
+            raise ValueError("a packed batch is scored through TRL's fused LM head (fused_lm_head=True)")
+        rows, width = kwargs.pop("input_ids").shape  # TRL's [chosen; rejected] layout: the shape of the answer
+        kwargs.pop("attention_mask", None)
+        kwargs.pop("labels", None)
+        dtype = self.get_input_embeddings().weight.dtype
+        out = fused(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                    attention_mask=attention_mask(packed, implementation, dtype if dtype.is_floating_point else
+                                                  torch.float32),
+                    shift_labels=packed["shift_labels"], **kwargs)
+
+        def unpack(values):
+            if values is None:
+                return None
+            flat = values.reshape(-1)[packed["src"]]
+            return flat.new_zeros(rows * (width - 1)).index_copy(0, packed["dst"], flat).view(rows, width - 1)
+
+        return FusedCausalLMOutput(loss=out.loss, aux_loss=out.aux_loss,
+                                   **{name: unpack(getattr(out, name)) for name in PACKED_FIELDS})
+
+    model.forward = types.MethodType(forward, model)
+    model.packed_forward = True

@@ -1,0 +1,97 @@
+"""Shared-prompt packing (packing.py): the packed rows give TRL the same labels, log-probs and losses as TRL's own
+padded [chosen; rejected] batches, for GPT-2 (learned positions) and Llama (rotary positions), sdpa and eager."""
+
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import add_fused_lm_head
+
+from dpo_pipeline.config import RunConfig
+from dpo_pipeline.packing import IGNORE, PackingCollator, add_packed_forward
+from dpo_pipeline.pipeline import build_trainer
+from dpo_pipeline.synthetic import get_synthetic
+
+# (prompt, chosen, rejected) lengths: ordinary pairs, no prompt, no rejected, no chosen, and pairs cut by max_length
+SHAPES = [(5, 3, 4), (0, 2, 3), (7, 1, 0), (12, 9, 2), (3, 0, 5), (20, 20, 20), (1, 1, 1)]
+
+
+def pairs(vocab: int = 500, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    ids = lambda k: [rng.randrange(1, vocab) for _ in range(k)]
+    return [dict(prompt_ids=ids(n), chosen_ids=ids(a), rejected_ids=ids(b)) for n, a, b in SHAPES]
+
+
+def trl_labels(batch: dict) -> torch.Tensor:
+    return batch["input_ids"].masked_fill(batch["completion_mask"] == 0, IGNORE)
+
+
+@pytest.mark.parametrize("max_length", [None, 16, 30])
+@pytest.mark.parametrize("capacity", [25, 4096])  # several rows, or every pair in one row
+def test_every_packed_label_lands_where_trl_scores_it(max_length, capacity):
+    collator = PackingCollator(DataCollatorForPreference(pad_token_id=0, max_length=max_length), max_length)
+    collator.capacity = capacity
+    batch = collator(pairs())
+    packed, (rows, width) = batch["packed"], batch["input_ids"].shape
+    assert packed["input_ids"].numel() < batch["input_ids"].numel()  # fewer positions than TRL's padded batch
+    if capacity == 25:
+        assert packed["input_ids"].shape[0] > 1 and packed["input_ids"].shape[1] <= max(25, 2 * (max_length or 40))
+    scored = packed["shift_labels"].reshape(-1)[packed["src"]]
+    back = torch.full((rows * (width - 1),), IGNORE).index_copy(0, packed["dst"], scored).view(rows, width - 1)
+    assert torch.equal(back, trl_labels(batch)[:, 1:])
+
+
+def tiny_llama(path):
+    config = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_packed_forward_gives_trl_the_same_per_token_values(tiny_gpt2, tmp_path, architecture, attention):
+    path = tiny_gpt2 if architecture == "gpt2" else tiny_llama(tmp_path / "llama")
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention, dtype=torch.float32).eval()
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    add_packed_forward(model)
+    collator = PackingCollator(DataCollatorForPreference(pad_token_id=0, max_length=30), 30)
+    collator.capacity = 40
+    batch = collator(pairs())
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=trl_labels(batch),
+                  fused_lm_head=True)
+    with torch.no_grad():
+        padded, packed = model(**inputs), model(**inputs, packed=batch["packed"])
+    for field in ("log_probs", "entropy", "mean_logits"):
+        assert torch.allclose(getattr(packed, field), getattr(padded, field), atol=1e-5), field
+    assert torch.equal(packed.label_mask, padded.label_mask) and torch.equal(packed.is_top1, padded.is_top1)
+    assert padded.log_probs.abs().sum() > 0
+
+
+@pytest.mark.parametrize("micro", [1, 4])  # one pair per forward, or four pairs packed into shared rows
+def test_packed_training_logs_the_same_losses(tiny_gpt2, tmp_path, micro):
+    synthetic = get_synthetic(n_pairs=200, seed=0)
+    losses, ref = {}, {}
+    for packing in (False, True):
+        config = RunConfig(model=tiny_gpt2, load_in_4bit=False, learning_rate=1e-3, batch_size=4, max_steps=3,
+                           max_length=48, logging_steps=1, eval_steps=100, precision="fp32", packing=packing,
+                           micro_batch_size=micro, output_dir=str(tmp_path / f"p{packing}"), log_completions=0,
+                           report_to="none", trl_args={"eval_strategy": "no"})
+        trainer = build_trainer(config, synthetic)
+        assert isinstance(trainer.data_collator, PackingCollator) == packing
+        ref[packing] = torch.tensor(trainer.train_dataset["ref_chosen_logps"])  # precomputed, packed or not
+        trainer.train()
+        losses[packing] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses[True]) == 3 and losses[True][-1] != losses[True][0]  # it trained
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4), losses
+    assert torch.allclose(ref[True], ref[False], atol=1e-4)
+
+
+def test_packing_refuses_keep_end_truncation(tiny_gpt2, tmp_path):
+    config = RunConfig(model=tiny_gpt2, load_in_4bit=False, batch_size=2, max_steps=1, max_length=48,
+                       output_dir=str(tmp_path), trl_args={"truncation_mode": "keep_end"})
+    with pytest.raises(ValueError, match="truncation_mode='keep_start' or packing=False"):
+        build_trainer(config, get_synthetic(n_pairs=40, seed=0))
