@@ -16,10 +16,10 @@ same real tokens for every setup).
     TRL-default  trainer="trl": a DPOConfig written the way a user would; TRL's defaults otherwise (bf16 autocast,
                  gradient checkpointing, reference forward every step, padding to the longest in the batch)
     tuned        this project's path (trainer="tuned"): reference log-probs cached on disk, precision by hardware,
-                 no gradient checkpointing; on a CPU one pair per forward and the lean LM head
+                 no gradient checkpointing, shared-prompt packing; on a CPU one pair per forward and the lean LM head
 
-Measured per setup: pairs/s and non-pad tokens/s over the training steps (every step timed), padding share of the
-batches trained on, peak memory (process RSS on a CPU: the kernel's high-water mark, reset per setup; peak CUDA
+Measured per setup: pairs/s and non-pad tokens/s over the training steps (every step timed; the tokens the model
+runs on, so a packed pair counts its prompt once), padding share of the batches trained on, peak memory (process RSS on a CPU: the kernel's high-water mark, reset per setup; peak CUDA
 memory on a GPU), per-step losses; on a GPU also model FLOPs utilisation against a bf16 matmul peak measured in the
 same process (LoRA on a frozen base: ~4 N FLOPs a trained token, + 2 N when the reference runs every step).
 The sweep cost compares 4 tuned runs sharing the reference cache (the first cold) with 4 x one TRL-default run.
@@ -56,12 +56,21 @@ SETUPS = {
     "TRL-default": dict(trainer="trl"),
     "tuned": dict(trainer="tuned"),
 }
-LEVERS = {  # tuned with one lever switched off
+LEVERS = {  # tuned with one lever switched off (or on)
+    "tuned, no packing": dict(packing=False),
     "tuned, no reference cache": dict(precompute_ref=False),
+    "tuned, gradient checkpointing": dict(gradient_checkpointing=True),
+}
+CPU_LEVERS = {
     "tuned, fp32": dict(precision="fp32"),
     "tuned, whole batch per forward": dict(micro_batch_size=-1),  # -1: resolved to the batch size below
+    "tuned, whole batch per forward, no packing": dict(micro_batch_size=-1, packing=False),
     "tuned, TRL's CPU LM head": dict(lean_lm_head=False),
-    "tuned, gradient checkpointing": dict(gradient_checkpointing=True),
+}
+GPU_LEVERS = {  # candidates that only a GPU can judge; any DPOConfig field goes through trl_args
+    "tuned + torch.compile": dict(trl_args={"torch_compile": True}),
+    "tuned + 2 data-loading workers": dict(trl_args={"dataloader_num_workers": 2, "dataloader_persistent_workers": True}),
+    "tuned, 4 pairs per forward": dict(micro_batch_size=4),
 }
 TARGETS = {"tuned_vs_seed": 4.0, "tuned_vs_trl": 1.5, "sweep_vs_4_trl_runs": 0.75}
 
@@ -81,9 +90,9 @@ class Meter(TrainerCallback):
 
     def count(self, examples):
         batch = self.collator(examples)
-        if self.active:
-            mask = batch["attention_mask"]
-            self.steps.append((int(mask.shape[0]) // 2, int(mask.sum()), int(mask.numel())))
+        if self.active:  # the positions the model runs on: packed rows when the batch has them
+            mask = batch["packed"]["segment"] >= 0 if "packed" in batch else batch["attention_mask"]
+            self.steps.append((len(examples), int(mask.sum()), int(mask.numel())))
         return batch
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -148,7 +157,8 @@ def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, pea
         "ref_cache_hits": [e["hit"] for e in getattr(trainer, "ref_cache_events", [])],
         "settings": {"bf16": args.bf16, "fp16": args.fp16, "gradient_checkpointing": args.gradient_checkpointing,
                      "precompute_ref_log_probs": args.precompute_ref_log_probs, "micro_batch":
-                     args.per_device_train_batch_size, "pad_to_multiple_of": args.pad_to_multiple_of},
+                     args.per_device_train_batch_size, "pad_to_multiple_of": args.pad_to_multiple_of,
+                     "packing": bool(getattr(trainer, "packing", False))},
     }
     if peak_tflops:  # LoRA on a frozen base: forward 2N + backward through activations 2N (+ 2N reference forward)
         n = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in trainer.model.parameters())
@@ -200,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of " + ", ".join(SETUPS))
     parser.add_argument("--levers", action="store_true", help="also the lever table (tuned, one lever off)")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--model", default="offline:gpt2-124m", help="the model every setup trains (tests: a tiny one)")
     parser.add_argument("--out", default="results/bench")
     opts = parser.parse_args(argv)
     if opts.gpu and not torch.cuda.is_available():
@@ -208,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = opts.batch_size or (16 if opts.gpu else 4)
     tmp = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     os.environ["DPO_REF_CACHE"] = str(tmp / "ref_cache")  # a private cache: the first tuned run is a miss
-    base = RunConfig(model="offline:gpt2-124m", load_in_4bit=opts.gpu, source=HH_SAMPLE, max_eval_pairs=8,
+    base = RunConfig(model=opts.model, load_in_4bit=opts.gpu, source=HH_SAMPLE, max_eval_pairs=8,
                      max_length=512 if opts.gpu else 256, batch_size=batch, max_steps=steps, learning_rate=5e-5,
                      eval_steps=steps + 1, logging_steps=1, trl_args={"eval_strategy": "no"},
                      report_to="none", log_completions=0)  # training alone is timed: no trackers, no answers
@@ -217,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {HH_SAMPLE} has {len(data.train)} clean training pairs; {steps * batch} needed")
     data = dataclasses.replace(data, train=data.train.select(range(steps * batch)))  # one epoch, the same pairs
     peak = matmul_peak_tflops()
+
     def config(name: str, trl_args: dict | None = None, **settings) -> RunConfig:
         return dataclasses.replace(base, output_dir=str(tmp / name.replace(" ", "_")),
                                    trl_args={**base.trl_args, **(trl_args or {})}, **settings)
@@ -228,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             settings["micro_batch_size"] = 1  # 4 pairs x 1024 tokens need ~20 GB: the same step as micro-batches
         results[name] = run_setup(name, config(name, **settings), data, peak_tflops=peak)
     levers = {}
-    for name, settings in (LEVERS.items() if opts.levers else ()):
-        settings = {**settings, "micro_batch_size": batch} if settings.get("micro_batch_size") == -1 else settings
+    for name, settings in ({**LEVERS, **(GPU_LEVERS if opts.gpu else CPU_LEVERS)}.items() if opts.levers else ()):
+        settings = {**settings, "micro_batch_size": batch} if settings.get("micro_batch_size") == -1 else dict(settings)
         lean = settings.pop("lean_lm_head", True)
         levers[name] = run_setup(name, config(name, **settings), data, lean_lm_head=lean, peak_tflops=peak)
     sweep = None

@@ -84,7 +84,7 @@ FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 PROFILES: dict[str, dict] = {
     "full": dict(
         model="openai-community/gpt2", load_in_4bit=True, source="Anthropic/hh-rlhf", max_eval_pairs=2000,
-        max_length=512, batch_size=16, learning_rate=5e-5,  # 16 pairs a forward: 135 pairs/s, 14 GB on an H100
+        max_length=512, batch_size=16, learning_rate=5e-5,  # 16 pairs a forward: 135 pairs/s on an H100 unpacked
         judge="OpenAssistant/reward-model-deberta-v3-large-v2", judge_prompts=64, beta=0.1, max_steps=2000,
         eval_steps=250, logging_steps=25,
     ),

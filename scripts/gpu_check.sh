@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The checks of issue 12 on a lent GPU machine, prepared here so a session with device time only has to run them.
+#
+#   ../shared/gpu/prepare && scripts/gpu_check.sh carry     # here: the shared carry, plus the wheels the rest of
+#                                                           # the suite needs there (optuna, tensorboard, PyYAML)
+#   scripts/gpu_check.sh suite                              # there (run tool, carry .gpu-carry): the test suite
+#   scripts/gpu_check.sh bench                              # there: benchmarks/bench.py --gpu --levers
+#
+# Streamlit, papermill and Playwright are not carried: the app, browser and notebook tests are left out there.
+# Results go to $OUT (what the run tool brings back), else results/gpu.
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel 2>/dev/null || dirname "$0"/..)"
+out=${OUT:-results/gpu}
+
+case "${1:-}" in
+carry)
+  [ -d .gpu-carry/whl ] || { echo "error: .gpu-carry/whl is missing: run ../shared/gpu/prepare first" >&2; exit 2; }
+  # the versions this checkout's venv resolved, for Python 3.12 on x86-64 Linux
+  pins=$(.venv/bin/pip freeze | grep -iE '^(optuna|sqlalchemy|alembic|colorlog|mako|greenlet|tensorboard|tensorboard-data-server|grpcio|protobuf|markdown|werkzeug|absl-py|pyyaml)==')
+  # shellcheck disable=SC2086
+  python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform any -d .gpu-carry/whl $pins 2>&1 | { grep -v '^WARNING' || true; }
+  echo "carry: $(du -sh .gpu-carry | cut -f1) in .gpu-carry"
+  ;;
+suite)
+  source .gpu-carry/env.sh
+  mkdir -p "$out"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+  python3 -m pytest -q -p no:cacheprovider --junitxml="$out/suite.xml" \
+    --ignore=tests/test_app.py --ignore=tests/test_app_browser.py --ignore=tests/test_notebook.py 2>&1 \
+    | tee "$out/suite.txt" | tail -40
+  ;;
+bench)
+  source .gpu-carry/env.sh
+  python3 benchmarks/bench.py --gpu --levers --out "$out"
+  ;;
+*)
+  echo "usage: scripts/gpu_check.sh carry|suite|bench" >&2
+  exit 2
+  ;;
+esac
