@@ -19,8 +19,8 @@ same real tokens for every setup).
                  no gradient checkpointing, shared-prompt packing; on a CPU one pair per forward and the lean LM head
 
 Measured per setup: pairs/s and non-pad tokens/s over the training steps (every step timed; the tokens the model
-runs on, so a packed pair counts its prompt once), padding share of the batches trained on, peak memory (process RSS on a CPU: the kernel's high-water mark, reset per setup; peak CUDA
-memory on a GPU), per-step losses; on a GPU also model FLOPs utilisation against a bf16 matmul peak measured in the
+runs on, so a packed pair counts its prompt once), padding share of the batches trained on, peak memory (process
+RSS on a CPU: the kernel's high-water mark, reset per setup; peak CUDA memory on a GPU), per-step losses; on a GPU also model FLOPs utilisation against a bf16 matmul peak measured in the
 same process (LoRA on a frozen base: ~4 N FLOPs a trained token, + 2 N when the reference runs every step).
 The sweep cost compares 4 tuned runs sharing the reference cache (the first cold) with 4 x one TRL-default run.
 Writes `<out>/bench-<timestamp>.json` and `<out>/latest.json`, prints a markdown table.
