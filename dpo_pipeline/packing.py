@@ -146,10 +146,8 @@ def add_packed_forward(model) -> None:
         rows, width = kwargs.pop("input_ids").shape  # TRL's [chosen; rejected] layout: the shape of the answer
         kwargs.pop("attention_mask", None)
         kwargs.pop("labels", None)
-        dtype = self.get_input_embeddings().weight.dtype
-        out = fused(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                    attention_mask=attention_mask(packed, implementation, dtype if dtype.is_floating_point else
-                                                  torch.float32),
+        mask = attention_mask(packed, implementation, self.get_input_embeddings().weight.dtype)
+        out = fused(input_ids=packed["input_ids"], position_ids=packed["position_ids"], attention_mask=mask,
                     shift_labels=packed["shift_labels"], **kwargs)
 
         def unpack(values):
