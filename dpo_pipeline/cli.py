@@ -43,13 +43,13 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from .pipeline import run
-
     args = vars(build_parser().parse_args(argv))
     profile, as_json = args.pop("profile"), args.pop("json")
     config, name, why = resolve(profile, args)
+    import torch  # after the flags are checked: a mistyped flag is answered before torch loads
+
+    from .pipeline import run
+
     seen, trainers = [0], []
 
     def count_pairs(trainer):  # counted from the batches this rank trains on (not evaluation batches)

@@ -18,9 +18,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import shared_data_dir
-
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """The real data shared between checkouts: $DPO_SHARED_DATA, else <repo root>/../shared/data."""
+    return Path(os.environ.get("DPO_SHARED_DATA") or PROJECT_ROOT.parent / "shared" / "data")
+
+
 HH_SAMPLE = str(shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz")
 
 

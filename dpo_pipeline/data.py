@@ -85,11 +85,6 @@ class PreferenceData:
         return self.validation if self.validation is not None else self.test
 
 
-def shared_data_dir() -> Path:
-    """The real data shared between checkouts: $DPO_SHARED_DATA, else <repo root>/../shared/data."""
-    return Path(os.environ.get("DPO_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-
-
 # ---------------------------------------------------------------- text format
 
 

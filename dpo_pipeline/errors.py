@@ -8,12 +8,13 @@ from typing import Callable
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """What a user's mistake raises: settings and data (ValueError: ConfigError, DataError, TRL's own argument
-    checks), a model or adapter that cannot be loaded, a missing file."""
-    from .chat import ChatError
-    from .model import ModelLoadError
-    from .pretrained import PretrainedError
-
-    return ValueError, ModelLoadError, PretrainedError, ChatError, FileNotFoundError
+    checks), a model or adapter that cannot be loaded, a missing file. A module that was never imported cannot have
+    raised its error, so none is imported here: a mistake found early (a bad sweep file) is answered in a second,
+    before torch and transformers load."""
+    loaded = [getattr(sys.modules[module], name) for module, name in (
+        ("dpo_pipeline.model", "ModelLoadError"), ("dpo_pipeline.pretrained", "PretrainedError"),
+        ("dpo_pipeline.chat", "ChatError")) if module in sys.modules]
+    return ValueError, FileNotFoundError, *loaded
 
 
 def command(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

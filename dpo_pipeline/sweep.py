@@ -264,14 +264,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from .errors import one_line_errors
     from .config import results_dir
-    from .prepare import prepare_data
 
     parser = one_line_errors(argparse.ArgumentParser(prog="python -m dpo_pipeline.sweep", description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("spec", help="sweep file (YAML or JSON): profile, base, grid or search/trials/space")
     parser.add_argument("--results-dir", default=None, help="default: results/ (or $DPO_RESULTS_DIR)")
     args = parser.parse_args(argv)
-    spec = SweepSpec.from_file(args.spec)
+    spec = SweepSpec.from_file(args.spec)  # a mistake in the file is found before the ML libraries load (seconds)
+    from .prepare import prepare_data
+
     out = Path(args.results_dir) if args.results_dir else results_dir()
     base, name, why = spec.base_config()
     print(f"Sweep from {args.spec}: profile {name} ({why})")
