@@ -40,3 +40,9 @@ def test_bench_command_writes_the_report_and_the_sweep_hits_the_reference_cache(
     # The sweep: the tuned run computes the reference log-probs, the next run (another learning rate) finds them.
     assert report["sweep"]["ref_cache_hits"] == [False, True]
     assert "target tuned_vs_trl" in proc.stdout and "| tuned |" in proc.stdout
+    # the targets are checked from the rows: losses against TRL-default's step by step, the full sweep projected
+    gap = max(abs(a - b) for a, b in zip(setups["tuned"]["losses"], setups["TRL-default"]["losses"]))
+    assert report["targets"]["loss_gap_vs_trl"]["value"] == round(gap, 4)
+    projection = report["sweep"]["full_projection"]
+    assert projection["train_s_per_run"] == pytest.approx(16_000 / setups["tuned"]["pairs_per_s"], rel=0.01)
+    assert "sweep_full.yaml (24 runs x 1000 steps x 16 pairs), projected" in proc.stdout

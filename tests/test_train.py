@@ -110,3 +110,32 @@ def test_a_judge_that_cannot_load_keeps_the_trained_run(tiny_gpt2, synthetic, tm
     record = run(config, synthetic)
     assert record.status == "finished" and "no_judge" in record.judged["error"]
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_a_max_steps_run_tokenizes_and_scores_only_the_pairs_it_trains_on(tiny_gpt2, synthetic, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("DPO_REF_CACHE", str(tmp_path / "ref_cache"))
+    settings = dict(model=tiny_gpt2, load_in_4bit=False, batch_size=4, micro_batch_size=2, max_steps=3,
+                    max_length=48, logging_steps=1, eval_steps=100, report_to="none", log_completions=0,
+                    trl_args={"eval_strategy": "no"})
+    trainer = build_trainer(RunConfig(**settings, output_dir=str(tmp_path / "a")), synthetic)
+    train = trainer.train_dataset
+    assert len(train) == 3 * 4 < len(synthetic.train)  # 3 steps x 4 pairs, not the 320-pair split
+    assert trainer.ref_cache_events[0] == {**trainer.ref_cache_events[0], "split": "train", "pairs": 12, "hit": False}
+    known = {tuple(r) for r in zip(synthetic.train["prompt"], synthetic.train["chosen"], synthetic.train["rejected"])}
+    eos = trainer.processing_class.eos_token  # TRL ends each completion with it
+    drawn = [(p, c.removesuffix(eos), r.removesuffix(eos)) for p, c, r in zip(train["prompt"], train["chosen"],
+                                                                              train["rejected"])]
+    assert len(set(drawn)) == 12 and set(drawn) <= known
+    head = list(zip(*(synthetic.train[c][:12] for c in ("prompt", "chosen", "rejected"))))
+    assert drawn != head  # drawn at random, not the first 12
+    # Another seed and learning rate: the same pairs, so the reference cached by the first run is found.
+    other = build_trainer(RunConfig(**{**settings, "seed": 7, "learning_rate": 1e-3}, output_dir=str(tmp_path / "b")),
+                          synthetic)
+    assert other.train_dataset["prompt"] == [d[0] for d in drawn]
+    assert other.ref_cache_events[0]["hit"]
+    trainer.train()
+    assert trainer.state.global_step == 3 and trainer.state.epoch == pytest.approx(1.0)  # each pair once
+    # A run by epochs (max_steps -1) gets the whole split.
+    whole = build_trainer(RunConfig(**{**settings, "max_steps": -1}, output_dir=str(tmp_path / "c")), synthetic)
+    assert len(whole.train_dataset) == len(synthetic.train)
