@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         minutes = round(SWEEP_FULL["runs"] * (train_s + build_s) / 60, 1)
         sweep["full_projection"] = {**SWEEP_FULL, "train_s_per_run": round(train_s, 1),
                                     "build_s_per_run": round(build_s, 1), "minutes": minutes}
-        targets["sweep_full_minutes"] = sweep["full_projection"]["minutes"]
+        targets["sweep_full_minutes"] = minutes
     wanted = GPU_TARGETS if opts.gpu else TARGETS
     report = {
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
