@@ -80,7 +80,19 @@ TARGETS = {"tuned_vs_seed": (">=", 4.0), "tuned_vs_trl": (">=", 1.5), "sweep_vs_
            "loss_gap_vs_trl": ("<=", 0.01)}
 GPU_TARGETS = {"tuned_pairs_per_s": (">=", 300.0), "tuned_vs_trl": (">=", 3.0), "cuda_peak_vs_trl": ("<=", 1.0),
                "loss_gap_vs_trl": ("<=", 0.01), "sweep_full_minutes": ("<=", 30.0)}
-SWEEP_FULL = dict(runs=24, steps=1000, pairs_per_step=16)  # configs/sweep_full.yaml's shape
+SWEEP_FULL = Path(__file__).resolve().parents[1] / "configs" / "sweep_full.yaml"  # the sweep the target is about
+
+
+def sweep_shape(path: Path) -> dict:
+    """Runs, steps and pairs a step of a grid sweep file, read from it (not copied here)."""
+    from dpo_pipeline.sweep import SweepSpec
+
+    spec = SweepSpec.from_file(path)
+    config = spec.base_config()[0]
+    runs = 1
+    for values in spec.grid.values():
+        runs *= len(values)
+    return dict(runs=runs, steps=config.max_steps, pairs_per_step=config.batch_size * config.grad_accum)
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -285,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
         # that finds the reference on disk (model, data, cached log-probs). Its evaluations, judged answers and the
         # first run's reference over 16,000 pairs are not in it: a lower bound.
         build_s = sweep["hit_build_s"]
-        train_s = SWEEP_FULL["steps"] * SWEEP_FULL["pairs_per_step"] / results["tuned"]["pairs_per_s"]
-        minutes = round(SWEEP_FULL["runs"] * (train_s + build_s) / 60, 1)
-        sweep["full_projection"] = {**SWEEP_FULL, "train_s_per_run": round(train_s, 1),
+        shape = sweep_shape(SWEEP_FULL)
+        train_s = shape["steps"] * shape["pairs_per_step"] / results["tuned"]["pairs_per_s"]
+        minutes = round(shape["runs"] * (train_s + build_s) / 60, 1)
+        sweep["full_projection"] = {**shape, "train_s_per_run": round(train_s, 1),
                                     "build_s_per_run": round(build_s, 1), "minutes": minutes}
         targets["sweep_full_minutes"] = minutes
     wanted = GPU_TARGETS if opts.gpu else TARGETS
