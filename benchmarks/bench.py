@@ -63,6 +63,7 @@ LEVERS = {  # tuned with one lever switched off (or on)
     "tuned, no packing": dict(packing=False),
     "tuned, no reference cache": dict(precompute_ref=False),
     "tuned, gradient checkpointing": dict(gradient_checkpointing=True),
+    "tuned + compiled transformer stack": dict(compile_model=True),
 }
 CPU_LEVERS = {
     "tuned, fp32": dict(precision="fp32"),
@@ -71,7 +72,7 @@ CPU_LEVERS = {
     "tuned, TRL's CPU LM head": dict(lean_lm_head=False),
 }
 GPU_LEVERS = {  # candidates that only a GPU can judge; any DPOConfig field goes through trl_args
-    "tuned + torch.compile": dict(trl_args={"torch_compile": True}),
+    "tuned + Trainer's torch_compile": dict(trl_args={"torch_compile": True}),  # the whole PEFT model
     "tuned + 2 data-loading workers": dict(trl_args={"dataloader_num_workers": 2, "dataloader_persistent_workers": True}),
     "tuned, 4 pairs per forward": dict(micro_batch_size=4),
 }
@@ -80,6 +81,7 @@ TARGETS = {"tuned_vs_seed": (">=", 4.0), "tuned_vs_trl": (">=", 1.5), "sweep_vs_
            "loss_gap_vs_trl": ("<=", 0.01)}
 GPU_TARGETS = {"tuned_pairs_per_s": (">=", 300.0), "tuned_vs_trl": (">=", 3.0), "cuda_peak_vs_trl": ("<=", 1.0),
                "loss_gap_vs_trl": ("<=", 0.01), "sweep_full_minutes": ("<=", 30.0)}
+WARMUP_STEPS = 2  # steps left out of `warm_pairs_per_s`: compilation, first allocations, kernel autotuning
 SWEEP_FULL = Path(__file__).resolve().parents[1] / "configs" / "sweep_full.yaml"  # the sweep the target is about
 
 
@@ -165,11 +167,14 @@ def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, pea
     train_s = meter.ends[-1] - meter.start
     losses = [round(e["loss"], 6) for e in record.log_history if "loss" in e]
     args = trainer.args
+    steps_s = [b - a for a, b in zip([meter.start, *meter.ends[:-1]], meter.ends)]
     result = {
         "setup": name, "steps": record.train_steps, "pairs": pairs, "non_pad_tokens": tokens,
         "padding_fraction": round(1 - tokens / positions, 4), "train_s": round(train_s, 2),
         "pairs_per_s": round(pairs / train_s, 3), "tokens_per_s": round(tokens / train_s, 1),
-        "step_s": [round(b - a, 3) for a, b in zip([meter.start, *meter.ends[:-1]], meter.ends)],
+        "step_s": [round(t, 3) for t in steps_s],
+        "warm_pairs_per_s": round(pairs * (len(steps_s) - WARMUP_STEPS) / len(steps_s) / sum(steps_s[WARMUP_STEPS:]), 3)
+        if len(steps_s) > WARMUP_STEPS else None,  # past the warm-up steps (what a long run trains at), when there are more
         "run_s": round(meter.ends[-1] - t0, 2),  # construction (model, data, reference precompute) + training
         "peak_rss_mb": round(rss_mb("VmHWM")), "baseline_rss_mb": round(baseline),
         "cuda_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
@@ -185,7 +190,8 @@ def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, pea
         per_token = (4 if args.precompute_ref_log_probs else 6) * n
         result["model_tflops"] = round(per_token * tokens / train_s / 1e12, 2)
         result["mfu"] = round(result["model_tflops"] / peak_tflops, 4)
-    print(f"{name}: {result['pairs_per_s']} pairs/s, {result['tokens_per_s']} tokens/s, padding "
+    print(f"{name}: {result['pairs_per_s']} pairs/s ({result['warm_pairs_per_s']} past warm-up), "
+          f"{result['tokens_per_s']} tokens/s, padding "
           f"{result['padding_fraction']}, peak RSS {result['peak_rss_mb']} MB, CUDA peak {result['cuda_peak_mb']} MB,"
           f" final loss {result['final_loss']}", flush=True)
     del meters, trainer, meter
@@ -204,10 +210,12 @@ def machine() -> dict:
 
 
 def markdown(report: dict) -> str:
-    head = ("setup", "pairs/s", "tokens/s", "padding", "peak RSS MB", "peak CUDA MB", "MFU", "final loss", "run s")
+    head = ("setup", "pairs/s", f"past {WARMUP_STEPS} steps", "tokens/s", "padding", "peak RSS MB", "peak CUDA MB",
+            "MFU", "final loss", "run s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in [*report["setups"].values(), *report.get("levers", {}).values()]:
-        lines.append(f"| {r['setup']} | {r['pairs_per_s']:.3f} | {r['tokens_per_s']:.0f} | "
+        lines.append(f"| {r['setup']} | {r['pairs_per_s']:.3f} | {r.get('warm_pairs_per_s') or '—'} | "
+                     f"{r['tokens_per_s']:.0f} | "
                      f"{100 * r['padding_fraction']:.0f}% | {r['peak_rss_mb']} | {r['cuda_peak_mb'] or '—'} | "
                      f"{r.get('mfu', '—')} | {r['final_loss']:.4f} | {r['run_s']:.1f} |")
     for key, check in report["targets"].items():
@@ -232,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="optimizer steps per setup (default: 12 CPU, 4 quick, 30 GPU)")
     parser.add_argument("--batch-size", type=int, help="pairs per step (default: 4 CPU, 16 GPU)")
     parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of " + ", ".join(SETUPS))
-    parser.add_argument("--levers", action="store_true", help="also the lever table (tuned, one lever off)")
+    parser.add_argument("--levers", nargs="?", const="all", help="also the lever table (tuned, one lever off or on);"
+                        " optionally a comma-separated subset of its rows")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--model", default="offline:gpt2-124m", help="the model every setup trains (tests: a tiny one)")
     parser.add_argument("--out", default="results/bench")
@@ -263,8 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         if name == "seed-style" and not opts.gpu:
             settings["micro_batch_size"] = 1  # 4 pairs x 1024 tokens need ~20 GB: the same step as micro-batches
         results[name] = run_setup(name, config(name, **settings), data, peak_tflops=peak)
-    levers = {}
-    for name, settings in ({**LEVERS, **(GPU_LEVERS if opts.gpu else CPU_LEVERS)}.items() if opts.levers else ()):
+    levers, table = {}, {**LEVERS, **(GPU_LEVERS if opts.gpu else CPU_LEVERS)}
+    chosen = [] if not opts.levers else list(table) if opts.levers == "all" else opts.levers.split(",")
+    unknown = [name for name in chosen if name not in table]
+    if unknown:
+        raise SystemExit(f"error: --levers: unknown row {unknown[0]!r}; rows: {', '.join(table)}")
+    for name, settings in ((name, table[name]) for name in chosen):
         settings = {**settings, "micro_batch_size": batch} if settings.get("micro_batch_size") == -1 else dict(settings)
         lean = settings.pop("lean_lm_head", True)
         levers[name] = run_setup(name, config(name, **settings), data, lean_lm_head=lean, peak_tflops=peak)
@@ -293,12 +306,18 @@ def main(argv: list[str] | None = None) -> int:
             targets["cuda_peak_vs_trl"] = round(tuned["cuda_peak_mb"] / trl["cuda_peak_mb"], 2)
     if sweep:
         targets["sweep_vs_4_trl_runs"] = round(sweep["tuned_s"] / sweep["trl_4x_s"], 3)
-        # sweep_full.yaml from what was measured: each run's training at tuned's pairs/s, plus the build of a run
-        # that finds the reference on disk (model, data, cached log-probs). Its evaluations, judged answers and the
+        # sweep_full.yaml from what was measured: each run's training at tuned's pairs/s past warm-up plus its
+        # warm-up, and the build of a run that finds the reference on disk (model, data, cached log-probs). Its
+        # evaluations, judged answers and the
         # first run's reference over 16,000 pairs are not in it: a lower bound.
         build_s = sweep["hit_build_s"]
         shape = sweep_shape(SWEEP_FULL)
-        train_s = shape["steps"] * shape["pairs_per_step"] / results["tuned"]["pairs_per_s"]
+        tuned = results["tuned"]
+        if tuned["warm_pairs_per_s"]:  # a 1,000-step run trains at the warm rate, after the warm-up it measured
+            warmup_s = sum(tuned["step_s"][:WARMUP_STEPS]) - WARMUP_STEPS * batch / tuned["warm_pairs_per_s"]
+            train_s = shape["steps"] * shape["pairs_per_step"] / tuned["warm_pairs_per_s"] + max(warmup_s, 0.0)
+        else:
+            train_s = shape["steps"] * shape["pairs_per_step"] / tuned["pairs_per_s"]
         minutes = round(shape["runs"] * (train_s + build_s) / 60, 1)
         sweep["full_projection"] = {**shape, "train_s_per_run": round(train_s, 1),
                                     "build_s_per_run": round(build_s, 1), "minutes": minutes}

@@ -71,6 +71,7 @@ class RunConfig:
     precision: str = "auto"  # fp32 | bf16 | fp16 autocast; auto picks by hardware (model.mixed_precision)
     precompute_ref: bool = True  # reference log-probs computed once, cached on disk and shared (refcache.py)
     packing: bool = True  # each pair one sequence, its prompt once; pairs share rows, no padding (packing.py)
+    compile_model: bool = False  # torch.compile the transformer stack while training: one graph for all shapes
     judge: str | None = None  # judged generations after training: "proxy" (a reward model trained here on the train
     judge_prompts: int = 32  # split), a Hub reward model id, a folder, or "none"; on this many validation (else
     # test) prompts

@@ -11,7 +11,7 @@ from trl.trainer.utils import add_fused_lm_head
 
 from dpo_pipeline.config import RunConfig
 from dpo_pipeline.packing import IGNORE, PackingCollator, add_packed_forward
-from dpo_pipeline.pipeline import build_trainer
+from dpo_pipeline.pipeline import build_trainer, run
 from dpo_pipeline.synthetic import get_synthetic
 
 # (prompt, chosen, rejected) lengths: ordinary pairs, no prompt, no rejected, no chosen, and pairs cut by max_length
@@ -95,3 +95,32 @@ def test_packing_refuses_keep_end_truncation(tiny_gpt2, tmp_path):
                        output_dir=str(tmp_path), trl_args={"truncation_mode": "keep_end"})
     with pytest.raises(ValueError, match="truncation_mode='keep_start' or packing=False"):
         build_trainer(config, get_synthetic(n_pairs=40, seed=0))
+
+
+def test_compile_model_trains_packed_rows_of_every_shape_in_one_graph(tiny_gpt2, tmp_path):
+    from torch._dynamo.utils import counters
+
+    synthetic = get_synthetic(n_pairs=200, seed=0)
+    losses, shapes = {}, []
+
+    def record_shapes(trainer):
+        collate = trainer.data_collator
+
+        def collator(examples):
+            batch = collate(examples)
+            shapes.append(tuple(batch["packed"]["input_ids"].shape))
+            return batch
+
+        trainer.data_collator = collator
+
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        config = RunConfig(model=tiny_gpt2, load_in_4bit=False, learning_rate=1e-3, batch_size=4, max_steps=6,
+                           max_length=48, logging_steps=1, eval_steps=3, precision="fp32", micro_batch_size=4,
+                           compile_model=compiled, output_dir=str(tmp_path / f"c{compiled}"), report_to="none")
+        record = run(config, synthetic, setup=record_shapes if compiled else None)
+        losses[compiled] = [e["loss"] for e in record.log_history if "loss" in e]
+    assert len(set(shapes)) >= 3, shapes  # the packed rows changed shape from step to step ...
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # ... and one graph trained them all
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4), losses
+    assert record.completions and record.evaluation  # answers while training and the evaluation after it ran too
