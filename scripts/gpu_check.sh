@@ -4,7 +4,9 @@
 #   ../shared/gpu/prepare && scripts/gpu_check.sh carry     # here: the shared carry, plus the wheels the rest of
 #                                                           # the suite needs there (optuna, tensorboard, PyYAML)
 #   scripts/gpu_check.sh suite                              # there (run tool, carry .gpu-carry): the test suite
-#   scripts/gpu_check.sh bench                              # there: benchmarks/bench.py --gpu --levers
+#   scripts/gpu_check.sh bench                              # there: benchmarks/bench.py --gpu (setups, sweep)
+#   scripts/gpu_check.sh levers                             # there: tuned with each lever, its own command so
+#                                                           # each fits the run tool's 10 minutes
 #
 # Streamlit, papermill and Playwright are not carried: the app, browser and notebook tests are left out there.
 # Results go to $OUT (what the run tool brings back), else results/gpu.
@@ -33,10 +35,14 @@ suite)
   ;;
 bench)
   source .gpu-carry/env.sh
-  python3 benchmarks/bench.py --gpu --levers --out "$out"
+  python3 benchmarks/bench.py --gpu --out "$out"
+  ;;
+levers)
+  source .gpu-carry/env.sh
+  python3 benchmarks/bench.py --gpu --setups tuned --levers --no-sweep --out "$out/levers"
   ;;
 *)
-  echo "usage: scripts/gpu_check.sh carry|suite|bench" >&2
+  echo "usage: scripts/gpu_check.sh carry|suite|bench|levers" >&2
   exit 2
   ;;
 esac
