@@ -173,8 +173,9 @@ def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, pea
         "padding_fraction": round(1 - tokens / positions, 4), "train_s": round(train_s, 2),
         "pairs_per_s": round(pairs / train_s, 3), "tokens_per_s": round(tokens / train_s, 1),
         "step_s": [round(t, 3) for t in steps_s],
-        "warm_pairs_per_s": round(pairs * (len(steps_s) - WARMUP_STEPS) / len(steps_s) / sum(steps_s[WARMUP_STEPS:]), 3)
-        if len(steps_s) > WARMUP_STEPS else None,  # past the warm-up steps (what a long run trains at), when there are more
+        # past the warm-up steps (the rate a long run trains at), when there are more steps than that
+        "warm_pairs_per_s": round(pairs / len(steps_s) * (len(steps_s) - WARMUP_STEPS) / sum(steps_s[WARMUP_STEPS:]),
+                                  3) if len(steps_s) > WARMUP_STEPS else None,
         "run_s": round(meter.ends[-1] - t0, 2),  # construction (model, data, reference precompute) + training
         "peak_rss_mb": round(rss_mb("VmHWM")), "baseline_rss_mb": round(baseline),
         "cuda_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
@@ -308,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         targets["sweep_vs_4_trl_runs"] = round(sweep["tuned_s"] / sweep["trl_4x_s"], 3)
         # sweep_full.yaml from what was measured: each run's training at tuned's pairs/s past warm-up plus its
         # warm-up, and the build of a run that finds the reference on disk (model, data, cached log-probs). Its
-        # evaluations, judged answers and the
-        # first run's reference over 16,000 pairs are not in it: a lower bound.
+        # evaluations, judged answers and the first run's reference over 16,000 pairs are not in it: a lower bound.
         build_s = sweep["hit_build_s"]
         shape = sweep_shape(SWEEP_FULL)
         tuned = results["tuned"]
