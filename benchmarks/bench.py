@@ -234,6 +234,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 steps; the sweep measures one cache-hit run")
@@ -242,13 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="pairs per step (default: 4 CPU, 16 GPU)")
     parser.add_argument("--setups", default=",".join(SETUPS), help="comma-separated subset of " + ", ".join(SETUPS))
     parser.add_argument("--levers", nargs="?", const="all", help="also the lever table (tuned, one lever off or on);"
-                        " optionally a comma-separated subset of its rows")
+                        " optionally some of its rows, separated by ';' (row names hold commas)")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--model", default="offline:gpt2-124m", help="the model every setup trains (tests: a tiny one)")
     parser.add_argument("--out", default="results/bench")
     opts = parser.parse_args(argv)
     if opts.gpu and not torch.cuda.is_available():
-        raise SystemExit("error: --gpu needs a CUDA GPU")
+        return fail("--gpu needs a CUDA GPU")
+    table = {**LEVERS, **(GPU_LEVERS if opts.gpu else CPU_LEVERS)}  # the lever rows, checked before anything runs
+    chosen = [] if not opts.levers else list(table) if opts.levers == "all" else opts.levers.split(";")
+    unknown = [name for name in chosen if name not in table]
+    if unknown:
+        return fail(f"--levers: unknown row {unknown[0]!r}; rows: {'; '.join(table)}")
     steps = opts.steps or (30 if opts.gpu else 4 if opts.quick else 12)
     batch = opts.batch_size or (16 if opts.gpu else 4)
     tmp = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
@@ -259,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                      report_to="none", log_completions=0)  # training alone is timed: no trackers, no answers
     data = prepare_data(base)
     if len(data.train) < steps * batch:
-        raise SystemExit(f"error: {HH_SAMPLE} has {len(data.train)} clean training pairs; {steps * batch} needed")
+        return fail(f"{HH_SAMPLE} has {len(data.train)} clean training pairs; {steps * batch} needed")
     data = dataclasses.replace(data, train=data.train.select(range(steps * batch)))  # one epoch, the same pairs
     peak = matmul_peak_tflops()
 
@@ -273,11 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "seed-style" and not opts.gpu:
             settings["micro_batch_size"] = 1  # 4 pairs x 1024 tokens need ~20 GB: the same step as micro-batches
         results[name] = run_setup(name, config(name, **settings), data, peak_tflops=peak)
-    levers, table = {}, {**LEVERS, **(GPU_LEVERS if opts.gpu else CPU_LEVERS)}
-    chosen = [] if not opts.levers else list(table) if opts.levers == "all" else opts.levers.split(",")
-    unknown = [name for name in chosen if name not in table]
-    if unknown:
-        raise SystemExit(f"error: --levers: unknown row {unknown[0]!r}; rows: {', '.join(table)}")
+    levers = {}
     for name, settings in ((name, table[name]) for name in chosen):
         settings = {**settings, "micro_batch_size": batch} if settings.get("micro_batch_size") == -1 else dict(settings)
         lean = settings.pop("lean_lm_head", True)
