@@ -81,11 +81,15 @@ class RunConfig:
     trl_args: dict = field(default_factory=dict)  # any other DPOConfig field, passed to TRL as is
     output_dir: str = "results/run"
 
+    def __post_init__(self):
+        for name in FIELDS:
+            setattr(self, name, checked_value(name, getattr(self, name)))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
+FIELDS = {f.name: f.type for f in dataclasses.fields(RunConfig)}  # name -> annotation, as text
 
 PROFILES: dict[str, dict] = {
     "full": dict(
@@ -145,6 +149,33 @@ def check_fields(values: dict, where: str = "settings") -> None:
             close = difflib.get_close_matches(name, FIELDS, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(sorted(FIELDS))}"
             raise ConfigError(f"{where}: unknown setting '{name}'{hint}")
+
+
+def checked_value(name: str, value, where: str = "settings"):
+    """The value with the field's type, or one line naming the field. Written by hand because PyYAML reads YAML 1.1,
+    where `5e-5` (no dot) is the string '5e-5', the commonest way to write a learning rate; dataclasses check
+    nothing, and the mistake would surface minutes later inside TRL."""
+    kind = FIELDS[name]
+    if value is None and "None" in kind:
+        return None
+    try:
+        if kind.startswith("float") and not isinstance(value, bool):
+            return float(value)  # also '5e-5' and '1.0e-4' as text
+        if kind.startswith("int") and not isinstance(value, bool):
+            number = float(value)
+            if number.is_integer():
+                return int(number)
+        if kind == "bool" and isinstance(value, bool) or kind == "dict" and isinstance(value, dict):
+            return value
+        if kind.startswith("str") and isinstance(value, (str, os.PathLike)):
+            return str(value)
+        if kind.startswith("list[str]") and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    except (TypeError, ValueError):
+        pass
+    wanted = {"float": "a number", "int": "a whole number", "bool": "true or false", "str": "text",
+              "list[str]": "a list of names", "dict": "a mapping"}[kind.split(" ")[0]]
+    raise ConfigError(f"{where}: setting '{name}' must be {wanted}, got {value!r}")
 
 
 def resolve(profile: str = "auto", *layers: dict) -> tuple[RunConfig, str, str]:

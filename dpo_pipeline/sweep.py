@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, RunConfig, check_fields, resolve
+from .config import ConfigError, RunConfig, check_fields, checked_value, resolve
 from .runs import (BEST_RULES, RunLock, RunRecord, control_of, load_records, pick_best, publish_best, rule_value,
                    run_id)
 
@@ -70,9 +70,12 @@ class SweepSpec:
         check_fields({**self.base, **self.grid}, where)
         if self.best_by not in BEST_RULES:
             raise ConfigError(f"{where}: best_by must be one of {sorted(BEST_RULES)}, got {self.best_by!r}")
+        # typed here, so a mistake names the sweep file (a None keeps the profile's value, as in config.resolve)
+        self.base = {k: v if v is None else checked_value(k, v, where) for k, v in self.base.items()}
         for name, values in self.grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}: grid field '{name}' needs a non-empty list of values")
+            self.grid[name] = [checked_value(name, value, where) for value in values]
         if self.search not in ("grid", "random", "tpe"):
             raise ConfigError(f"{where}: search must be grid, random or tpe, got {self.search!r}")
         if self.search == "tpe" and (not self.space or self.trials < 1 or self.grid):
@@ -81,6 +84,10 @@ class SweepSpec:
         for name, values in self.space.items():
             if not (isinstance(values, list) and values or isinstance(values, dict) and {"low", "high"} <= set(values)):
                 raise ConfigError(f"{where}: space field '{name}' needs a list of choices or {{low: .., high: ..}}")
+            if isinstance(values, dict):
+                values.update({end: checked_value(name, values[end], where) for end in ("low", "high")})
+            else:
+                self.space[name] = [checked_value(name, value, where) for value in values]
 
     def base_config(self, *overrides: dict) -> tuple[RunConfig, str, str]:
         """The profile, then `base:`, then `overrides` (notebook parameters, flags): (config, profile, why)."""

@@ -80,6 +80,27 @@ def test_bad_sweep_file_is_one_line_naming_file_and_field(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr and "learning_rte" in proc.stderr
 
 
+def test_sweep_file_values_take_their_settings_types(tmp_path):
+    # PyYAML reads YAML 1.1: `5e-5` without a dot is text there, the commonest way to write a learning rate
+    path = tmp_path / "plain.yaml"
+    path.write_text("profile: smoke\nbase: {max_steps: 2.0, learning_rate: 5e-5}\ngrid: {beta: [1e-1, 0.5]}\n")
+    assert yaml.safe_load(path.read_text())["base"]["learning_rate"] == "5e-5"
+    configs = sweep.SweepSpec.from_file(path).configs(tmp_path / "runs")
+    assert {(c.learning_rate, c.beta, c.max_steps) for c in configs} == {(5e-5, 0.1, 2), (5e-5, 0.5, 2)}
+    assert all(type(c.max_steps) is int and type(c.learning_rate) is float for c in configs)
+    for text, field, wanted in [("base: {max_steps: ten}", "max_steps", "a whole number"),
+                                ("base: {max_steps: 2.5}", "max_steps", "a whole number"),
+                                ("base: {packing: 'no'}", "packing", "true or false"),
+                                ("grid: {learning_rate: [1e-3, fast]}", "learning_rate", "a number"),
+                                ("search: tpe\ntrials: 2\nspace: {beta: {low: 1e-2, high: big}}", "beta", "a number")]:
+        path.write_text(f"profile: smoke\n{text}\n")
+        with pytest.raises(ValueError) as err:
+            sweep.SweepSpec.from_file(path)
+        assert str(err.value).startswith(f"{path}: setting '{field}' must be {wanted}"), str(err.value)
+    with pytest.raises(ValueError, match="setting 'lora_r' must be a whole number, got 'eight'"):
+        RunConfig(lora_r="eight")
+
+
 @pytest.mark.slow
 def test_sweep_records_failures_and_goes_on_then_skips_on_restart(tiny_gpt2, tmp_path, capsys):
     data = get_synthetic(n_pairs=100, seed=0)
