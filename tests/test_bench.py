@@ -46,3 +46,15 @@ def test_bench_command_writes_the_report_and_the_sweep_hits_the_reference_cache(
     projection = report["sweep"]["full_projection"]
     assert projection["train_s_per_run"] == pytest.approx(16_000 / setups["tuned"]["pairs_per_s"], rel=0.01)
     assert "sweep_full.yaml (24 runs x 1000 steps x 16 pairs), projected" in proc.stdout
+
+
+@pytest.mark.slow
+def test_eval_speed_command_scores_the_same_log_probs_both_ways(tmp_path):
+    out = tmp_path / "eval_speed.json"
+    proc = subprocess.run([sys.executable, "benchmarks/eval_speed.py", "--pairs", "6", "--model", "offline:gpt2-tiny",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["pairs"] == 6 and report["max_abs_logp_difference"] < 1e-3
+    assert report["packed"]["tokens_run"] < report["padded"]["tokens_run"]  # each prompt once, no padding
+    assert "| packed |" in proc.stdout and "faster" in proc.stdout

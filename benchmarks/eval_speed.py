@@ -1,0 +1,148 @@
+"""Benchmark: scoring held-out pairs (the log-probs behind evaluate.preference_eval), packed vs right-padded.
+
+    python benchmarks/eval_speed.py            # CPU: the `cpu` profile's shape, 64 real hh-rlhf test pairs
+    python benchmarks/eval_speed.py --gpu      # CUDA: the `full` profile's shape (4-bit, max_length 512, batch 16),
+                                               # 512 test pairs; + peak GPU memory
+    python benchmarks/eval_speed.py --pairs 32 --json results/eval_speed.json
+
+After training, every run scores its test pairs twice (adapter on, adapter off), so in a sweep this runs 2 x runs
+times. Both scorers here get the same model (GPT-2 124M shape, `offline:gpt2-124m`, random weights, a fresh LoRA
+adapter), the same tokenized pairs and the same batch size, in one process:
+
+    padded   what evaluate.py did until 2026-12: prompt+chosen and prompt+rejected as separate rows, right-padded to
+             the longest in each batch of `batch_size` rows, log-softmax over the vocabulary at every position
+    packed   evaluate._pair_logps: packing.py's shared-prompt layout (each prompt once, no padding between pairs,
+             rows of up to 2 x max_length tokens, batch_size / 2 rows a forward), LM head on the scored tokens only
+
+Prints seconds, pairs/s, the tokens each forward ran on (padding included), the largest difference between the two
+scorers' summed log-probs, and peak CUDA memory on a GPU. The GPU number names the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_scale import cpu_model  # noqa: E402  (this folder is on sys.path)
+from dpo_pipeline import evaluate  # noqa: E402
+from dpo_pipeline import model as model_lib  # noqa: E402
+from dpo_pipeline.config import HH_SAMPLE, resolve  # noqa: E402
+from dpo_pipeline.packing import pack_rows, pair_segment  # noqa: E402
+from dpo_pipeline.prepare import prepare_data  # noqa: E402
+
+
+@torch.no_grad()
+def padded_logps(model, pad_token_id: int, sequences: list[tuple[list[int], list[int]]], max_length: int,
+                 batch_size: int) -> torch.Tensor:
+    """The baseline: evaluate.py's scorer before packing (kept here, verbatim in what it computes)."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(sequences), batch_size):
+        batch = [(prompt + completion)[:max_length] for prompt, completion in sequences[i:i + batch_size]]
+        starts = [len(prompt) for prompt, _ in sequences[i:i + batch_size]]
+        width = max(len(ids) for ids in batch)
+        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        scored = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (seq, start) in enumerate(zip(batch, starts)):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            attention[row, :len(seq)] = 1
+            scored[row, start:len(seq)] = True
+        ids, attention, scored = ids.to(device), attention.to(device), scored.to(device)
+        logits = model(input_ids=ids, attention_mask=attention).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        out.append((logps * scored[:, 1:]).sum(-1).cpu())
+    return torch.cat(out)
+
+
+def tokens_run(tokenized, max_length: int, batch_size: int) -> dict[str, int]:
+    """Tokens each scorer's forwards run on, padding included, and the real (scored or context) tokens."""
+    rows = [min(len(p) + len(side), max_length) for p, c, r in tokenized for side in (c, r)]
+    rows = rows[0::2] + rows[1::2]  # the padded scorer runs all chosen rows, then all rejected rows
+    padded = sum(len(rows[i:i + batch_size]) * max(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size))
+    segments = [len(pair_segment(p, c, r, max_length)["tokens"]) for p, c, r in tokenized]
+    packs = pack_rows(segments, 2 * max_length)
+    per_forward = max(1, batch_size // 2)
+    packed = sum(len(group) * max(sum(segments[i] for i in row) for row in group)
+                 for group in (packs[i:i + per_forward] for i in range(0, len(packs), per_forward)))
+    return {"padded": padded, "packed": packed, "rows_padded": sum(rows), "pairs_packed": sum(segments)}
+
+
+def timed(fn, gpu: bool):
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = fn()
+    if gpu:
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start, (torch.cuda.max_memory_allocated() / 2**20 if gpu else None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", action="store_true", help="the full profile's shape on CUDA (4-bit, max_length 512)")
+    ap.add_argument("--pairs", type=int, help="test pairs to score (default 64 on a CPU, 512 on a GPU)")
+    ap.add_argument("--model", default="offline:gpt2-124m", help="the base model (default: GPT-2 124M shape)")
+    ap.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    opts = ap.parse_args()
+    if opts.gpu and not torch.cuda.is_available():
+        print("error: --gpu needs a CUDA GPU and none is visible", file=sys.stderr)
+        sys.exit(2)
+    pairs = opts.pairs or (512 if opts.gpu else 64)
+    overrides = {"model": opts.model, "source": HH_SAMPLE, "max_eval_pairs": pairs, "load_in_4bit": opts.gpu}
+    config, profile, _ = resolve("full" if opts.gpu else "cpu", overrides)
+    tokenizer = model_lib.load_tokenizer(config.model)
+    data = prepare_data(config, tokenizer)
+    base = model_lib.load_base_model(config.model, load_in_4bit=config.load_in_4bit)
+    model = model_lib.add_lora(base, model_lib.lora_config(base, r=config.lora_r))
+    tokenized = evaluate._tokenize_pairs(tokenizer, data.test)
+    length, batch = config.max_length, config.batch_size
+
+    def run_padded():
+        return (padded_logps(model, tokenizer.pad_token_id, [(p, c) for p, c, _ in tokenized], length, batch),
+                padded_logps(model, tokenizer.pad_token_id, [(p, r) for p, _, r in tokenized], length, batch))
+
+    def run_packed():
+        return evaluate._pair_logps(model, tokenized, length, batch)
+
+    if opts.gpu:  # CUDA start-up and kernel selection out of the timings
+        evaluate._pair_logps(model, tokenized[:batch], length, batch)
+        padded_logps(model, tokenizer.pad_token_id, [(p, c) for p, c, _ in tokenized[:batch]], length, batch)
+    (old, old_s, old_mb), (new, new_s, new_mb) = timed(run_padded, opts.gpu), timed(run_packed, opts.gpu)
+    diff = max(float((a - b).abs().max()) for a, b in zip(old, new))
+    tokens = tokens_run(tokenized, length, batch)
+    device = torch.cuda.get_device_name() if opts.gpu else f"{cpu_model()}, {torch.get_num_threads()} threads"
+    result = {
+        "device": device, "model": config.model, "profile": profile, "pairs": len(tokenized), "max_length": length, "batch_size": batch,
+        "load_in_4bit": config.load_in_4bit, "torch_threads": torch.get_num_threads(),
+        "padded": {"seconds": round(old_s, 2), "pairs_per_s": round(len(tokenized) / old_s, 2),
+                   "tokens_run": tokens["padded"], "peak_gpu_mb": old_mb and round(old_mb)},
+        "packed": {"seconds": round(new_s, 2), "pairs_per_s": round(len(tokenized) / new_s, 2),
+                   "tokens_run": tokens["packed"], "peak_gpu_mb": new_mb and round(new_mb)},
+        "speedup": round(old_s / new_s, 2), "max_abs_logp_difference": diff,
+    }
+    print(f"\n{len(tokenized)} real hh-rlhf test pairs, {config.model} + LoRA r={config.lora_r}, max_length {length}, "
+          f"batch {batch}, {'4-bit NF4' if config.load_in_4bit else 'unquantized'}; {device}\n")
+    print("| scorer |  seconds | pairs/s | tokens run | peak GPU MB |\n|--------|---------:|--------:|-----------:|------------:|")
+    for name in ("padded", "packed"):
+        r = result[name]
+        print(f"| {name:<6} | {r['seconds']:>8.2f} | {r['pairs_per_s']:>7.2f} | {r['tokens_run']:>10,} | "
+              f"{r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '-':>11} |")
+    print(f"\npacked is {result['speedup']}x faster; largest difference in a summed log-prob {diff:.2e}")
+    if opts.json:
+        opts.json.parent.mkdir(parents=True, exist_ok=True)
+        opts.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {opts.json}")
+
+
+if __name__ == "__main__":
+    main()
