@@ -1,4 +1,6 @@
-"""Benchmark: scoring held-out pairs (the log-probs behind evaluate.preference_eval), packed vs right-padded.
+"""Benchmark: what every run does after training, old way vs new way, in one process: scoring held-out pairs (the
+log-probs behind evaluate.preference_eval), packed vs right-padded; answering prompts for the judge, batched vs one
+at a time.
 
     python benchmarks/eval_speed.py            # CPU: the `cpu` profile's shape, 64 real hh-rlhf test pairs
     python benchmarks/eval_speed.py --gpu      # CUDA: the `full` profile's shape (4-bit, max_length 512, batch 16),
@@ -16,6 +18,10 @@ adapter), the same tokenized pairs and the same batch size, in one process:
 
 Prints seconds, pairs/s, the tokens each forward ran on (padding included), the largest difference between the two
 scorers' summed log-probs, and peak CUDA memory on a GPU. The GPU number names the GPU.
+
+Then the judge's answers (judge.judged_generations: base and policy each answer `--prompts` test prompts, sampled,
+48 new tokens): one prompt a generate() call (evaluate.generate_answer, as before) vs evaluate.generate_answers
+(16 prompts a call, left-padded). Both decode the same way; their draws differ, so only the time is compared.
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", help="the full profile's shape on CUDA (4-bit, max_length 512)")
     ap.add_argument("--pairs", type=int, help="test pairs to score (default 64 on a CPU, 512 on a GPU)")
+    ap.add_argument("--prompts", type=int, help="prompts answered for the judge (default 16 on a CPU, 64 on a GPU)")
     ap.add_argument("--model", default="offline:gpt2-124m", help="the base model (default: GPT-2 124M shape)")
     ap.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     opts = ap.parse_args()
@@ -138,6 +145,24 @@ def main() -> None:
         print(f"| {name:<6} | {r['seconds']:>8.2f} | {r['pairs_per_s']:>7.2f} | {r['tokens_run']:>10,} | "
               f"{r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '-':>11} |")
     print(f"\npacked is {result['speedup']}x faster; largest difference in a summed log-prob {diff:.2e}")
+
+    prompts = list(data.test["prompt"][:opts.prompts or (64 if opts.gpu else 16)])
+    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)  # judged_generations' decoding
+
+    def answer_one_by_one():
+        return [evaluate.generate_answer(model, tokenizer, p, 48, i, **sampling) for i, p in enumerate(prompts)]
+
+    generation = {}
+    for name, fn in (("one prompt a call", answer_one_by_one),
+                     ("16 prompts a call", lambda: evaluate.generate_answers(model, tokenizer, prompts, 48, 0,
+                                                                            **sampling))):
+        _, seconds, peak = timed(fn, opts.gpu)
+        generation[name] = {"seconds": round(seconds, 2), "peak_gpu_mb": peak and round(peak)}
+    result["generation"] = {"prompts": len(prompts), "max_new_tokens": 48, **generation}
+    print(f"\n{len(prompts)} prompts answered (one side of judged_generations), 48 new tokens, sampled:\n")
+    print("| generation        |  seconds | peak GPU MB |\n|-------------------|---------:|------------:|")
+    for name, r in generation.items():
+        print(f"| {name:<17} | {r['seconds']:>8.2f} | {r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '-':>11} |")
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)
         opts.json.write_text(json.dumps(result, indent=2) + "\n")

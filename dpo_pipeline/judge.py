@@ -19,7 +19,7 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
-from .evaluate import generate_answer
+from .evaluate import generate_answers
 from .hub import hub_reachable
 from .stats import _share, length_shares, wilson_interval
 from .model import load_tokenizer, resolve_model_path
@@ -154,12 +154,12 @@ def _tally(outcomes: list[str]) -> dict:
 
 
 def judged_generations(policy_peft_model, tokenizer, prompts: list[str], judge: Judge, *, max_new_tokens: int = 48,
-                       temperature: float = 1.0, seed: int = 0) -> dict:
+                       temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> dict:
     """Answers of the base (adapter disabled) and of the policy (a PeftModel) to each prompt, scored by the judge.
 
-    Decoding, the same for both sides: sampling from the full distribution at `temperature` (no top-k/top-p), with
-    the seed reset to `seed + i` before each side of prompt i, so a difference comes from the models, not the draws;
-    `temperature=0` decodes greedily (small models then tend to repeat).
+    Decoding, the same for both sides: sampling from the full distribution at `temperature` (no top-k/top-p), the
+    prompts in batches with the seed reset before each (`generate_answers`), so a difference comes from the models,
+    not the draws; `temperature=0` decodes greedily (small models then tend to repeat).
     rows: prompt, base, policy, score_base, score_policy, length_base, length_policy (tokens), outcome (the policy's
     win / tie / loss; identical answers or scores within TIE_TOLERANCE tie).
     summary: the _tally counts and win rate, mean scores and lengths, and length_matched: the same tally over the
@@ -169,14 +169,11 @@ def judged_generations(policy_peft_model, tokenizer, prompts: list[str], judge: 
     sampling = dict(do_sample=False)
     if temperature > 0:  # the full distribution: no top-k, no top-p
         sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    base_answers, policy_answers = [], []
-    for i, prompt in enumerate(prompts):
-        answer = lambda: generate_answer(policy_peft_model, tokenizer, prompt, max_new_tokens, seed + i, **sampling)
-        with policy_peft_model.disable_adapter():
-            base_answers.append(answer())
-        policy_answers.append(answer())
-
-
+    answers = lambda: generate_answers(policy_peft_model, tokenizer, prompts, max_new_tokens, seed, batch_size,
+                                       **sampling)
+    with policy_peft_model.disable_adapter():
+        base_answers = answers()
+    policy_answers = answers()
     base_scores, policy_scores = score(judge, prompts, base_answers), score(judge, prompts, policy_answers)
     tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
     rows = []
@@ -196,7 +193,8 @@ def judged_generations(policy_peft_model, tokenizer, prompts: list[str], judge: 
         "mean_length_policy": mean("length_policy"), "mean_length_base": mean("length_base"),
         "length_matched": {"max_relative_difference": LENGTH_MATCH, **_tally(matched)},
         "judge": judge.name,
-        "decoding": (f"sampled, temperature {temperature:g}, seed {seed} + prompt index" if temperature > 0
+        "decoding": (f"sampled, temperature {temperature:g}, seed {seed} + index of a batch of "
+                     f"{batch_size} prompts" if temperature > 0
                      else "greedy") + f", at most {max_new_tokens} new tokens",
     }
     return {"rows": rows, "summary": summary}

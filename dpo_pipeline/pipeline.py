@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import xxhash  # comes with datasets
 from transformers import TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer
 
@@ -156,14 +157,24 @@ def _eval_metrics(metrics: dict) -> dict:
     return {k: metrics[f"eval_{k}"] for k in EVAL_KEYS if f"eval_{k}" in metrics}
 
 
+# (judge, held-out pairs) -> the judge's accuracy on them: the same for every run of a sweep that shares its data
+# and judge, and on the full profile 2 x 2,000 DeBERTa-large forwards a run
+JUDGE_ACCURACY: dict[tuple[str, str], dict] = {}
+
+
 def judge_policy(config: RunConfig, data: PreferenceData, model, tokenizer, folder: Path) -> dict:
     """Judged generations of the trained policy against its base, on the first `judge_prompts` prompts of the split
     settings are picked on (validation, else test); the answers go to judged.json, the summary is returned with the
     judge's own accuracy on the held-out test pairs (what its verdicts are worth)."""
-    judge = load_judge(proxy_judge(config, data) if config.judge == "proxy" else config.judge)
+    name = str(proxy_judge(config, data) if config.judge == "proxy" else config.judge)
+    judge = load_judge(name)
     prompts = list(data.monitor["prompt"][:config.judge_prompts])
     result = judged_generations(model, tokenizer, prompts, judge, seed=config.seed)
-    check = pairwise_accuracy(judge, data.test)
+    pairs = data.test.select_columns(["prompt", "chosen", "rejected"]).to_pandas().to_json()
+    key = (name, xxhash.xxh3_128(pairs.encode()).hexdigest())
+    if key not in JUDGE_ACCURACY:
+        JUDGE_ACCURACY[key] = pairwise_accuracy(judge, data.test)
+    check = JUDGE_ACCURACY[key]
     result["summary"].update(judge_accuracy=check["accuracy"], judge_accuracy_ci=check["accuracy_ci"],
                              judge_pairs=check["pairs"], judge_shorter_accuracy=check["shorter_accuracy"])
     write_json_atomic(folder / "judged.json", result)

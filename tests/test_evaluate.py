@@ -161,3 +161,17 @@ def test_logps_match_trl_dpo_trainer_tokenization_truncation_and_reference(tiny_
                          (pair_rejected, trl_rejected)]:
         torch.testing.assert_close(ours, theirs.float().cpu(), atol=1e-3, rtol=0)
     assert (adapter_chosen - trl_chosen.cpu()).abs().max() > 0.01  # the adapter is not the reference
+
+
+def test_batched_answers_are_the_one_at_a_time_answers(tiny_gpt2, tokenizer):
+    from dpo_pipeline.evaluate import generate_answer, generate_answers
+
+    base = load_base_model(tiny_gpt2).float().to(DEVICE)
+    model = add_lora(base, lora_config(base, r=4)).eval()
+    prompts = list(get_synthetic(n_pairs=40, seed=2).test["prompt"])[:5]
+    prompts.append(prompts[0] * 3)  # a longer prompt: the others are left-padded to it
+    one_by_one = [generate_answer(model, tokenizer, p, 10, seed=0, do_sample=False) for p in prompts]
+    assert generate_answers(model, tokenizer, prompts, 10, seed=0, batch_size=4, do_sample=False) == one_by_one
+    assert tokenizer.padding_side == "right"  # left padding was for generating only
+    sampled = lambda: generate_answers(model, tokenizer, prompts, 10, seed=3, batch_size=4, do_sample=True)
+    assert sampled() == sampled()  # the seed is reset per batch: the same draws again
