@@ -40,7 +40,7 @@ from data_scale import cpu_model  # noqa: E402  (this folder is on sys.path)
 from dpo_pipeline import evaluate  # noqa: E402
 from dpo_pipeline import model as model_lib  # noqa: E402
 from dpo_pipeline.config import HH_SAMPLE, resolve  # noqa: E402
-from dpo_pipeline.packing import pack_rows, pair_segment  # noqa: E402
+from dpo_pipeline.packing import pack_batch, pack_rows, pair_segment  # noqa: E402
 from dpo_pipeline.prepare import prepare_data  # noqa: E402
 
 
@@ -75,10 +75,11 @@ def tokens_run(tokenized, max_length: int, batch_size: int) -> dict[str, int]:
     rows = rows[0::2] + rows[1::2]  # the padded scorer runs all chosen rows, then all rejected rows
     padded = sum(len(rows[i:i + batch_size]) * max(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size))
     segments = [len(pair_segment(p, c, r, max_length)["tokens"]) for p, c, r in tokenized]
-    packs = pack_rows(segments, 2 * max_length)
-    per_forward = max(1, batch_size // 2)
-    packed = sum(len(group) * max(sum(segments[i] for i in row) for row in group)
-                 for group in (packs[i:i + per_forward] for i in range(0, len(packs), per_forward)))
+    packs, per_forward = pack_rows(segments, 2 * max_length), max(1, batch_size // 2)  # as evaluate._pair_logps
+    examples = [dict(prompt_ids=p, chosen_ids=c, rejected_ids=r) for p, c, r in tokenized]
+    packed = sum(pack_batch([examples[j] for row in packs[i:i + per_forward] for j in row], max_length,
+                            max_length + 1, 0, 2 * max_length)["input_ids"].numel()
+                 for i in range(0, len(packs), per_forward))
     return {"padded": padded, "packed": packed, "rows_padded": sum(rows), "pairs_packed": sum(segments)}
 
 
