@@ -139,14 +139,10 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
     }
 
 
-@torch.no_grad()
 def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, **sampling) -> str:
     """One answer to `prompt` after set_seed(seed) (the same draws for any model), cut where the next human turn
     would begin; `sampling` are generate()'s decoding arguments."""
-    ids = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
-    set_seed(seed)
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).split(HUMAN)[0]
+    return generate_answers(model, tokenizer, [prompt], max_new_tokens, seed, 1, **sampling)[0]
 
 
 @torch.no_grad()
