@@ -187,6 +187,7 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
     called with the trainer before training (the CLI and the benchmark count and time through it)."""
     from accelerate.utils import get_int_from_env
 
+    began = time.perf_counter()
     out = Path(config.output_dir)
     tokenizer = model_lib.load_tokenizer(config.model)
     data = data or prepare_data(config, tokenizer)
@@ -201,6 +202,10 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
     result = trainer.train()
     wall = time.perf_counter() - start
     history, steps = trainer.state.log_history, trainer.state.global_step
+    answering = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CompletionsCallback)), None)
+    # throughput of training, not of evaluations or answers to the completion prompts (before the evaluation
+    # below, which logs its own runtime into the same history)
+    train_time = wall - sum(e.get("eval_runtime", 0.0) for e in history) - (answering.seconds if answering else 0.0)
     # Reuse the evaluation the trainer logged at the last step, if any, rather than run the same one twice.
     last_eval = [e for e in history if "eval_loss" in e and e.get("step") == steps]
     final_eval = _eval_metrics(last_eval[-1] if last_eval else trainer.evaluate())
@@ -215,11 +220,10 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
         trainer.save_model(str(out))  # adapter (safetensors) + tokenizer; the base weights stay where they were
     train_losses = [e["loss"] for e in history if "loss" in e]
     pairs_seen = steps * config.batch_size * config.grad_accum * trainer.args.world_size  # all ranks
-    answering = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CompletionsCallback)), None)
-    # throughput of training, not of evaluations or answers to the completion prompts
-    train_time = wall - sum(e.get("eval_runtime", 0.0) for e in history) - (answering.seconds if answering else 0.0)
+    scoring = time.perf_counter()
     evaluation = preference_eval(trainer.model, tokenizer, data.test, config.beta, config.max_length,
                                  config.batch_size) if main else {"adapter": {}, "base": {}}
+    judging = time.perf_counter()
     judged = {}
     if main and config.judge not in (None, "", "none"):  # "none" turns off a profile's judge from a file or flag
         if trainer.args.world_size > 1:  # rank 0 alone would generate inside the process group
@@ -230,6 +234,11 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
             except JudgeError as err:  # the trained run is kept; the record says why it has no judged numbers
                 judged = {"error": str(err)}
                 print(f"judged generations skipped: {err}", flush=True)
+    # where the run's time went (a sweep's cost is more than its training: README, "Faster training")
+    timings = dict(build=start - began, reference=sum(e["seconds"] for e in getattr(trainer, "ref_cache_events", [])),
+                   training=train_time, evaluations=sum(e.get("eval_runtime", 0.0) for e in history),
+                   answers=answering.seconds if answering else 0.0, held_out=judging - scoring,
+                   judged=time.perf_counter() - judging, total=time.perf_counter() - began)
     record = RunRecord(
         config=config.to_dict(), status="finished", train_pairs=len(trainer.train_dataset),
         eval_pairs=len(trainer.eval_dataset), train_steps=steps,
@@ -238,7 +247,7 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
         wall_time_s=round(wall, 2), pairs_per_second=round(pairs_seen / train_time, 3) if train_time > 0 else 0.0,
         adapter_path=str(out.resolve()), model_info=model_lib.describe_model(trainer.model, config.model),
         run_id=out.name, evaluation=evaluation["adapter"], base_evaluation=evaluation["base"], judged=judged,
-        completions=answering.rows() if answering else [],
+        completions=answering.rows() if answering else [], timings_s={k: round(v, 2) for k, v in timings.items()},
     )
     if main:
         record.save(out / "record.json")

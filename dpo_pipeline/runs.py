@@ -64,6 +64,9 @@ class RunRecord:
     judged: dict = field(default_factory=dict)  # judged generations against the base model (judge.py), summary
     completions: list[dict] = field(default_factory=list)  # answers to fixed validation prompts while training
     search: dict = field(default_factory=dict)  # which search made the run: grid, random or tpe (study, trial)
+    # seconds: build (data, model, reference log-probs), of it reference, training, evaluations while training
+    # (and after, when the last step had none), answers while training, held_out (evaluate.py), judged, total
+    timings_s: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -79,6 +82,11 @@ class RunRecord:
     def failed(cls, config, error: BaseException) -> "RunRecord":
         message = " ".join(f"{type(error).__name__}: {error}".split())[:500]  # one line
         return cls(config=config.to_dict(), status="failed", error=message, run_id=Path(config.output_dir).name)
+
+
+def evaluating_seconds(timings: dict) -> float:
+    """A record's seconds spent scoring and answering rather than training or building (its timings_s)."""
+    return sum(timings.get(k, 0.0) for k in ("evaluations", "answers", "held_out", "judged"))
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

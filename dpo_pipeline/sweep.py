@@ -25,8 +25,8 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, RunConfig, check_fields, checked_value, resolve
-from .runs import (BEST_RULES, RunLock, RunRecord, control_of, load_records, pick_best, publish_best, rule_value,
-                   run_id)
+from .runs import (BEST_RULES, RunLock, RunRecord, control_of, evaluating_seconds, load_records, pick_best,
+                   publish_best, rule_value, run_id)
 
 
 @dataclass
@@ -149,7 +149,8 @@ def run_sweep(configs: list[RunConfig], data=None, poll_seconds: float = 2.0, se
                 if record.status == "finished" and search.get("pruned_at_step"):
                     record.status = "pruned"
                 record.save(folder / "record.json")
-                print(f"{label} {record.status}" + (f": {record.error}" if record.error else ""), flush=True)
+                print(f"{label} {record.status}" + (f": {record.error}" if record.error else "")
+                      + (f" in {time_spent(record.timings_s)}" if record.timings_s else ""), flush=True)
             finally:
                 lock.release()
         if waiting:
@@ -214,6 +215,12 @@ def search_info(spec: SweepSpec) -> dict:
     storage = shown_url(spec.storage) if spec.storage else "sqlite (results)"
     return {"search": "tpe (Optuna)" + (", median pruning" if spec.prune else ""), "study": spec.study,
             "storage": storage, "trials": spec.trials, "space": spec.space}
+
+
+def time_spent(timings: dict) -> str:
+    """Where a record's time went (its timings_s), e.g. "412 s: build 20 s, training 301 s, evaluating 91 s"."""
+    return (f"{timings['total']:.0f} s: build {timings['build']:.0f} s, training {timings['training']:.0f} s, "
+            f"evaluating {evaluating_seconds(timings):.0f} s")
 
 
 def describe(config: RunConfig) -> str:

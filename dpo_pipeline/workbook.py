@@ -23,7 +23,7 @@ from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.utils import get_column_letter
 
 from .report import history_frame
-from .runs import pick_best, rule_value, search_label, tpe_trials  # pick_best: the runner-up by the sweep's rule
+from .runs import evaluating_seconds, pick_best, rule_value, search_label, tpe_trials  # pick_best: the runner-up
 
 BASELINE_LABEL = "base model (no adapter)"
 BEST_FILL = PatternFill("solid", fgColor="C6EFCE")  # Excel's own "good" green
@@ -98,6 +98,9 @@ JUDGED_COLUMNS = [
 COST_COLUMNS = [(name, lambda r, key=key: r.get(key), fmt, width) for name, key, fmt, width in [
     ("train steps", "train_steps", INT, 8), ("wall time (s)", "wall_time_s", SECONDS, 9),
     ("pairs/s", "pairs_per_second", SECONDS, 8), ("error", "error", None, 48)]]
+COST_COLUMNS[2:2] = [  # where a run's time went (record timings_s): a sweep's cost is not only its training
+    ("run time (s)", _get("timings_s", "total"), SECONDS, 9),
+    ("evaluating (s)", lambda r: evaluating_seconds(r["timings_s"]) if r.get("timings_s") else None, SECONDS, 9)]
 HISTORY_COLUMNS = [  # (header, history_frame column)
     ("loss", "loss"), ("reward accuracy", "rewards/accuracies"), ("reward margin", "rewards/margins"),
     ("chosen reward", "rewards/chosen"), ("rejected reward", "rewards/rejected"), ("chosen logp", "logps/chosen"),

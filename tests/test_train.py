@@ -67,6 +67,23 @@ def test_dpo_learns_the_rule_on_held_out_pairs(tiny_gpt2, synthetic, tmp_path):
         assert not torch.allclose(reloaded(input_ids=ids).logits, ref)
 
 
+def test_record_says_where_the_time_went_and_pairs_per_s_counts_training_only(tiny_gpt2, synthetic, tmp_path):
+    # no evaluation while training: the run evaluates once after it (and answers the completion prompts then)
+    config = RunConfig(model=tiny_gpt2, load_in_4bit=False, batch_size=4, max_steps=3, max_length=48,
+                       max_eval_pairs=16, trl_args={"eval_strategy": "no"}, output_dir=str(tmp_path / "run"))
+    record = run(config, synthetic)
+    [after] = [e for e in record.log_history if "eval_runtime" in e]
+    t = record.timings_s
+    # what came after training is not taken out of training's time
+    assert t["training"] == pytest.approx(record.wall_time_s, abs=0.02)
+    assert record.pairs_per_second == pytest.approx(3 * 4 / t["training"], rel=0.01)
+    assert t["evaluations"] == pytest.approx(after["eval_runtime"], abs=0.02)
+    assert t["held_out"] > 0 and t["judged"] == 0 and 0 < t["reference"] <= t["build"]
+    parts = t["build"] + t["training"] + t["evaluations"] + t["answers"] + t["held_out"] + t["judged"]
+    assert parts <= t["total"] + 0.05 and t["total"] - parts < 0.5 * t["total"]  # saving the adapter, the rest
+    assert json.loads((tmp_path / "run" / "record.json").read_text())["timings_s"] == t
+
+
 def test_optimizer_and_loss_type_reach_trl(tiny_gpt2, synthetic, tmp_path):
     config = RunConfig(model=tiny_gpt2, load_in_4bit=False, optimizer="rmsprop", loss_type="ipo", beta=0.3,
                        learning_rate=1e-4, batch_size=4, max_steps=2, max_length=48, output_dir=str(tmp_path))

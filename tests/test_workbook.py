@@ -91,7 +91,7 @@ def test_sheets_and_runs_rows_match_the_records(sweep):
                    "lora r", "lora alpha", "epochs", "max steps", "max length", "seed", "final train loss",
                    "eval loss", "eval reward accuracy", "eval reward margin", "eval chosen reward",
                    "eval rejected reward", "held-out reward accuracy", "reward ties", "logp accuracy",
-                   "chosen logp shift", "rejected logp shift", "train steps", "wall time (s)", "pairs/s", "error"):
+                   "chosen logp shift", "rejected logp shift", "train steps", "wall time (s)", "run time (s)", "evaluating (s)", "pairs/s", "error"):
         assert header in col, header
     ids = [ws.cell(r, 1).value for r in range(2, ws.max_row + 1)]
     assert ids[:len(records) + 1] == [BASELINE_LABEL] + [r["run_id"] for r in records]
@@ -107,6 +107,13 @@ def test_sheets_and_runs_rows_match_the_records(sweep):
         assert cell("learning rate") == pytest.approx(rec["config"]["learning_rate"])
         assert cell("beta") == pytest.approx(rec["config"]["beta"])
         assert cell("wall time (s)") == pytest.approx(rec["wall_time_s"])
+        t = rec["timings_s"]  # the run's total, and its evaluations, held-out scoring, answers, judging summed
+        if rec["status"] == "failed":
+            assert t == {} and cell("run time (s)") is None and cell("evaluating (s)") is None
+        else:
+            assert cell("run time (s)") == pytest.approx(t["total"]) and t["total"] > rec["wall_time_s"]
+            assert cell("evaluating (s)") == pytest.approx(t["evaluations"] + t["answers"] + t["held_out"]
+                                                           + t["judged"])
         for name, key in (("eval loss", "loss"), ("eval reward accuracy", "rewards/accuracies"),
                           ("eval reward margin", "rewards/margins"), ("eval rejected reward", "rewards/rejected")):
             expected = rec["final_eval"].get(key)
