@@ -416,8 +416,13 @@ def _clean_and_split(source: str, parts: dict, split_seed: int, test_fraction: f
         if test_fraction > 0 and len(kept) >= 2:
             n_test = min(max(n_test, 1), len(kept) - 1)  # never an empty test set nor an empty train set
         train, test = [kept[i] for i in order[n_test:]], [kept[i] for i in order[:n_test]]
-    else:  # the source's own split; max_pairs is shared out by test_fraction
+    else:  # the source's own split, in a seeded order; max_pairs is shared out by test_fraction
+        # The Hub's hh-rlhf is its subsets one after another (harmless-base first): in the file's order the first
+        # 2,000 test pairs (max_eval_pairs) would all be harmless-base and a validation slice off the end all one
+        # helpful subset.
         train, test = pairs["train"], pairs["test"]
+        random.Random(split_seed).shuffle(train)
+        random.Random(split_seed + 1).shuffle(test)
         if max_pairs is not None:
             n_test = round(max_pairs * test_fraction)
             train, test = train[:max_pairs - n_test], test[:n_test]

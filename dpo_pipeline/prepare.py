@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from . import model as model_lib
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import PreferenceData, drop_truncation_ties, load_preferences, resolve_prompt_format, to_chat_template
 from .synthetic import get_synthetic
 
@@ -38,6 +38,9 @@ def prepare_data(config: RunConfig, tokenizer=None) -> PreferenceData:
         data.report.splits["test (evaluated)"] = config.max_eval_pairs
     if config.validation_pairs:  # settings are picked on these, never on the test split
         n = len(data.train) - config.validation_pairs
+        if n < 1:
+            raise ConfigError(f"validation_pairs {config.validation_pairs} leaves no training pairs: {config.source} "
+                              f"has {len(data.train)} after cleaning; set validation_pairs lower (0: none)")
         data.validation, data.train = data.train.select(range(n, len(data.train))), data.train.select(range(n))
         data.report.splits.update({"train": len(data.train), "validation": len(data.validation)})
     _PREPARED[key] = data

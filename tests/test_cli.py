@@ -47,6 +47,7 @@ CLI_MISTAKES = {
     "unknown model": (["--model", "nobody/no-such-model"], ["nobody/no-such-model"]),
     "unknown offline model": (["--model", "offline:gpt5"], ["gpt5"]),
     "bad setting": (["--optimizer", "no_such_optimizer", "--max_steps", "1"], ["no_such_optimizer"]),
+    "validation too big": (["--validation_pairs", "500"], ["validation_pairs 500", "synthetic"]),
 }
 
 
@@ -80,7 +81,8 @@ def test_sweep_user_mistakes_are_one_line_and_exit_2(tmp_path):
 def test_sweep_base_reaches_tokenizer_and_data_and_every_run_folder_is_complete(tmp_path):
     # Profile `full` names a Hub model and dataset; the sweep's base replaces both, so nothing is fetched, and its
     # max_length (16: some synthetic prompts no longer fit) is the length the data is cleaned for and trained at.
-    base = {**TINY, "max_length": 16, "max_eval_pairs": 16, "judge": "none"}  # full's judge is on the Hub
+    base = {**TINY, "max_length": 16, "max_eval_pairs": 16, "validation_pairs": 8,  # full's 2,000 are too many here
+            "judge": "none"}  # full's judge is on the Hub
     spec = write_sweep(tmp_path / "sweep.yaml", profile="full", base=base, grid={"learning_rate": [1e-3, 2e-4]},
                        control=True)
     proc = command(["dpo_pipeline.sweep", str(spec)], tmp_path)

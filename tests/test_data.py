@@ -126,6 +126,37 @@ def test_hh_split_is_seeded(hh):
     assert (len(small.train), len(small.test), small.report.kept) == (90, 10, 1803)
 
 
+def test_a_sources_own_split_is_kept_in_a_seeded_order_so_any_slice_mixes_its_subsets():
+    # Two "subsets" one after another in each split, as the Hub's hh-rlhf files are (harmless-base first)
+    rows = load_rows(str(HH))
+    half = len(rows) // 2
+    subset = {json.dumps(r, sort_keys=True): "a" if i < half else "b" for i, r in enumerate(rows)}
+    train = rows[:half - 100] + rows[half:-100]
+    test = rows[half - 100:half] + rows[-100:]
+
+    def split(seed, max_pairs=None):
+        parts = {"train": ("hh[train]", [dict(r) for r in train]), "test": ("hh[test]", [dict(r) for r in test])}
+        return data._clean_and_split("hh", parts, seed, 0.1, max_pairs)
+
+    def rows_of(ds):  # back to the raw rows' subset labels: cleaning keeps the text, so match on the transcripts
+        by_chosen = {r["chosen"]: subset[json.dumps(r, sort_keys=True)] for r in rows}
+        return [by_chosen[p + c] for p, c in zip(ds["prompt"], ds["chosen"])]
+
+    first = split(42)
+    assert first.report.splits == {"train": len(first.train), "test": len(first.test)} and len(first.test) > 150
+    # the source's split is kept: every test pair is one of the source's test rows, every train pair a train row
+    for ds, raw in ((first.test, test), (first.train, train)):
+        assert {p + c for p, c in zip(ds["prompt"], ds["chosen"])} <= {r["chosen"] for r in raw}
+    for ds in (first.test.select(range(40)), first.train.select(range(len(first.train) - 40, len(first.train)))):
+        labels = rows_of(ds)  # the first 40 test pairs (max_eval_pairs), the last 40 train pairs (validation)
+        assert 8 <= labels.count("a") <= 32, labels
+    assert split(42).test["chosen"] == first.test["chosen"]  # seeded: every run evaluates the same pairs
+    assert split(7).test["chosen"] != first.test["chosen"]
+    assert sorted(split(7).test["chosen"]) == sorted(first.test["chosen"])
+    small = split(42, max_pairs=100)
+    assert (len(small.train), len(small.test)) == (90, 10) and set(rows_of(small.test)) == {"a", "b"}
+
+
 # ---------------------------------------------------------------- real ultrafeedback-style file
 
 
