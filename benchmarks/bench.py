@@ -23,7 +23,9 @@ runs on, so a packed pair counts its prompt once), padding share of the batches 
 RSS on a CPU: the kernel's high-water mark, reset per setup; peak CUDA memory on a GPU), per-step losses; on a GPU also model FLOPs utilisation against a bf16 matmul peak measured in the
 same process (LoRA on a frozen base: ~4 N FLOPs a trained token, + 2 N when the reference runs every step).
 The sweep cost compares 4 tuned runs sharing the reference cache (the first cold) with 4 x one TRL-default run, and
-projects a 24-run `sweep_full.yaml` from them. Targets: the CPU set, or with --gpu issue 12's (tuned >= 300 pairs/s,
+projects a 24-run `sweep_full.yaml` from them, evaluations included: one more run evaluates the way a sweep_full run
+does (a validation slice while training with the completion prompts answered, held-out test pairs, judged answers)
+on fewer pairs, and its rates are scaled to the sweep's pair counts. Targets: the CPU set, or with --gpu issue 12's (tuned >= 300 pairs/s,
 >= 3x TRL-default, peak CUDA memory <= TRL-default's, per-step losses within 0.01 of TRL-default's, the projected
 sweep <= 30 min); each is printed MET or NOT MET.
 Writes `<out>/bench-<timestamp>.json` and `<out>/latest.json`, prints a markdown table.
@@ -86,7 +88,7 @@ SWEEP_FULL = Path(__file__).resolve().parents[1] / "configs" / "sweep_full.yaml"
 
 
 def sweep_shape(path: Path) -> dict:
-    """Runs, steps and pairs a step of a grid sweep file, read from it (not copied here)."""
+    """Runs, steps, pairs a step and what each run evaluates, of a grid sweep file, read from it (not copied here)."""
     from dpo_pipeline.sweep import SweepSpec
 
     spec = SweepSpec.from_file(path)
@@ -94,7 +96,10 @@ def sweep_shape(path: Path) -> dict:
     runs = 1
     for values in spec.grid.values():
         runs *= len(values)
-    return dict(runs=runs, steps=config.max_steps, pairs_per_step=config.batch_size * config.grad_accum)
+    judged = config.judge not in (None, "", "none")
+    return dict(runs=runs, steps=config.max_steps, pairs_per_step=config.batch_size * config.grad_accum,
+                evaluations=config.max_steps // config.eval_steps, validation_pairs=config.validation_pairs,
+                test_pairs=config.max_eval_pairs, judge_prompts=config.judge_prompts if judged else 0)
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -144,8 +149,21 @@ def matmul_peak_tflops() -> float | None:
     return round(10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12, 1)
 
 
-def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, peak_tflops: float | None = None) -> dict:
-    """One run through pipeline.run, measured; everything is freed afterwards."""
+def time_answers(trainer, prompts: list[str]) -> float:
+    """Seconds for the trained policy and its base to answer `prompts` as a judged run does (evaluate.py's batches)."""
+    from dpo_pipeline.evaluate import generate_answers
+
+    model, start = trainer.model, time.perf_counter()
+    generate_answers(model, trainer.processing_class, prompts, 48, seed=0, do_sample=True, top_p=0.9)
+    with model.disable_adapter():
+        generate_answers(model, trainer.processing_class, prompts, 48, seed=0, do_sample=True, top_p=0.9)
+    return time.perf_counter() - start
+
+
+def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, peak_tflops: float | None = None,
+              answer_prompts: list[str] | None = None) -> dict:
+    """One run through pipeline.run, measured (with `answer_prompts`, also the judged answers' generation);
+    everything is freed afterwards."""
     print(f"\n=== {name} ===", flush=True)
     free_memory()
     with contextlib.suppress(OSError, AttributeError):
@@ -181,6 +199,8 @@ def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, pea
         "cuda_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
         "losses": losses, "final_loss": losses[-1], "mean_loss": round(sum(losses) / len(losses), 6),
         "ref_cache_hits": [e["hit"] for e in getattr(trainer, "ref_cache_events", [])],
+        "timings_s": record.timings_s, "reference_s_per_pair": reference_cost(trainer),
+        "evaluations": sum("eval_runtime" in e for e in record.log_history),
         "settings": {"bf16": args.bf16, "fp16": args.fp16, "gradient_checkpointing": args.gradient_checkpointing,
                      "precompute_ref_log_probs": args.precompute_ref_log_probs, "micro_batch":
                      args.per_device_train_batch_size, "pad_to_multiple_of": args.pad_to_multiple_of,
@@ -191,6 +211,8 @@ def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, pea
         per_token = (4 if args.precompute_ref_log_probs else 6) * n
         result["model_tflops"] = round(per_token * tokens / train_s / 1e12, 2)
         result["mfu"] = round(result["model_tflops"] / peak_tflops, 4)
+    if answer_prompts:
+        result["answers_s"], result["answer_prompts"] = round(time_answers(trainer, answer_prompts), 2), len(answer_prompts)
     print(f"{name}: {result['pairs_per_s']} pairs/s ({result['warm_pairs_per_s']} past warm-up), "
           f"{result['tokens_per_s']} tokens/s, padding "
           f"{result['padding_fraction']}, peak RSS {result['peak_rss_mb']} MB, CUDA peak {result['cuda_peak_mb']} MB,"
@@ -198,6 +220,36 @@ def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, pea
     del meters, trainer, meter
     free_memory()
     return result
+
+
+def reference_cost(trainer) -> float | None:
+    """Seconds a pair of computing reference log-probs (the splits the cache missed), or None if none was computed."""
+    missed = [e for e in getattr(trainer, "ref_cache_events", []) if not e["hit"]]
+    pairs = sum(e["pairs"] for e in missed)
+    return round(sum(e["seconds"] for e in missed) / pairs, 5) if pairs else None
+
+
+def project_sweep(shape: dict, tuned: dict, evaluated: dict, hit_build_s: float, batch: int) -> dict:
+    """A sweep of `shape` (sweep_shape) from what was measured: each run's training at tuned's rate past warm-up plus
+    its warm-up; the build of a run that finds its reference on disk; the first run's reference over its train and
+    validation pairs; and each run's evaluations while training, held-out scoring and judged answers at the rates
+    of the evaluated run. The judge model's own forwards (a Hub model) are not in it."""
+    if tuned["warm_pairs_per_s"]:  # a 1,000-step run trains at the warm rate, after the warm-up it measured
+        warmup_s = sum(tuned["step_s"][:WARMUP_STEPS]) - WARMUP_STEPS * batch / tuned["warm_pairs_per_s"]
+        train_s = shape["steps"] * shape["pairs_per_step"] / tuned["warm_pairs_per_s"] + max(warmup_s, 0.0)
+    else:
+        train_s = shape["steps"] * shape["pairs_per_step"] / tuned["pairs_per_s"]
+    t, evals = evaluated["timings_s"], max(evaluated["evaluations"], 1)
+    monitor = shape["validation_pairs"] or shape["test_pairs"]  # what a run evaluates on while training
+    per_evaluation = monitor * t["evaluations"] / (evals * evaluated["eval_pairs"]) + t["answers"] / evals
+    evaluating_s = shape["evaluations"] * per_evaluation + shape["test_pairs"] * t["held_out"] / evaluated["test_pairs"] \
+        + shape["judge_prompts"] * evaluated.get("answers_s", 0.0) / max(evaluated.get("answer_prompts", 1), 1)
+    first_reference_s = (tuned["reference_s_per_pair"] or 0.0) * (shape["steps"] * shape["pairs_per_step"] + monitor)
+    total_s = shape["runs"] * (train_s + hit_build_s + evaluating_s) + first_reference_s
+    return {**shape, "train_s_per_run": round(train_s, 1), "build_s_per_run": round(hit_build_s, 1),
+            "evaluating_s_per_run": round(evaluating_s, 1), "first_reference_s": round(first_reference_s, 1),
+            "training_only_minutes": round(shape["runs"] * (train_s + hit_build_s) / 60, 1),
+            "minutes": round(total_s / 60, 1)}
 
 
 def machine() -> dict:
@@ -228,7 +280,9 @@ def markdown(report: dict) -> str:
         p = s["full_projection"]
         lines.append(f"sweep_full.yaml ({p['runs']} runs x {p['steps']} steps x {p['pairs_per_step']} pairs), projected"
                      f" from these rows: {p['minutes']} min ({p['train_s_per_run']} s training + {p['build_s_per_run']}"
-                     " s build a run; evaluations and judging not counted)")
+                     f" s build + {p['evaluating_s_per_run']} s evaluating a run, {p['first_reference_s']} s for the"
+                     f" first run's reference; the judge model's forwards not counted); training and build alone:"
+                     f" {p['training_only_minutes']} min")
     m = report["machine"]
     lines.append(f"machine: {m['gpu'] or m['cpu']}, {m['usable_cpus']} CPUs, torch {m['torch']}, trl {m['trl']}")
     return "\n".join(lines)
@@ -299,6 +353,18 @@ def main(argv: list[str] | None = None) -> int:
         sweep = {"tuned_runs_s": runs, "tuned_s": round(sum(runs), 1), "trl_4x_s": 4 * results["TRL-default"]["run_s"],
                  "hit_build_s": round(again["run_s"] - again["train_s"], 2),  # a run that finds the reference
                  "ref_cache_hits": results["tuned"]["ref_cache_hits"][::2]}  # the train split of each run
+        # One more run as a sweep_full.yaml run evaluates (on fewer pairs): once while training on a validation
+        # slice, with the completion prompts answered, then the held-out test pairs, and judged answers generated.
+        # Its rates scale to the sweep's pair counts in the projection.
+        pairs = 64 if opts.gpu else 8
+        evaluated = dataclasses.replace(base, max_eval_pairs=pairs, validation_pairs=pairs)
+        eval_data = prepare_data(evaluated)  # validation off the end of train: the same first pairs to train on
+        eval_data = dataclasses.replace(eval_data, train=eval_data.train.select(range(steps * batch)))
+        result = run_setup("sweep run, evaluated", config("sweep_evaluated", trl_args={"eval_strategy": "steps"},
+                                                          max_eval_pairs=pairs, validation_pairs=pairs,
+                                                          eval_steps=steps, log_completions=2),
+                           eval_data, peak_tflops=peak, answer_prompts=eval_data.validation["prompt"][:pairs // 4])
+        sweep["evaluated_run"] = {**result, "eval_pairs": len(eval_data.validation), "test_pairs": len(eval_data.test)}
     ratio = lambda a, b: round(results[a]["pairs_per_s"] / results[b]["pairs_per_s"], 2)
     targets = {}
     if "tuned" in results:
@@ -313,21 +379,9 @@ def main(argv: list[str] | None = None) -> int:
             targets["cuda_peak_vs_trl"] = round(tuned["cuda_peak_mb"] / trl["cuda_peak_mb"], 2)
     if sweep:
         targets["sweep_vs_4_trl_runs"] = round(sweep["tuned_s"] / sweep["trl_4x_s"], 3)
-        # sweep_full.yaml from what was measured: each run's training at tuned's pairs/s past warm-up plus its
-        # warm-up, and the build of a run that finds the reference on disk (model, data, cached log-probs). Its
-        # evaluations, judged answers and the first run's reference over 16,000 pairs are not in it: a lower bound.
-        build_s = sweep["hit_build_s"]
-        shape = sweep_shape(SWEEP_FULL)
-        tuned = results["tuned"]
-        if tuned["warm_pairs_per_s"]:  # a 1,000-step run trains at the warm rate, after the warm-up it measured
-            warmup_s = sum(tuned["step_s"][:WARMUP_STEPS]) - WARMUP_STEPS * batch / tuned["warm_pairs_per_s"]
-            train_s = shape["steps"] * shape["pairs_per_step"] / tuned["warm_pairs_per_s"] + max(warmup_s, 0.0)
-        else:
-            train_s = shape["steps"] * shape["pairs_per_step"] / tuned["pairs_per_s"]
-        minutes = round(shape["runs"] * (train_s + build_s) / 60, 1)
-        sweep["full_projection"] = {**shape, "train_s_per_run": round(train_s, 1),
-                                    "build_s_per_run": round(build_s, 1), "minutes": minutes}
-        targets["sweep_full_minutes"] = minutes
+        sweep["full_projection"] = project_sweep(sweep_shape(SWEEP_FULL), results["tuned"], sweep["evaluated_run"],
+                                                 sweep["hit_build_s"], batch)
+        targets["sweep_full_minutes"] = sweep["full_projection"]["minutes"]
     wanted = GPU_TARGETS if opts.gpu else TARGETS
     report = {
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),

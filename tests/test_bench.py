@@ -45,6 +45,19 @@ def test_bench_command_writes_the_report_and_the_sweep_hits_the_reference_cache(
     assert report["targets"]["loss_gap_vs_trl"]["value"] == round(gap, 4)
     projection = report["sweep"]["full_projection"]
     assert projection["train_s_per_run"] == pytest.approx(16_000 / setups["tuned"]["pairs_per_s"], rel=0.01)
+    # ... with what each of its runs evaluates, at the rates of a run evaluated the way a sweep_full.yaml run is
+    evaluated = report["sweep"]["evaluated_run"]
+    assert (evaluated["evaluations"], evaluated["eval_pairs"], evaluated["test_pairs"]) == (1, 8, 8)
+    t = evaluated["timings_s"]
+    assert t["evaluations"] > 0 and t["answers"] > 0 and t["held_out"] > 0 and evaluated["answers_s"] > 0
+    per_run = (4 * (2000 * t["evaluations"] / 8 + t["answers"]) + 2000 * t["held_out"] / 8
+               + 64 * evaluated["answers_s"] / evaluated["answer_prompts"])
+    assert projection["evaluating_s_per_run"] == pytest.approx(per_run, abs=0.1)
+    first = setups["tuned"]["reference_s_per_pair"] * (16_000 + 2000)  # the first run's reference, computed once
+    assert projection["first_reference_s"] == pytest.approx(first, abs=0.1)
+    minutes = (24 * (projection["train_s_per_run"] + projection["build_s_per_run"] + per_run) + first) / 60
+    assert projection["minutes"] == pytest.approx(minutes, abs=0.2)
+    assert projection["minutes"] > projection["training_only_minutes"]
     assert "sweep_full.yaml (24 runs x 1000 steps x 16 pairs), projected" in proc.stdout
 
 
