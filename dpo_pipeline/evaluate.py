@@ -10,8 +10,11 @@ longer completion"): an accuracy that does not beat them may be nothing more tha
 from __future__ import annotations
 
 import contextlib
+import json
+from collections import OrderedDict
 
 import torch
+import xxhash  # comes with datasets
 from transformers import set_seed
 
 from trl.data_utils import common_prefix_length
@@ -116,6 +119,26 @@ def _summary(chosen_shift, rejected_shift, chosen_logps, rejected_logps, beta, b
     }
 
 
+# (base weights, precision, device, tokenized pairs, max_length, batch) -> the base model's log-probs of those pairs:
+# the same for every run of a sweep, so each run after the first scores its held-out pairs once, not twice
+BASE_LOGPS: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+
+def base_pair_logps(model, tokenized, max_length: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_pair_logps` of a PeftModel's base (adapter disabled), remembered per base and pairs in this process."""
+    from .refcache import base_model_fingerprint
+
+    ids = xxhash.xxh3_128(json.dumps(tokenized).encode()).hexdigest()
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    key = "|".join(map(str, (base_model_fingerprint(model), dtype, model.device, ids, max_length, batch_size)))
+    if key not in BASE_LOGPS:
+        with model.disable_adapter():
+            BASE_LOGPS[key] = _pair_logps(model, tokenized, max_length, batch_size)
+        while len(BASE_LOGPS) > 8:
+            BASE_LOGPS.popitem(last=False)
+    return BASE_LOGPS[key]
+
+
 def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch_size: int = 8) -> dict:
     """{"adapter": metrics, "base": metrics} on held-out pairs for a PeftModel (adapter on vs disabled).
 
@@ -129,8 +152,7 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
     """
     tokenized = _tokenize_pairs(tokenizer, pairs)
     policy_c, policy_r = _pair_logps(model, tokenized, max_length, batch_size)
-    with model.disable_adapter():
-        ref_c, ref_r = _pair_logps(model, tokenized, max_length, batch_size)
+    ref_c, ref_r = base_pair_logps(model, tokenized, max_length, batch_size)
     baselines = length_shares([(len(c), len(r)) for _, c, r in tokenized])
     zero = torch.zeros_like(ref_c)
     return {

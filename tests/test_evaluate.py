@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
-from dpo_pipeline.evaluate import (completion_logps, length_baselines, pair_logps, preference_eval, tokenize_pair,
-                                   wilson_interval)
+from dpo_pipeline.evaluate import (BASE_LOGPS, completion_logps, length_baselines, pair_logps, preference_eval,
+                                   tokenize_pair, wilson_interval)
 from dpo_pipeline.model import add_lora, load_base_model, load_tokenizer, lora_config
 from dpo_pipeline.synthetic import get_synthetic
 
@@ -128,6 +128,23 @@ def test_trained_looking_adapter_counts_wins_against_the_base(peft_model, tokeni
     assert adapter["reward_margin"] == pytest.approx(float(margins.mean()), abs=1e-5)
     assert adapter["chosen_logp_shift"] == pytest.approx(float((chosen - ref_chosen).mean()), abs=1e-4)
     assert base["logp_accuracy"] == int((ref_chosen > ref_rejected).sum()) / n and base["reward_ties"] == 1.0
+
+
+def test_base_scores_are_computed_once_per_base_and_pairs(peft_model, tokenizer, mixed_pairs):
+    BASE_LOGPS.clear()
+    first = preference_eval(peft_model, tokenizer, mixed_pairs, beta=0.1, max_length=64, batch_size=4)
+    _perturb_lora_b(peft_model)  # another adapter on the same base: the next run of a sweep
+    second = preference_eval(peft_model, tokenizer, mixed_pairs, beta=0.1, max_length=64, batch_size=4)
+    assert len(BASE_LOGPS) == 1 and second["base"] == first["base"] and second["adapter"] != first["adapter"]
+    with peft_model.disable_adapter():  # what was remembered is what the base gives now
+        fresh = pair_logps(peft_model, tokenizer, mixed_pairs, max_length=64, batch_size=4)
+    torch.testing.assert_close(next(iter(BASE_LOGPS.values())), fresh, rtol=0, atol=0)
+    preference_eval(peft_model, tokenizer, mixed_pairs, beta=0.1, max_length=48, batch_size=4)
+    assert len(BASE_LOGPS) == 2  # other lengths: other scores
+    with torch.no_grad():  # another base model (one weight changed) is scored afresh
+        peft_model.get_base_model().transformer.wte.weight[0, 0] += 1.0
+    preference_eval(peft_model, tokenizer, mixed_pairs, beta=0.1, max_length=64, batch_size=4)
+    assert len(BASE_LOGPS) == 3
 
 
 def test_logps_match_trl_dpo_trainer_tokenization_truncation_and_reference(tiny_gpt2, tokenizer, tmp_path):
