@@ -233,7 +233,9 @@ def project_sweep(shape: dict, tuned: dict, evaluated: dict, hit_build_s: float,
     """A sweep of `shape` (sweep_shape) from what was measured: each run's training at tuned's rate past warm-up plus
     its warm-up; the build of a run that finds its reference on disk; the first run's reference over its train and
     validation pairs; and each run's evaluations while training, held-out scoring and judged answers at the rates
-    of the evaluated run. The judge model's own forwards (a Hub model) are not in it."""
+    of the evaluated run. That run finds the base model's held-out log-probs that the earlier rows computed
+    (evaluate.BASE_LOGPS), as every sweep run after the first does. The judge model's own forwards (a Hub model) are
+    not in it."""
     if tuned["warm_pairs_per_s"]:  # a 1,000-step run trains at the warm rate, after the warm-up it measured
         warmup_s = sum(tuned["step_s"][:WARMUP_STEPS]) - WARMUP_STEPS * batch / tuned["warm_pairs_per_s"]
         train_s = shape["steps"] * shape["pairs_per_step"] / tuned["warm_pairs_per_s"] + max(warmup_s, 0.0)
