@@ -149,8 +149,11 @@ def run_sweep(configs: list[RunConfig], data=None, poll_seconds: float = 2.0, se
                 if record.status == "finished" and search.get("pruned_at_step"):
                     record.status = "pruned"
                 record.save(folder / "record.json")
+                left = len(pending) - i  # not looked at yet: some may be done or held by another process
                 print(f"{label} {record.status}" + (f": {record.error}" if record.error else "")
-                      + (f" in {time_spent(record.timings_s)}" if record.timings_s else ""), flush=True)
+                      + (f" in {time_spent(record.timings_s)}" if record.timings_s else "")
+                      + (f"; at this pace about {record.timings_s['total'] * left / 60:.0f} min for the {left} left"
+                         if record.timings_s and left else ""), flush=True)
             finally:
                 lock.release()
         if waiting:

@@ -2,6 +2,7 @@
 reaches the tokenizer and the data; every run folder (sweep runs and best/) is complete; the app shows base metrics."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,10 @@ def test_sweep_base_reaches_tokenizer_and_data_and_every_run_folder_is_complete(
                        control=True)
     proc = command(["dpo_pipeline.sweep", str(spec)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # each finished run says where its time went, and what the runs left would take at that pace
+    assert re.search(r"\] 1/2 finished in \d+ s: build \d+ s, training \d+ s, evaluating \d+ s; at this pace about "
+                     r"\d+ min for the 1 left\n", proc.stdout), proc.stdout[-3000:]
+    assert re.search(r"\] 2/2 finished in \d+ s: build \d+ s, training \d+ s, evaluating \d+ s\n", proc.stdout)
     results = tmp_path / "results"
     expected = prepare_data(RunConfig(**{**base, "output_dir": "unused"})).report.as_dict()
     assert expected["dropped"]["prompt_too_long"] > 0  # the length matters for this data
