@@ -106,7 +106,8 @@ def main() -> None:
         print("error: --gpu needs a CUDA GPU and none is visible", file=sys.stderr)
         sys.exit(2)
     pairs = opts.pairs or (512 if opts.gpu else 64)
-    overrides = {"model": opts.model, "source": HH_SAMPLE, "max_eval_pairs": pairs, "load_in_4bit": opts.gpu}
+    overrides = {"model": opts.model, "source": HH_SAMPLE, "max_eval_pairs": pairs, "load_in_4bit": opts.gpu,
+                 "validation_pairs": 0}  # only test pairs are scored here; full's 2,000 exceed the sample's train split
     config, profile, _ = resolve("full" if opts.gpu else "cpu", overrides)
     tokenizer = model_lib.load_tokenizer(config.model)
     data = prepare_data(config, tokenizer)
