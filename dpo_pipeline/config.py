@@ -41,7 +41,7 @@ class RunConfig:
     source: str = "Anthropic/hh-rlhf"  # Hub dataset id, local .jsonl/.jsonl.gz/.json/.parquet file, or "synthetic"
     data_dir: str | None = None  # Hub subset, e.g. "harmless-base" for Anthropic/hh-rlhf
     max_pairs: int | None = None  # keep the first N cleaned pairs (before the split)
-    max_eval_pairs: int | None = None  # evaluate on the first N held-out pairs (eval passes cost time)
+    max_eval_pairs: int | None = None  # score the first N held-out pairs (seeded order; eval passes cost time)
     validation_pairs: int | None = None  # hold out the last N train pairs to evaluate on while training
     test_fraction: float = 0.2  # for single-split sources
     split_seed: int = 42
@@ -61,6 +61,7 @@ class RunConfig:
     batch_size: int = 4  # pairs per optimizer step and device (x grad_accum)
     grad_accum: int = 1
     micro_batch_size: int = 0  # pairs per forward pass; 0: auto (1 on a CPU: no padding between pairs; batch on GPU)
+    eval_batch_size: int = 0  # pairs per no-grad forward (reference, evaluations, held-out scoring); 0: batch_size
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     max_length: int = 512  # prompt + completion tokens

@@ -70,4 +70,5 @@ def test_eval_speed_command_scores_the_same_log_probs_both_ways(tmp_path):
     report = json.loads(out.read_text())
     assert report["pairs"] == 6 and report["max_abs_logp_difference"] < 1e-3
     assert report["packed"]["tokens_run"] < report["padded"]["tokens_run"]  # each prompt once, no padding
+    assert report["packed_4x_batch"]["max_abs_logp_difference"] < 1e-3  # the eval_batch_size lever: same scores
     assert "| packed |" in proc.stdout and "faster" in proc.stdout

@@ -1,5 +1,6 @@
 """Training stage: DPO on the tiny offline GPT-2 learns the synthetic rule, and the run leaves a usable adapter."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from dpo_pipeline import model as model_lib
 from dpo_pipeline.synthetic import get_synthetic
 from dpo_pipeline.config import RunConfig
 from dpo_pipeline.model import mixed_precision
-from dpo_pipeline.pipeline import build_trainer, run
+from dpo_pipeline.pipeline import build_trainer, dpo_args, run
 from dpo_pipeline.runs import RunRecord
 
 
@@ -86,8 +87,13 @@ def test_record_says_where_the_time_went_and_pairs_per_s_counts_training_only(ti
 
 def test_optimizer_and_loss_type_reach_trl(tiny_gpt2, synthetic, tmp_path):
     config = RunConfig(model=tiny_gpt2, load_in_4bit=False, optimizer="rmsprop", loss_type="ipo", beta=0.3,
-                       learning_rate=1e-4, batch_size=4, max_steps=2, max_length=48, output_dir=str(tmp_path))
+                       learning_rate=1e-4, batch_size=4, max_steps=2, max_length=48, eval_batch_size=16,
+                       output_dir=str(tmp_path))
     trainer = build_trainer(config, synthetic)
+    # no-grad passes (reference precompute, evaluations) take eval_batch_size pairs a forward
+    assert trainer.args.per_device_eval_batch_size == trainer.args.precompute_ref_batch_size == 16
+    with pytest.raises(ValueError, match="eval_batch_size"):
+        dpo_args(dataclasses.replace(config, eval_batch_size=-1))
     trainer.create_optimizer()
     assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
                       torch.optim.RMSprop)
