@@ -21,6 +21,7 @@ from trl.data_utils import common_prefix_length
 
 from .data import HUMAN
 from .packing import attention_mask, pack_batch, pack_rows, pair_segment
+from .refcache import base_model_fingerprint  # the hash the reference cache keys on
 from .stats import _share, length_shares, wilson_interval
 
 TIE_TOLERANCE = 1e-6
@@ -126,8 +127,6 @@ BASE_LOGPS: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
 def base_pair_logps(model, tokenized, max_length: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`_pair_logps` of a PeftModel's base (adapter disabled), remembered per base and pairs in this process."""
-    from .refcache import base_model_fingerprint
-
     ids = xxhash.xxh3_128(json.dumps(tokenized).encode()).hexdigest()
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     key = "|".join(map(str, (base_model_fingerprint(model), dtype, model.device, ids, max_length, batch_size)))
