@@ -150,13 +150,11 @@ def matmul_peak_tflops() -> float | None:
 
 
 def time_answers(trainer, prompts: list[str]) -> float:
-    """Seconds for the trained policy and its base to answer `prompts` as a judged run does (evaluate.py's batches)."""
-    from dpo_pipeline.evaluate import generate_answers
+    """Seconds for the trained policy and its base to answer `prompts` as a judged run does (judge.judged_answers)."""
+    from dpo_pipeline.judge import judged_answers
 
-    model, start = trainer.model, time.perf_counter()
-    generate_answers(model, trainer.processing_class, prompts, 48, seed=0, do_sample=True, top_p=0.9)
-    with model.disable_adapter():
-        generate_answers(model, trainer.processing_class, prompts, 48, seed=0, do_sample=True, top_p=0.9)
+    start = time.perf_counter()
+    judged_answers(trainer.model, trainer.processing_class, prompts)
     return time.perf_counter() - start
 
 
@@ -359,13 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         # slice, with the completion prompts answered, then the held-out test pairs, and judged answers generated.
         # Its rates scale to the sweep's pair counts in the projection.
         pairs = 64 if opts.gpu else 8
-        evaluated = dataclasses.replace(base, max_eval_pairs=pairs, validation_pairs=pairs)
+        evaluated = config("sweep_evaluated", trl_args={"eval_strategy": "steps"}, max_eval_pairs=pairs,
+                           validation_pairs=pairs, eval_steps=steps, log_completions=2)
         eval_data = prepare_data(evaluated)  # validation off the end of train: the same first pairs to train on
         eval_data = dataclasses.replace(eval_data, train=eval_data.train.select(range(steps * batch)))
-        result = run_setup("sweep run, evaluated", config("sweep_evaluated", trl_args={"eval_strategy": "steps"},
-                                                          max_eval_pairs=pairs, validation_pairs=pairs,
-                                                          eval_steps=steps, log_completions=2),
-                           eval_data, peak_tflops=peak, answer_prompts=eval_data.validation["prompt"][:pairs // 4])
+        result = run_setup("sweep run, evaluated", evaluated, eval_data, peak_tflops=peak,
+                           answer_prompts=eval_data.validation["prompt"][:pairs // 4])
         sweep["evaluated_run"] = {**result, "eval_pairs": len(eval_data.validation), "test_pairs": len(eval_data.test)}
     ratio = lambda a, b: round(results[a]["pairs_per_s"] / results[b]["pairs_per_s"], 2)
     targets = {}

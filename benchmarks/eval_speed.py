@@ -40,6 +40,7 @@ from data_scale import cpu_model  # noqa: E402  (this folder is on sys.path)
 from dpo_pipeline import evaluate  # noqa: E402
 from dpo_pipeline import model as model_lib  # noqa: E402
 from dpo_pipeline.config import HH_SAMPLE, resolve  # noqa: E402
+from dpo_pipeline.judge import judge_decoding  # noqa: E402
 from dpo_pipeline.packing import pack_batch, pack_rows, pair_segment  # noqa: E402
 from dpo_pipeline.prepare import prepare_data  # noqa: E402
 
@@ -160,7 +161,7 @@ def main() -> None:
           f"packed at batch {4 * batch} takes {r['seconds'] / new_s:.2f}x the time of batch {batch}")
 
     prompts = list(data.test["prompt"][:opts.prompts or (64 if opts.gpu else 16)])
-    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)  # judged_generations' decoding
+    sampling = judge_decoding(1.0)  # judged_generations' decoding
 
     def answer_one_by_one():
         return [evaluate.generate_answer(model, tokenizer, p, 48, i, **sampling) for i, p in enumerate(prompts)]

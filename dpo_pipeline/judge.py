@@ -153,6 +153,24 @@ def _tally(outcomes: list[str]) -> dict:
             "win_rate": _share(points, n), "win_rate_ci": list(wilson_interval(points, n))}
 
 
+def judge_decoding(temperature: float) -> dict:
+    """generate()'s decoding arguments for judged answers: the full distribution at `temperature` (no top-k, no
+    top-p), greedy at 0."""
+    return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
+        else dict(do_sample=False)
+
+
+def judged_answers(policy_peft_model, tokenizer, prompts: list[str], *, max_new_tokens: int = 48,
+                   temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> tuple[list[str], list[str]]:
+    """(base answers, policy answers) to `prompts`, decoded as judged_generations says."""
+    policy_peft_model.eval()
+    answers = lambda: generate_answers(policy_peft_model, tokenizer, prompts, max_new_tokens, seed, batch_size,
+                                       **judge_decoding(temperature))
+    with policy_peft_model.disable_adapter():
+        base_answers = answers()
+    return base_answers, answers()
+
+
 def judged_generations(policy_peft_model, tokenizer, prompts: list[str], judge: Judge, *, max_new_tokens: int = 48,
                        temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> dict:
     """Answers of the base (adapter disabled) and of the policy (a PeftModel) to each prompt, scored by the judge.
@@ -165,15 +183,8 @@ def judged_generations(policy_peft_model, tokenizer, prompts: list[str], judge: 
     summary: the _tally counts and win rate, mean scores and lengths, and length_matched: the same tally over the
     prompts whose two answers are within LENGTH_MATCH of the longer one in tokens (a win there is not just length).
     """
-    policy_peft_model.eval()
-    sampling = dict(do_sample=False)
-    if temperature > 0:  # the full distribution: no top-k, no top-p
-        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    answers = lambda: generate_answers(policy_peft_model, tokenizer, prompts, max_new_tokens, seed, batch_size,
-                                       **sampling)
-    with policy_peft_model.disable_adapter():
-        base_answers = answers()
-    policy_answers = answers()
+    base_answers, policy_answers = judged_answers(policy_peft_model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                                  temperature=temperature, seed=seed, batch_size=batch_size)
     base_scores, policy_scores = score(judge, prompts, base_answers), score(judge, prompts, policy_answers)
     tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
     rows = []

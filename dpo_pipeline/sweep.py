@@ -149,11 +149,8 @@ def run_sweep(configs: list[RunConfig], data=None, poll_seconds: float = 2.0, se
                 if record.status == "finished" and search.get("pruned_at_step"):
                     record.status = "pruned"
                 record.save(folder / "record.json")
-                left = len(pending) - i  # not looked at yet: some may be done or held by another process
                 print(f"{label} {record.status}" + (f": {record.error}" if record.error else "")
-                      + (f" in {time_spent(record.timings_s)}" if record.timings_s else "")
-                      + (f"; at this pace about {record.timings_s['total'] * left / 60:.0f} min for the {left} left"
-                         if record.timings_s and left else ""), flush=True)
+                      + time_spent(record.timings_s, left=len(pending) - i), flush=True)
             finally:
                 lock.release()
         if waiting:
@@ -220,10 +217,14 @@ def search_info(spec: SweepSpec) -> dict:
             "storage": storage, "trials": spec.trials, "space": spec.space}
 
 
-def time_spent(timings: dict) -> str:
-    """Where a record's time went (its timings_s), e.g. "412 s: build 20 s, training 301 s, evaluating 91 s"."""
-    return (f"{timings['total']:.0f} s: build {timings['build']:.0f} s, training {timings['training']:.0f} s, "
-            f"evaluating {evaluating_seconds(timings):.0f} s")
+def time_spent(timings: dict, left: int) -> str:
+    """Where a finished run's time went (its timings_s) and what the `left` runs not yet looked at (some may be done,
+    or held by another process) would take at its pace; "" for a run without timings (a failed one)."""
+    if not timings:
+        return ""
+    pace = f"; at this pace about {timings['total'] * left / 60:.0f} min for the {left} left" if left else ""
+    return (f" in {timings['total']:.0f} s: build {timings['build']:.0f} s, training {timings['training']:.0f} s, "
+            f"evaluating {evaluating_seconds(timings):.0f} s{pace}")
 
 
 def describe(config: RunConfig) -> str:
