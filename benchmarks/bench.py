@@ -115,11 +115,12 @@ class Meter(TrainerCallback):
         trainer.data_collator = self.count
         trainer.add_callback(self)
 
-    def count(self, examples):
-        batch = self.collator(examples)
+    def count(self, examples, **kwargs):
+        batch = self.collator(examples, **kwargs)
         if self.active:  # the positions the model runs on: packed rows when the batch has them
-            mask = batch["packed"]["segment"] >= 0 if "packed" in batch else batch["attention_mask"]
-            self.steps.append((len(examples), int(mask.sum()), int(mask.numel())))
+            masks = [b["packed"]["segment"] >= 0 if "packed" in b else b["attention_mask"]
+                     for b in batch.get("chunks", [batch])]
+            self.steps.append((len(examples), sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)))
         return batch
 
     def on_train_begin(self, args, state, control, **kwargs):

@@ -61,6 +61,8 @@ class RunConfig:
     batch_size: int = 4  # pairs per optimizer step and device (x grad_accum)
     grad_accum: int = 1
     micro_batch_size: int = 0  # pairs per forward pass; 0: auto (1 on a CPU: no padding between pairs; batch on GPU)
+    micro_batch_tokens: int = 0  # > 0: each forward takes whole packed rows up to this many positions (packing;
+    # a row holds up to 2 x max_length), however many pairs that is, in place of micro_batch_size
     eval_batch_size: int = 0  # pairs per no-grad forward (reference, evaluations, held-out scoring); 0: batch_size
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs

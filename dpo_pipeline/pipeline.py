@@ -36,6 +36,11 @@ def micro_batch_size(config: RunConfig) -> int:
     """Pairs per forward pass. On a CPU one pair at a time pays for no padding between pairs and holds the least
     activation memory (measured: 1.15-1.4x faster than 4-pair forwards, 41% less memory); a GPU wants the whole
     batch. Gradient accumulation keeps the optimizer step (and the loss) the same."""
+    if config.micro_batch_tokens:
+        if config.micro_batch_tokens < 0 or config.micro_batch_size or not config.packing or config.trainer != "tuned":
+            raise ValueError(f"micro_batch_tokens {config.micro_batch_tokens} sizes the packed forwards of the tuned "
+                             "trainer: it needs packing=True, trainer='tuned', micro_batch_size=0 and a positive number")
+        return config.batch_size  # the collator splits each step's pairs into forwards by tokens
     whole = config.batch_size if torch.cuda.is_available() or config.trainer == "trl" else 1
     micro = config.micro_batch_size or whole
     if micro < 1 or config.batch_size % micro:
@@ -127,7 +132,8 @@ def build_trainer(config: RunConfig, data: PreferenceData, tokenizer=None) -> DP
     tokenizer = tokenizer or model_lib.load_tokenizer(config.model)
     base = model_lib.load_base_model(config.model, load_in_4bit=config.load_in_4bit)
     base = model_lib.prepare_for_training(base, args.gradient_checkpointing)
-    tuned = {"packing": config.packing} if config.trainer == "tuned" else {}
+    tuned = dict(packing=config.packing, micro_batch_tokens=config.micro_batch_tokens) if config.trainer == "tuned" \
+        else {}
     trainer = (CachedRefDPOTrainer if tuned else DPOTrainer)(
         model=base, ref_model=None, args=args, train_dataset=pairs_to_train(data.train, args, config.split_seed),
         eval_dataset=data.monitor,

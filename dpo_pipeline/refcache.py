@@ -14,6 +14,7 @@ only) patches two TRL globals; tests/test_refcache.py fails when the pinned TRL 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -120,16 +121,17 @@ class CachedRefDPOTrainer(DPOTrainer):
 
     `ref_cache_events`: per split, its key, pairs, whether it was a hit, seconds. Also on a CPU, the LM head scores
     only the completion tokens (`lean_lm_head`), as TRL does on GPUs; `packing=True` trains and precomputes on
-    shared-prompt packed rows (packing.py).
+    shared-prompt packed rows (packing.py), and `micro_batch_tokens` sizes the training forwards by packed tokens.
     """
 
     LEAN_LM_HEAD = True  # a class switch, for measuring (benchmarks/bench.py)
 
-    def __init__(self, *args, ref_cache_dir: str | Path | None = None, packing: bool = False, **kwargs):
+    def __init__(self, *args, ref_cache_dir: str | Path | None = None, packing: bool = False,
+                 micro_batch_tokens: int = 0, **kwargs):
         self.ref_cache_path = Path(ref_cache_dir or os.environ.get("DPO_REF_CACHE", cache_dir() / "ref_logps"))
         self.ref_cache_events: list[dict] = []
         self._base_fingerprint: str | None = None
-        self.packing = packing
+        self.packing, self.micro_batch_tokens = packing, micro_batch_tokens
         super().__init__(*args, **kwargs)
         self._use_packing()
 
@@ -145,6 +147,38 @@ class CachedRefDPOTrainer(DPOTrainer):
             if lm is not None:
                 add_packed_forward(lm)
         self.data_collator = PackingCollator(self.data_collator, self.args.max_length)
+
+    def get_train_dataloader(self):
+        """With `micro_batch_tokens`, the training batches (not the evaluations' or the reference's, which run
+        without gradients) come split into forwards of at most that many packed positions."""
+        if not self.micro_batch_tokens:
+            return super().get_train_dataloader()
+        whole = self.data_collator
+        self.data_collator = functools.partial(whole, token_budget=self.micro_batch_tokens)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = whole
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """A batch split by tokens runs one forward and backward per chunk, each loss weighted by its share of the
+        batch's pairs (Trainer divides by `current_gradient_accumulation_steps`): the step's gradient and logged
+        loss are the whole batch's. Written here because Trainer accumulates over a fixed number of equal
+        micro-batches; gradients are synchronised across processes on the last chunk only."""
+        if "chunks" not in inputs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        chunks, steps = inputs["chunks"], self.current_gradient_accumulation_steps
+        pairs = [len(chunk["input_ids"]) // 2 for chunk in chunks]
+        loss = 0.0
+        try:
+            for k, (chunk, n) in enumerate(zip(chunks, pairs)):
+                self.current_gradient_accumulation_steps = steps * sum(pairs) / n
+                last = k == len(chunks) - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    loss = loss + super().training_step(model, chunk, num_items_in_batch)
+        finally:
+            self.current_gradient_accumulation_steps = steps
+        return loss
 
     def _key_parts(self, dataset: Dataset) -> dict:
         import trl

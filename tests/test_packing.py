@@ -10,7 +10,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
 from dpo_pipeline.config import RunConfig
-from dpo_pipeline.packing import IGNORE, PackingCollator, add_packed_forward
+from dpo_pipeline.packing import IGNORE, PackingCollator, add_packed_forward, forward_groups
 from dpo_pipeline.pipeline import build_trainer, run
 from dpo_pipeline.synthetic import get_synthetic
 
@@ -41,6 +41,39 @@ def test_every_packed_label_lands_where_trl_scores_it(max_length, capacity):
     scored = packed["shift_labels"].reshape(-1)[packed["src"]]
     back = torch.full((rows * (width - 1),), IGNORE).index_copy(0, packed["dst"], scored).view(rows, width - 1)
     assert torch.equal(back, trl_labels(batch)[:, 1:])
+
+
+def test_a_token_budget_splits_a_batch_into_forwards_that_hold_every_pair_once():
+    rng = random.Random(1)
+    lengths = [rng.randrange(3, 60) for _ in range(40)]
+    for budget in (1, 100, 250, 10_000):
+        groups = forward_groups(lengths, 120, budget)
+        assert sorted(i for rows in groups for row in rows for i in row) == list(range(40))
+        for rows in groups:  # rows x the longest row fit the budget, or the forward is one row
+            sizes = [sum(lengths[i] for i in row) for row in rows]
+            assert max(sizes) <= 120 or len(rows) == 1
+            assert len(rows) * max(sizes) <= budget or len(rows) == 1
+    assert len(forward_groups(lengths, 120, 1)) > len(forward_groups(lengths, 120, 250)) > 1
+    assert len(forward_groups(lengths, 120, 10_000)) == 1
+
+    collator = PackingCollator(DataCollatorForPreference(pad_token_id=0, max_length=16), 16)
+    whole, split = collator(pairs()), collator(pairs(), token_budget=20)
+    assert "packed" in whole and "chunks" not in whole and len(split["chunks"]) > 1
+    seen = []
+    for chunk in split["chunks"]:  # each chunk is a complete batch of its own pairs: labels where TRL scores them
+        packed, (rows, width) = chunk["packed"], chunk["input_ids"].shape
+        assert packed["input_ids"].numel() <= max(20, packed["input_ids"].shape[1])
+        scored = packed["shift_labels"].reshape(-1)[packed["src"]]
+        back = torch.full((rows * (width - 1),), IGNORE).index_copy(0, packed["dst"], scored).view(rows, width - 1)
+        assert torch.equal(back, trl_labels(chunk)[:, 1:])
+        seen += chosen_sequences(chunk)
+    assert sorted(seen) == sorted(chosen_sequences(whole))
+
+
+def chosen_sequences(batch: dict) -> list[tuple]:
+    half = len(batch["input_ids"]) // 2  # TRL's rows: [chosen; rejected], right-padded
+    return [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"][:half],
+                                                                  batch["attention_mask"][:half])]
 
 
 def tiny_llama(path):
@@ -88,6 +121,37 @@ def test_packed_training_logs_the_same_losses(tiny_gpt2, tmp_path, micro):
     assert len(losses[True]) == 3 and losses[True][-1] != losses[True][0]  # it trained
     assert losses[True] == pytest.approx(losses[False], abs=1e-4), losses
     assert torch.allclose(ref[True], ref[False], atol=1e-4)
+
+
+def test_forwards_sized_by_tokens_train_the_same_steps_as_whole_batches(tiny_gpt2, tmp_path):
+    synthetic = get_synthetic(n_pairs=200, seed=0)
+    losses, adapters, forwards = {}, {}, {}
+    for tokens in (0, 180):  # whole 8-pair batches, or forwards of at most 180 packed positions (~2 pairs a row)
+        config = RunConfig(model=tiny_gpt2, load_in_4bit=False, learning_rate=1e-3, batch_size=8, max_steps=3,
+                           max_length=48, logging_steps=1, eval_steps=100, precision="fp32",
+                           micro_batch_size=0 if tokens else 8, micro_batch_tokens=tokens, log_completions=0,
+                           output_dir=str(tmp_path / f"t{tokens}"), report_to="none", trl_args={"eval_strategy": "no"})
+        trainer = build_trainer(config, synthetic)
+        assert trainer.args.per_device_train_batch_size == 8 and trainer.args.gradient_accumulation_steps == 1
+        forwards[tokens] = [[len(b["input_ids"]) // 2 for b in batch.get("chunks", [batch])]
+                            for batch in trainer.get_train_dataloader()]
+        trainer.train()
+        losses[tokens] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        adapters[tokens] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all(len(step) == 1 for step in forwards[0]), forwards
+    assert any(len(set(step)) > 1 for step in forwards[180]), forwards  # split, and into unequal pair counts
+    assert len(losses[180]) == 3 and losses[180][-1] != losses[180][0]  # it trained
+    assert losses[180] == pytest.approx(losses[0], abs=1e-4), losses  # the same loss and ...
+    for name, weight in adapters[0].items():  # ... the same update as whole batches
+        assert torch.allclose(adapters[180][name], weight, atol=1e-5), name
+
+
+@pytest.mark.parametrize("settings", [dict(packing=False), dict(micro_batch_size=2), dict(micro_batch_tokens=-5)])
+def test_micro_batch_tokens_needs_packing_and_no_pair_count(tiny_gpt2, tmp_path, settings):
+    config = RunConfig(model=tiny_gpt2, load_in_4bit=False, batch_size=4, max_steps=1, max_length=48,
+                       output_dir=str(tmp_path), **{"micro_batch_tokens": 64, **settings})
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        build_trainer(config, get_synthetic(n_pairs=40, seed=0))
 
 
 def test_packing_refuses_keep_end_truncation(tiny_gpt2, tmp_path):
