@@ -66,6 +66,7 @@ LEVERS = {  # tuned with one lever switched off (or on)
     "tuned, no reference cache": dict(precompute_ref=False),
     "tuned, gradient checkpointing": dict(gradient_checkpointing=True),
     "tuned + compiled transformer stack": dict(compile_model=True),
+    "tuned, one packed row a forward": dict(micro_batch_tokens=1),  # any budget under a row: each row alone
 }
 CPU_LEVERS = {
     "tuned, fp32": dict(precision="fp32"),
@@ -77,6 +78,7 @@ GPU_LEVERS = {  # candidates that only a GPU can judge; any DPOConfig field goes
     "tuned + Trainer's torch_compile": dict(trl_args={"torch_compile": True}),  # the whole PEFT model
     "tuned + 2 data-loading workers": dict(trl_args={"dataloader_num_workers": 2, "dataloader_persistent_workers": True}),
     "tuned, 4 pairs per forward": dict(micro_batch_size=4),
+    "tuned, forwards of at most 2,048 tokens": dict(micro_batch_tokens=2048),
 }
 # (direction, bound) per target: the CPU set of the first speed issue, the GPU set of issue 12 (an H100, `full`)
 TARGETS = {"tuned_vs_seed": (">=", 4.0), "tuned_vs_trl": (">=", 1.5), "sweep_vs_4_trl_runs": ("<=", 0.75),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +41,9 @@ def micro_batch_size(config: RunConfig) -> int:
         if config.micro_batch_tokens < 0 or config.micro_batch_size or not config.packing or config.trainer != "tuned":
             raise ValueError(f"micro_batch_tokens {config.micro_batch_tokens} sizes the packed forwards of the tuned "
                              "trainer: it needs packing=True, trainer='tuned', micro_batch_size=0 and a positive number")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by torchrun / accelerate launch
+            raise ValueError("micro_batch_tokens trains in one process: TRL gathers every forward's metrics across "
+                             "processes, whose steps would split into different forwards; use micro_batch_size")
         return config.batch_size  # the collator splits each step's pairs into forwards by tokens
     whole = config.batch_size if torch.cuda.is_available() or config.trainer == "trl" else 1
     micro = config.micro_batch_size or whole

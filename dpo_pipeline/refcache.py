@@ -164,18 +164,16 @@ class CachedRefDPOTrainer(DPOTrainer):
         """A batch split by tokens runs one forward and backward per chunk, each loss weighted by its share of the
         batch's pairs (Trainer divides by `current_gradient_accumulation_steps`): the step's gradient and logged
         loss are the whole batch's. Written here because Trainer accumulates over a fixed number of equal
-        micro-batches; gradients are synchronised across processes on the last chunk only."""
+        micro-batches."""
         if "chunks" not in inputs:
             return super().training_step(model, inputs, num_items_in_batch)
         chunks, steps = inputs["chunks"], self.current_gradient_accumulation_steps
         pairs = [len(chunk["input_ids"]) // 2 for chunk in chunks]
         loss = 0.0
         try:
-            for k, (chunk, n) in enumerate(zip(chunks, pairs)):
+            for chunk, n in zip(chunks, pairs):
                 self.current_gradient_accumulation_steps = steps * sum(pairs) / n
-                last = k == len(chunks) - 1
-                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                    loss = loss + super().training_step(model, chunk, num_items_in_batch)
+                loss = loss + super().training_step(model, chunk, num_items_in_batch)
         finally:
             self.current_gradient_accumulation_steps = steps
         return loss

@@ -146,8 +146,12 @@ def test_forwards_sized_by_tokens_train_the_same_steps_as_whole_batches(tiny_gpt
         assert torch.allclose(adapters[180][name], weight, atol=1e-5), name
 
 
-@pytest.mark.parametrize("settings", [dict(packing=False), dict(micro_batch_size=2), dict(micro_batch_tokens=-5)])
-def test_micro_batch_tokens_needs_packing_and_no_pair_count(tiny_gpt2, tmp_path, settings):
+@pytest.mark.parametrize("settings", [dict(packing=False), dict(micro_batch_size=2), dict(micro_batch_tokens=-5),
+                                      dict(trainer="trl"), "two processes"])
+def test_micro_batch_tokens_needs_packing_one_process_and_no_pair_count(tiny_gpt2, tmp_path, settings, monkeypatch):
+    if settings == "two processes":  # what torchrun sets; processes would split their steps into other forwards
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        settings = {}
     config = RunConfig(model=tiny_gpt2, load_in_4bit=False, batch_size=4, max_steps=1, max_length=48,
                        output_dir=str(tmp_path), **{"micro_batch_tokens": 64, **settings})
     with pytest.raises(ValueError, match="micro_batch_tokens"):
