@@ -6,6 +6,7 @@ RunConfig run through `dpo_pipeline.pipeline.run` (the path users run).
     python benchmarks/bench.py --levers           # + the lever table (tuned with one lever off at a time)
     python benchmarks/bench.py --gpu              # the `full` setting on a CUDA GPU: 4-bit, max_length 512,
                                                   # 16 pairs a step, 30 steps; + GPU memory and MFU
+    python benchmarks/bench.py --gpu --profile    # + one tuned run under torch.profiler (step_profile.py)
 
 Every setup trains GPT-2 124M (`offline:gpt2-124m`: the real architecture and tokenizer, random weights) with LoRA
 r=16 on c_attn/c_proj/c_fc, for the same optimizer steps, batch, max_length, learning rate and seed, on the first
@@ -55,6 +56,10 @@ from dpo_pipeline.config import HH_SAMPLE, RunConfig
 from dpo_pipeline.pipeline import free_memory, run
 from dpo_pipeline.prepare import prepare_data
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_profile import StepProfiler  # noqa: E402  (this folder)
+from step_profile import markdown as profile_markdown  # noqa: E402
+
 SETUPS = {
     "seed-style": dict(trainer="trl", trl_args={"pad_to_multiple_of": 1024, "bf16": False, "fp16": False,
                                                 "gradient_checkpointing": False, "precompute_ref_log_probs": False}),
@@ -86,6 +91,7 @@ TARGETS = {"tuned_vs_seed": (">=", 4.0), "tuned_vs_trl": (">=", 1.5), "sweep_vs_
 GPU_TARGETS = {"tuned_pairs_per_s": (">=", 300.0), "tuned_vs_trl": (">=", 3.0), "cuda_peak_vs_trl": ("<=", 1.0),
                "loss_gap_vs_trl": ("<=", 0.01), "sweep_full_minutes": ("<=", 30.0)}
 WARMUP_STEPS = 2  # steps left out of `warm_pairs_per_s`: compilation, first allocations, kernel autotuning
+PROFILED_STEPS = 3  # --profile: steps recorded after the warm-up
 SWEEP_FULL = Path(__file__).resolve().parents[1] / "configs" / "sweep_full.yaml"  # the sweep the target is about
 
 
@@ -162,9 +168,9 @@ def time_answers(trainer, prompts: list[str]) -> float:
 
 
 def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, peak_tflops: float | None = None,
-              answer_prompts: list[str] | None = None) -> dict:
-    """One run through pipeline.run, measured (with `answer_prompts`, also the judged answers' generation);
-    everything is freed afterwards."""
+              answer_prompts: list[str] | None = None, profiler: StepProfiler | None = None) -> dict:
+    """One run through pipeline.run, measured (with `answer_prompts`, also the judged answers' generation; with a
+    `profiler`, where its steps' time went); everything is freed afterwards."""
     print(f"\n=== {name} ===", flush=True)
     free_memory()
     with contextlib.suppress(OSError, AttributeError):
@@ -178,6 +184,8 @@ def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, pea
         meters.append(Meter(trainer))
         trainer.LEAN_LM_HEAD = lean_lm_head
         meters.append(trainer)
+        if profiler:
+            trainer.add_callback(profiler)
 
     t0 = time.perf_counter()
     record = run(config, data, setup=setup)
@@ -214,6 +222,8 @@ def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, pea
         result["mfu"] = round(result["model_tflops"] / peak_tflops, 4)
     if answer_prompts:
         result["answers_s"], result["answer_prompts"] = round(time_answers(trainer, answer_prompts), 2), len(answer_prompts)
+    if profiler:
+        result["profile"] = profiler.summary
     print(f"{name}: {result['pairs_per_s']} pairs/s ({result['warm_pairs_per_s']} past warm-up), "
           f"{result['tokens_per_s']} tokens/s, padding "
           f"{result['padding_fraction']}, peak RSS {result['peak_rss_mb']} MB, CUDA peak {result['cuda_peak_mb']} MB,"
@@ -286,6 +296,9 @@ def markdown(report: dict) -> str:
                      f" s build + {p['evaluating_s_per_run']} s evaluating a run, {p['first_reference_s']} s for the"
                      f" first run's reference; the judge model's forwards not counted); training and build alone:"
                      f" {p['training_only_minutes']} min")
+    profiled = report.get("levers", {}).get("tuned, profiled", {}).get("profile")
+    if profiled:
+        lines += ["", profile_markdown(profiled), ""]
     m = report["machine"]
     lines.append(f"machine: {m['gpu'] or m['cpu']}, {m['usable_cpus']} CPUs, torch {m['torch']}, trl {m['trl']}")
     return "\n".join(lines)
@@ -306,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levers", nargs="?", const="all", help="also the lever table (tuned, one lever off or on);"
                         " optionally some of its rows, separated by ';' (row names hold commas)")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also one tuned run profiled (torch.profiler) over "
+                        f"{PROFILED_STEPS} steps past warm-up: GPU busy share, kernel launches, .item() calls, top ops")
     parser.add_argument("--model", default="offline:gpt2-124m", help="the model every setup trains (tests: a tiny one)")
     parser.add_argument("--out", default="results/bench")
     opts = parser.parse_args(argv)
@@ -345,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = {**settings, "micro_batch_size": batch} if settings.get("micro_batch_size") == -1 else dict(settings)
         lean = settings.pop("lean_lm_head", True)
         levers[name] = run_setup(name, config(name, **settings), data, lean_lm_head=lean, peak_tflops=peak)
+    if opts.profile:  # its own run: the profiler slows the steps it records
+        profiler = StepProfiler(skip=WARMUP_STEPS, steps=PROFILED_STEPS)
+        levers["tuned, profiled"] = run_setup("tuned, profiled", config("profiled", max_steps=WARMUP_STEPS + PROFILED_STEPS),
+                                              data, peak_tflops=peak, profiler=profiler)
     sweep = None
     if not opts.no_sweep and {"tuned", "TRL-default"} <= set(results):
         runs = [results["tuned"]["run_s"]]

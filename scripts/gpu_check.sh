@@ -4,7 +4,8 @@
 #   ../shared/gpu/prepare && scripts/gpu_check.sh carry     # here: the shared carry, plus the wheels the rest of
 #                                                           # the suite needs there (optuna, tensorboard, PyYAML)
 #   scripts/gpu_check.sh suite                              # there (run tool, carry .gpu-carry): the test suite
-#   scripts/gpu_check.sh bench                              # there: benchmarks/bench.py --gpu (setups, sweep),
+#   scripts/gpu_check.sh bench                              # there: benchmarks/bench.py --gpu (setups, sweep,
+#                                                           # one profiled run),
 #                                                           # then benchmarks/eval_speed.py --gpu
 #   scripts/gpu_check.sh levers                             # there: tuned with each lever, its own command so
 #                                                           # each fits the run tool's 10 minutes
@@ -36,7 +37,7 @@ suite)
   ;;
 bench)
   source .gpu-carry/env.sh
-  python3 benchmarks/bench.py --gpu --out "$out"
+  python3 benchmarks/bench.py --gpu --profile --out "$out"
   python3 benchmarks/eval_speed.py --gpu --json "$out/eval-speed.json"
   ;;
 levers)

@@ -15,7 +15,7 @@ def test_bench_command_writes_the_report_and_the_sweep_hits_the_reference_cache(
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, "benchmarks/bench.py", "--quick", "--steps", "1", "--batch-size", "2",
-         "--setups", "TRL-default,tuned", "--out", str(out),
+         "--setups", "TRL-default,tuned", "--profile", "--out", str(out),
          "--model", "offline:gpt2-tiny"],  # TRL-default computes in bf16: ~70x slower than fp32 on a CPU without it
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
@@ -40,6 +40,11 @@ def test_bench_command_writes_the_report_and_the_sweep_hits_the_reference_cache(
     # The sweep: the tuned run computes the reference log-probs, the next run (another learning rate) finds them.
     assert report["sweep"]["ref_cache_hits"] == [False, True]
     assert "target tuned_vs_trl" in proc.stdout and "| tuned |" in proc.stdout
+    # --profile: one more tuned run, its steps past warm-up recorded by torch.profiler
+    profile = report["levers"]["tuned, profiled"]["profile"]
+    assert profile["steps"] == 3 and profile["wall_ms_per_step"] > 0 and profile["cpu_ops_per_step"] > 100
+    assert profile["item_calls_per_step"] >= 13  # TRL's metrics read ~13 values off the device every forward
+    assert len(profile["top_ops"]) == 12 and "profiled 3 steps" in proc.stdout
     # the targets are checked from the rows: losses against TRL-default's step by step, the full sweep projected
     gap = max(abs(a - b) for a, b in zip(setups["tuned"]["losses"], setups["TRL-default"]["losses"]))
     assert report["targets"]["loss_gap_vs_trl"]["value"] == round(gap, 4)

@@ -1,0 +1,76 @@
+"""Where a training step's time goes, for `bench.py --profile`: torch.profiler over a few steps past warm-up.
+
+A 16-pair step of GPT-2 124M is short on a GPU, so it may be bound by the CPU launching kernels (and by the
+`.item()` calls in TRL's metrics, each of which waits for the GPU) rather than by arithmetic. The summary says which:
+per step, wall time, GPU busy time (the kernels' own durations), kernel launches and `.item()` calls, and the ops
+that take the most time. The profiler slows the steps it records, so these steps are not used for pairs/s.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, schedule
+from transformers import TrainerCallback
+
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+class StepProfiler(TrainerCallback):
+    """Records optimizer steps `skip + 1` to `skip + steps` (after `skip` warm-up steps); `summary` once done."""
+
+    def __init__(self, skip: int = 2, steps: int = 3):
+        self.steps, self.summary, self.started = steps, None, []
+        cuda = torch.cuda.is_available()
+        self.profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                                schedule=schedule(wait=max(skip - 1, 0), warmup=1, active=steps, repeat=1),
+                                on_trace_ready=self._summarize)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.profiler.start()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started.append(time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.started[-1] = time.perf_counter() - self.started[-1]  # this step's wall time
+        self.profiler.step()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.profiler.stop()
+
+    def _summarize(self, prof) -> None:
+        events, steps = prof.events(), self.steps
+        wall_s = sum(self.started[-steps:])
+        per_step = lambda x: round(x / steps, 1)
+        device = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", 0)]
+        busy_ms = sum(e.self_device_time_total for e in device) / 1000
+        ops = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]  # the steps' own markers
+        by_op = sorted(ops, key=lambda e: e.self_device_time_total if device else e.self_cpu_time_total, reverse=True)
+        self.summary = {
+            "steps": steps, "wall_ms_per_step": per_step(1000 * wall_s),
+            "gpu_busy_ms_per_step": per_step(busy_ms) if device else None,
+            "gpu_busy_share": round(busy_ms / (1000 * wall_s), 3) if device else None,
+            "kernel_launches_per_step": per_step(sum(e.name in LAUNCHES for e in events)) if device else None,
+            "item_calls_per_step": per_step(sum(e.name == "aten::_local_scalar_dense" for e in events)),
+            "cpu_ops_per_step": per_step(sum(e.name.startswith("aten::") for e in events)),
+            "top_ops": [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1000, 2),
+                         "self_gpu_ms": round(e.self_device_time_total / 1000, 2) if device else None}
+                        for e in by_op[:12]],
+        }
+
+
+def markdown(summary: dict) -> str:
+    gpu = summary["gpu_busy_ms_per_step"] is not None
+    lines = [f"profiled {summary['steps']} steps: {summary['wall_ms_per_step']} ms a step"
+             + (f", GPU busy {summary['gpu_busy_ms_per_step']} ms ({100 * summary['gpu_busy_share']:.0f}%), "
+                f"{summary['kernel_launches_per_step']} kernel launches" if gpu else "")
+             + f", {summary['item_calls_per_step']} .item() calls, {summary['cpu_ops_per_step']} aten ops a step",
+             "", "| op | calls | self CPU ms | self GPU ms |", "|---|---|---|---|"]
+    lines += [f"| {o['op'][:60]} | {o['calls']} | {o['self_cpu_ms']} | {o['self_gpu_ms'] if gpu else '—'} |"
+              for o in summary["top_ops"]]
+    return "\n".join(lines)
