@@ -44,6 +44,12 @@ class StepProfiler(TrainerCallback):
         self.profiler.stop()
 
     def _summarize(self, prof) -> None:
+        try:
+            self.summary = self._summary(prof)
+        except Exception as err:  # a profile is a diagnosis: it must not cost the benchmark its other numbers
+            self.summary = {"error": f"{type(err).__name__}: {err}"}
+
+    def _summary(self, prof) -> dict:
         events, steps = prof.events(), self.steps
         wall_s = sum(self.started[-steps:])
         per_step = lambda x: round(x / steps, 1)
@@ -51,7 +57,7 @@ class StepProfiler(TrainerCallback):
         busy_ms = sum(e.self_device_time_total for e in device) / 1000
         ops = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]  # the steps' own markers
         by_op = sorted(ops, key=lambda e: e.self_device_time_total if device else e.self_cpu_time_total, reverse=True)
-        self.summary = {
+        return {
             "steps": steps, "wall_ms_per_step": per_step(1000 * wall_s),
             "gpu_busy_ms_per_step": per_step(busy_ms) if device else None,
             "gpu_busy_share": round(busy_ms / (1000 * wall_s), 3) if device else None,
@@ -65,6 +71,8 @@ class StepProfiler(TrainerCallback):
 
 
 def markdown(summary: dict) -> str:
+    if "error" in summary:
+        return f"profile failed: {summary['error']}"
     gpu = summary["gpu_busy_ms_per_step"] is not None
     lines = [f"profiled {summary['steps']} steps: {summary['wall_ms_per_step']} ms a step"
              + (f", GPU busy {summary['gpu_busy_ms_per_step']} ms ({100 * summary['gpu_busy_share']:.0f}%), "
