@@ -178,6 +178,10 @@ class CachedRefDPOTrainer(DPOTrainer):
             self.current_gradient_accumulation_steps = steps
         return loss
 
+    def floating_point_ops(self, inputs) -> int:  # Trainer's `total_flos`, over a split batch's chunks too
+        flops = super().floating_point_ops
+        return sum(flops(chunk) for chunk in inputs.get("chunks", [inputs]))
+
     def _key_parts(self, dataset: Dataset) -> dict:
         import trl
 

@@ -137,6 +137,7 @@ def test_forwards_sized_by_tokens_train_the_same_steps_as_whole_batches(tiny_gpt
                             for batch in trainer.get_train_dataloader()]
         trainer.train()
         losses[tokens] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        assert trainer.state.total_flos > 0  # Trainer's FLOP count sees the chunks' tokens
         adapters[tokens] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert all(len(step) == 1 for step in forwards[0]), forwards
     assert any(len(set(step)) > 1 for step in forwards[180]), forwards  # split, and into unequal pair counts
