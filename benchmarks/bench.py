@@ -72,6 +72,7 @@ LEVERS = {  # tuned with one lever switched off (or on)
     "tuned, gradient checkpointing": dict(gradient_checkpointing=True),
     "tuned + compiled transformer stack": dict(compile_model=True),
     "tuned, one packed row a forward": dict(micro_batch_tokens=1),  # any budget under a row: each row alone
+    "tuned + 2 data-loading workers": dict(trl_args={"dataloader_num_workers": 2, "dataloader_persistent_workers": True}),
 }
 CPU_LEVERS = {
     "tuned, fp32": dict(precision="fp32"),
@@ -81,7 +82,6 @@ CPU_LEVERS = {
 }
 GPU_LEVERS = {  # candidates that only a GPU can judge; any DPOConfig field goes through trl_args
     "tuned + Trainer's torch_compile": dict(trl_args={"torch_compile": True}),  # the whole PEFT model
-    "tuned + 2 data-loading workers": dict(trl_args={"dataloader_num_workers": 2, "dataloader_persistent_workers": True}),
     "tuned, 4 pairs per forward": dict(micro_batch_size=4),
     "tuned, forwards of at most 2,048 tokens": dict(micro_batch_tokens=2048),
 }
@@ -116,31 +116,32 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 
 class Meter(TrainerCallback):
-    """Counts the pairs, real tokens and padded positions of the training batches, and times every optimizer step."""
+    """Counts the pairs, real tokens and padded positions of the training batches, and times every optimizer step.
+    It counts in `training_step`, in the training process: a collator runs in the data-loading workers when there
+    are some."""
 
     def __init__(self, trainer):
-        self.collator, self.steps, self.ends, self.start, self.active = trainer.data_collator, [], [], None, False
-        trainer.data_collator = self.count
+        self.steps, self.ends, self.start = [], [], None
+        training_step = trainer.training_step
+
+        def counted(model, inputs, *args, **kwargs):
+            batches = inputs.get("chunks", [inputs])  # micro_batch_tokens: a step split into forwards
+            # the positions the model runs on: packed rows when the batch has them
+            masks = [b["packed"]["segment"] >= 0 if "packed" in b else b["attention_mask"] for b in batches]
+            self.steps.append((sum(len(b["input_ids"]) // 2 for b in batches), sum(int(m.sum()) for m in masks),
+                               sum(m.numel() for m in masks)))
+            return training_step(model, inputs, *args, **kwargs)
+
+        trainer.training_step = counted
         trainer.add_callback(self)
 
-    def count(self, examples, **kwargs):
-        batch = self.collator(examples, **kwargs)
-        if self.active:  # the positions the model runs on: packed rows when the batch has them
-            masks = [b["packed"]["segment"] >= 0 if "packed" in b else b["attention_mask"]
-                     for b in batch.get("chunks", [batch])]
-            self.steps.append((len(examples), sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)))
-        return batch
-
     def on_train_begin(self, args, state, control, **kwargs):
-        self.active, self.start = True, time.perf_counter()
+        self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.active = False
 
 
 def matmul_peak_tflops() -> float | None:
@@ -280,6 +281,9 @@ def markdown(report: dict) -> str:
             "MFU", "final loss", "run s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in [*report["setups"].values(), *report.get("levers", {}).values()]:
+        if "error" in r:
+            lines.append(f"| {r['setup']} | failed: {r['error'][:120]} |" + " |" * (len(head) - 2))
+            continue
         lines.append(f"| {r['setup']} | {r['pairs_per_s']:.3f} | {r.get('warm_pairs_per_s') or '—'} | "
                      f"{r['tokens_per_s']:.0f} | "
                      f"{100 * r['padding_fraction']:.0f}% | {r['peak_rss_mb']} | {r['cuda_peak_mb'] or '—'} | "
@@ -359,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, settings in ((name, table[name]) for name in chosen):
         settings = {**settings, "micro_batch_size": batch} if settings.get("micro_batch_size") == -1 else dict(settings)
         lean = settings.pop("lean_lm_head", True)
-        levers[name] = run_setup(name, config(name, **settings), data, lean_lm_head=lean, peak_tflops=peak)
+        try:
+            levers[name] = run_setup(name, config(name, **settings), data, lean_lm_head=lean, peak_tflops=peak)
+        except Exception as err:  # a lever that fails (a compile error, out of memory) is a row, not the end
+            print(f"{name}: failed: {type(err).__name__}: {err}", flush=True)
+            free_memory()
+            levers[name] = {"setup": name, "error": f"{type(err).__name__}: {err}"[:300]}
     if opts.profile:  # its own run: the profiler slows the steps it records
         profiler = StepProfiler(skip=WARMUP_STEPS, steps=PROFILED_STEPS)
         levers["tuned, profiled"] = run_setup("tuned, profiled", config("profiled", max_steps=WARMUP_STEPS + PROFILED_STEPS),

@@ -16,6 +16,7 @@ def test_bench_command_writes_the_report_and_the_sweep_hits_the_reference_cache(
     proc = subprocess.run(
         [sys.executable, "benchmarks/bench.py", "--quick", "--steps", "1", "--batch-size", "2",
          "--setups", "TRL-default,tuned", "--profile", "--out", str(out),
+         "--levers", "tuned + 2 data-loading workers",  # batches collated in other processes are counted too
          "--model", "offline:gpt2-tiny"],  # TRL-default computes in bf16: ~70x slower than fp32 on a CPU without it
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
@@ -40,6 +41,7 @@ def test_bench_command_writes_the_report_and_the_sweep_hits_the_reference_cache(
     # The sweep: the tuned run computes the reference log-probs, the next run (another learning rate) finds them.
     assert report["sweep"]["ref_cache_hits"] == [False, True]
     assert "target tuned_vs_trl" in proc.stdout and "| tuned |" in proc.stdout
+    assert report["levers"]["tuned + 2 data-loading workers"]["pairs"] == 2
     # --profile: one more tuned run, its steps past warm-up recorded by torch.profiler
     profile = report["levers"]["tuned, profiled"]["profile"]
     assert profile["steps"] == 3 and profile["wall_ms_per_step"] > 0 and profile["cpu_ops_per_step"] > 100
