@@ -10,13 +10,17 @@
 #   scripts/gpu_check.sh levers                             # there: tuned with each lever, its own command so
 #                                                           # each fits the run tool's 10 minutes
 #
+#   scripts/gpu_check.sh bench levers                       # both in one command, one after the other
+#
 # Streamlit, papermill and Playwright are not carried: the app, browser and notebook tests are left out there.
 # Results go to $OUT (what the run tool brings back), else results/gpu.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel 2>/dev/null || dirname "$0"/..)"
 out=${OUT:-results/gpu}
 
-case "${1:-}" in
+[ $# -gt 0 ] || set -- usage
+for check in "$@"; do  # several in one call (e.g. `bench levers`): one machine start, results as each finishes
+case "$check" in
 carry)
   [ -d .gpu-carry/whl ] || { echo "error: .gpu-carry/whl is missing: run ../shared/gpu/prepare first" >&2; exit 2; }
   # the versions this checkout's venv resolved, for Python 3.12 on x86-64 Linux
@@ -45,7 +49,8 @@ levers)
   python3 benchmarks/bench.py --gpu --setups tuned --levers --no-sweep --out "$out/levers"
   ;;
 *)
-  echo "usage: scripts/gpu_check.sh carry|suite|bench|levers" >&2
+  echo "usage: scripts/gpu_check.sh carry|suite|bench|levers ..." >&2
   exit 2
   ;;
 esac
+done
