@@ -360,19 +360,24 @@ def main(argv: list[str] | None = None) -> int:
             settings["micro_batch_size"] = 1  # 4 pairs x 1024 tokens need ~20 GB: the same step as micro-batches
         results[name] = run_setup(name, config(name, **settings), data, peak_tflops=peak)
     levers = {}
-    for name, settings in ((name, table[name]) for name in chosen):
-        settings = {**settings, "micro_batch_size": batch} if settings.get("micro_batch_size") == -1 else dict(settings)
-        lean = settings.pop("lean_lm_head", True)
+
+    def lever_row(name: str, settings: dict, **measure) -> None:
         try:
-            levers[name] = run_setup(name, config(name, **settings), data, lean_lm_head=lean, peak_tflops=peak)
+            levers[name] = run_setup(name, config(name, **settings), data, peak_tflops=peak, **measure)
         except Exception as err:  # a lever that fails (a compile error, out of memory) is a row, not the end
             print(f"{name}: failed: {type(err).__name__}: {err}", flush=True)
             free_memory()
             levers[name] = {"setup": name, "error": f"{type(err).__name__}: {err}"[:300]}
+
+    for name in chosen:
+        settings = dict(table[name])
+        if settings.get("micro_batch_size") == -1:
+            settings["micro_batch_size"] = batch
+        lean = settings.pop("lean_lm_head", True)
+        lever_row(name, settings, lean_lm_head=lean)
     if opts.profile:  # its own run: the profiler slows the steps it records
-        profiler = StepProfiler(skip=WARMUP_STEPS, steps=PROFILED_STEPS)
-        levers["tuned, profiled"] = run_setup("tuned, profiled", config("profiled", max_steps=WARMUP_STEPS + PROFILED_STEPS),
-                                              data, peak_tflops=peak, profiler=profiler)
+        lever_row("tuned, profiled", dict(max_steps=WARMUP_STEPS + PROFILED_STEPS),
+                  profiler=StepProfiler(skip=WARMUP_STEPS, steps=PROFILED_STEPS))
     sweep = None
     if not opts.no_sweep and {"tuned", "TRL-default"} <= set(results):
         runs = [results["tuned"]["run_s"]]
