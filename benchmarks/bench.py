@@ -128,7 +128,8 @@ class Meter(TrainerCallback):
             batches = inputs.get("chunks", [inputs])  # micro_batch_tokens: a step split into forwards
             # the positions the model runs on: packed rows when the batch has them
             masks = [b["packed"]["segment"] >= 0 if "packed" in b else b["attention_mask"] for b in batches]
-            self.steps.append((sum(len(b["input_ids"]) // 2 for b in batches), sum(int(m.sum()) for m in masks),
+            # the token count stays a tensor: reading it here would wait for the GPU before every forward
+            self.steps.append((sum(len(b["input_ids"]) // 2 for b in batches), sum(m.sum() for m in masks),
                                sum(m.numel() for m in masks)))
             return training_step(model, inputs, *args, **kwargs)
 
@@ -191,7 +192,7 @@ def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, pea
     t0 = time.perf_counter()
     record = run(config, data, setup=setup)
     meter, trainer = meters
-    pairs, tokens, positions = (sum(s[i] for s in meter.steps) for i in range(3))
+    pairs, tokens, positions = (int(sum(s[i] for s in meter.steps)) for i in range(3))
     train_s = meter.ends[-1] - meter.start
     losses = [round(e["loss"], 6) for e in record.log_history if "loss" in e]
     args = trainer.args
@@ -366,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             levers[name] = run_setup(name, config(name, **settings), data, peak_tflops=peak, **measure)
         except Exception as err:  # a lever that fails (a compile error, out of memory) is a row, not the end
             print(f"{name}: failed: {type(err).__name__}: {err}", flush=True)
+            if measure.get("profiler"):
+                measure["profiler"].close()  # its run ended without on_train_end: stop recording
             free_memory()
             levers[name] = {"setup": name, "error": f"{type(err).__name__}: {err}"[:300]}
 

@@ -22,26 +22,30 @@ class StepProfiler(TrainerCallback):
     """Records optimizer steps `skip + 1` to `skip + steps` (after `skip` warm-up steps); `summary` once done."""
 
     def __init__(self, skip: int = 2, steps: int = 3):
-        self.steps, self.summary, self.started = steps, None, []
+        assert skip >= 1, "the wall time of the first recorded step runs from the end of the one before"
+        self.steps, self.summary, self.ends, self.running = steps, None, [], False
         cuda = torch.cuda.is_available()
         self.profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
-                                schedule=schedule(wait=max(skip - 1, 0), warmup=1, active=steps, repeat=1),
+                                schedule=schedule(wait=skip - 1, warmup=1, active=steps, repeat=1),
                                 on_trace_ready=self._summarize)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.profiler.start()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.started.append(time.perf_counter())
+        self.running = True
 
     def on_step_end(self, args, state, control, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.started[-1] = time.perf_counter() - self.started[-1]  # this step's wall time
+        self.ends.append(time.perf_counter())  # a step's wall time: from the end of the step before (loading included)
         self.profiler.step()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.profiler.stop()
+        self.close()
+
+    def close(self) -> None:
+        if self.running:
+            self.profiler.stop()
+            self.running = False
 
     def _summarize(self, prof) -> None:
         try:
@@ -51,11 +55,14 @@ class StepProfiler(TrainerCallback):
 
     def _summary(self, prof) -> dict:
         events, steps = prof.events(), self.steps
-        wall_s = sum(self.started[-steps:])
+        wall_s = self.ends[-1] - self.ends[-1 - steps]
         per_step = lambda x: round(x / steps, 1)
         device = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", 0)]
-        busy_ms = sum(e.self_device_time_total for e in device) / 1000
-        ops = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]  # the steps' own markers
+        busy_ms = sum(e.self_device_time_total for e in device) / 1000  # kernels on concurrent streams count twice
+        # CPU-side ops, their kernels' time attributed to them (the kernels' own rows would count it twice), without
+        # the steps' own markers
+        ops = [e for e in prof.key_averages()
+               if e.device_type == DeviceType.CPU and not e.key.startswith("ProfilerStep")]
         by_op = sorted(ops, key=lambda e: e.self_device_time_total if device else e.self_cpu_time_total, reverse=True)
         return {
             "steps": steps, "wall_ms_per_step": per_step(1000 * wall_s),

@@ -133,6 +133,9 @@ class CachedRefDPOTrainer(DPOTrainer):
         self._base_fingerprint: str | None = None
         self.packing, self.micro_batch_tokens = packing, micro_batch_tokens
         super().__init__(*args, **kwargs)
+        if micro_batch_tokens and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            # their backward steps the optimizer (DeepSpeed) or reduces gradients on every chunk of a step
+            raise ValueError("micro_batch_tokens trains without DeepSpeed or FSDP; use micro_batch_size")
         self._use_packing()
 
     def _use_packing(self) -> None:
@@ -163,12 +166,15 @@ class CachedRefDPOTrainer(DPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         """A batch split by tokens runs one forward and backward per chunk, each loss weighted by its share of the
         batch's pairs (Trainer divides by `current_gradient_accumulation_steps`): the step's gradient and logged
-        loss are the whole batch's. Written here because Trainer accumulates over a fixed number of equal
-        micro-batches."""
+        loss are the whole batch's, for the loss types that average over pairs (all but sft's token mean and aot's
+        sort across the batch, as with micro_batch_size). TRL's metrics of the chunks are merged the same way.
+        Written here because Trainer accumulates over a fixed number of equal micro-batches."""
         if "chunks" not in inputs:
             return super().training_step(model, inputs, num_items_in_batch)
         chunks, steps = inputs["chunks"], self.current_gradient_accumulation_steps
         pairs = [len(chunk["input_ids"]) // 2 for chunk in chunks]
+        metrics = self._metrics["train"]
+        logged = {key: len(values) for key, values in metrics.items()}
         loss = 0.0
         try:
             for chunk, n in zip(chunks, pairs):
@@ -176,7 +182,15 @@ class CachedRefDPOTrainer(DPOTrainer):
                 loss = loss + super().training_step(model, chunk, num_items_in_batch)
         finally:
             self.current_gradient_accumulation_steps = steps
+        for key, values in metrics.items():  # one entry a chunk -> one for the batch, weighted by pairs
+            new = values[logged.get(key, 0):]
+            if len(new) == len(chunks):
+                values[len(values) - len(new):] = [sum(v * n for v, n in zip(new, pairs)) / sum(pairs)]
         return loss
+
+    def _track_num_input_tokens(self, inputs):
+        for chunk in inputs.get("chunks", [inputs]):
+            super()._track_num_input_tokens(chunk)
 
     def floating_point_ops(self, inputs) -> int:  # Trainer's `total_flos`, over a split batch's chunks too
         flops = super().floating_point_ops

@@ -123,9 +123,13 @@ def test_packed_training_logs_the_same_losses(tiny_gpt2, tmp_path, micro):
     assert torch.allclose(ref[True], ref[False], atol=1e-4)
 
 
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected")  # TRL's training metrics that average over pairs
+
+
 def test_forwards_sized_by_tokens_train_the_same_steps_as_whole_batches(tiny_gpt2, tmp_path):
     synthetic = get_synthetic(n_pairs=200, seed=0)
-    losses, adapters, forwards = {}, {}, {}
+    losses, adapters, forwards, logged = {}, {}, {}, {}
     for tokens in (0, 180):  # whole 8-pair batches, or forwards of at most 180 packed positions (~2 pairs a row)
         config = RunConfig(model=tiny_gpt2, load_in_4bit=False, learning_rate=1e-3, batch_size=8, max_steps=3,
                            max_length=48, logging_steps=1, eval_steps=100, precision="fp32",
@@ -137,12 +141,15 @@ def test_forwards_sized_by_tokens_train_the_same_steps_as_whole_batches(tiny_gpt
                             for batch in trainer.get_train_dataloader()]
         trainer.train()
         losses[tokens] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        logged[tokens] = [{k: e[k] for k in PAIR_METRICS} for e in trainer.state.log_history if "loss" in e]
         assert trainer.state.total_flos > 0  # Trainer's FLOP count sees the chunks' tokens
         adapters[tokens] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert all(len(step) == 1 for step in forwards[0]), forwards
     assert any(len(set(step)) > 1 for step in forwards[180]), forwards  # split, and into unequal pair counts
     assert len(losses[180]) == 3 and losses[180][-1] != losses[180][0]  # it trained
-    assert losses[180] == pytest.approx(losses[0], abs=1e-4), losses  # the same loss and ...
+    assert losses[180] == pytest.approx(losses[0], abs=1e-4), losses  # the same loss, TRL's per-pair metrics ...
+    for split, whole in zip(logged[180], logged[0]):
+        assert split == pytest.approx(whole, abs=1e-4), (split, whole)
     for name, weight in adapters[0].items():  # ... the same update as whole batches
         assert torch.allclose(adapters[180][name], weight, atol=1e-5), name
 
