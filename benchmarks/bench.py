@@ -254,16 +254,20 @@ def project_sweep(shape: dict, tuned: dict, evaluated: dict, hit_build_s: float,
         train_s = shape["steps"] * shape["pairs_per_step"] / tuned["warm_pairs_per_s"] + max(warmup_s, 0.0)
     else:
         train_s = shape["steps"] * shape["pairs_per_step"] / tuned["pairs_per_s"]
-    t, evals = evaluated["timings_s"], max(evaluated["evaluations"], 1)
     monitor = shape["validation_pairs"] or shape["test_pairs"]  # what a run evaluates on while training
-    per_evaluation = monitor * t["evaluations"] / (evals * evaluated["eval_pairs"]) + t["answers"] / evals
-    evaluating_s = shape["evaluations"] * per_evaluation + shape["test_pairs"] * t["held_out"] / evaluated["test_pairs"] \
-        + shape["judge_prompts"] * evaluated.get("answers_s", 0.0) / max(evaluated.get("answer_prompts", 1), 1)
+    evaluating_s = 0.0  # when the evaluated run failed, the projection says so and counts training and build
+    if "error" not in evaluated:
+        t, evals = evaluated["timings_s"], max(evaluated["evaluations"], 1)
+        per_evaluation = monitor * t["evaluations"] / (evals * evaluated["eval_pairs"]) + t["answers"] / evals
+        evaluating_s = shape["evaluations"] * per_evaluation \
+            + shape["test_pairs"] * t["held_out"] / evaluated["test_pairs"] \
+            + shape["judge_prompts"] * evaluated.get("answers_s", 0.0) / max(evaluated.get("answer_prompts", 1), 1)
     first_reference_s = (tuned["reference_s_per_pair"] or 0.0) * (shape["steps"] * shape["pairs_per_step"] + monitor)
     total_s = shape["runs"] * (train_s + hit_build_s + evaluating_s) + first_reference_s
     return {**shape, "train_s_per_run": round(train_s, 1), "build_s_per_run": round(hit_build_s, 1),
             "evaluating_s_per_run": round(evaluating_s, 1), "first_reference_s": round(first_reference_s, 1),
             "training_only_minutes": round(shape["runs"] * (train_s + hit_build_s) / 60, 1),
+            "evaluation_counted": "error" not in evaluated,
             "minutes": round(total_s / 60, 1)}
 
 
@@ -300,7 +304,8 @@ def markdown(report: dict) -> str:
                      f" from these rows: {p['minutes']} min ({p['train_s_per_run']} s training + {p['build_s_per_run']}"
                      f" s build + {p['evaluating_s_per_run']} s evaluating a run, {p['first_reference_s']} s for the"
                      f" first run's reference; the judge model's forwards not counted); training and build alone:"
-                     f" {p['training_only_minutes']} min")
+                     f" {p['training_only_minutes']} min"
+                     + ("" if p.get("evaluation_counted", True) else " (the evaluated run failed: no evaluation counted)"))
     profiled = report.get("levers", {}).get("tuned, profiled", {}).get("profile")
     if profiled:
         lines += ["", profile_markdown(profiled), ""]
@@ -349,18 +354,24 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{HH_SAMPLE} has {len(data.train)} clean training pairs; {steps * batch} needed")
     data = dataclasses.replace(data, train=data.train.select(range(steps * batch)))  # one epoch, the same pairs
     peak = matmul_peak_tflops()
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, levers, sweep = {}, {}, None
+
+    def checkpoint() -> None:  # the rows so far, on disk: a run cut short (a time limit) keeps what it measured
+        (out / "partial.json").write_text(json.dumps({"machine": machine(), "setups": results, "levers": levers,
+                                                      "sweep": sweep}, indent=2))
 
     def config(name: str, trl_args: dict | None = None, **settings) -> RunConfig:
         return dataclasses.replace(base, output_dir=str(tmp / name.replace(" ", "_")),
                                    trl_args={**base.trl_args, **(trl_args or {})}, **settings)
 
-    results = {}
     for name in opts.setups.split(","):
         settings = dict(SETUPS[name])
         if name == "seed-style" and not opts.gpu:
             settings["micro_batch_size"] = 1  # 4 pairs x 1024 tokens need ~20 GB: the same step as micro-batches
         results[name] = run_setup(name, config(name, **settings), data, peak_tflops=peak)
-    levers = {}
+        checkpoint()
 
     def lever_row(name: str, settings: dict, **measure) -> None:
         try:
@@ -371,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                 measure["profiler"].close()  # its run ended without on_train_end: stop recording
             free_memory()
             levers[name] = {"setup": name, "error": f"{type(err).__name__}: {err}"[:300]}
+        checkpoint()
 
-    for name in chosen:
+    for name in sorted(chosen, key=lambda name: "compile" in name):  # compiling rows last: the slowest to start
         settings = dict(table[name])
         if settings.get("micro_batch_size") == -1:
             settings["micro_batch_size"] = batch
@@ -381,13 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     if opts.profile:  # its own run: the profiler slows the steps it records
         lever_row("tuned, profiled", dict(max_steps=WARMUP_STEPS + PROFILED_STEPS),
                   profiler=StepProfiler(skip=WARMUP_STEPS, steps=PROFILED_STEPS))
-    sweep = None
     if not opts.no_sweep and {"tuned", "TRL-default"} <= set(results):
         runs = [results["tuned"]["run_s"]]
         for lr in ([2e-5] if opts.quick else [2e-5, 1e-4, 2e-4]):
             again = run_setup(f"sweep lr {lr}", config(f"sweep{lr}", learning_rate=lr), data, peak_tflops=peak)
             runs.append(again["run_s"])
             results["tuned"]["ref_cache_hits"] += again["ref_cache_hits"]
+            checkpoint()
         runs += [runs[-1]] * (4 - len(runs))  # --quick: the measured cache-hit run stands for the other two
         sweep = {"tuned_runs_s": runs, "tuned_s": round(sum(runs), 1), "trl_4x_s": 4 * results["TRL-default"]["run_s"],
                  "hit_build_s": round(again["run_s"] - again["train_s"], 2),  # a run that finds the reference
@@ -400,9 +412,15 @@ def main(argv: list[str] | None = None) -> int:
                            validation_pairs=pairs, eval_steps=steps, log_completions=2)
         eval_data = prepare_data(evaluated)  # validation off the end of train: the same first pairs to train on
         eval_data = dataclasses.replace(eval_data, train=eval_data.train.select(range(steps * batch)))
-        result = run_setup("sweep run, evaluated", evaluated, eval_data, peak_tflops=peak,
-                           answer_prompts=eval_data.validation["prompt"][:pairs // 4])
-        sweep["evaluated_run"] = {**result, "eval_pairs": len(eval_data.validation), "test_pairs": len(eval_data.test)}
+        try:
+            result = run_setup("sweep run, evaluated", evaluated, eval_data, peak_tflops=peak,
+                               answer_prompts=eval_data.validation["prompt"][:pairs // 4])
+            sweep["evaluated_run"] = {**result, "eval_pairs": len(eval_data.validation),
+                                      "test_pairs": len(eval_data.test)}
+        except Exception as err:  # the projection then counts training and build only (below)
+            print(f"sweep run, evaluated: failed: {type(err).__name__}: {err}", flush=True)
+            free_memory()
+            sweep["evaluated_run"] = {"setup": "sweep run, evaluated", "error": f"{type(err).__name__}: {err}"[:300]}
     ratio = lambda a, b: round(results[a]["pairs_per_s"] / results[b]["pairs_per_s"], 2)
     targets = {}
     if "tuned" in results:
@@ -429,10 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                         "met": v >= wanted[k][1] if wanted[k][0] == ">=" else v <= wanted[k][1]}
                     for k, v in targets.items() if k in wanted},
     }
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2)
-    (out / f"bench-{report['when'].replace(':', '')}.json").write_text(text)
+    (out / f"bench-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json").write_text(text)
     (out / "latest.json").write_text(text)
     print("\n" + markdown(report))
     return 0

@@ -4,7 +4,8 @@ at a time.
 
     python benchmarks/eval_speed.py            # CPU: the `cpu` profile's shape, 64 real hh-rlhf test pairs
     python benchmarks/eval_speed.py --gpu      # CUDA: the `full` profile's shape (4-bit, max_length 512, batch 16),
-                                               # 512 test pairs; + peak GPU memory
+                                               # up to 512 test pairs (the sample has 359 clean ones at 512
+                                               # tokens); + peak GPU memory
     python benchmarks/eval_speed.py --pairs 32 --json results/eval_speed.json
 
 After training, every run scores its test pairs twice (adapter on, adapter off), so in a sweep this runs 2 x runs
@@ -98,7 +99,7 @@ def timed(fn, gpu: bool):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", help="the full profile's shape on CUDA (4-bit, max_length 512)")
-    ap.add_argument("--pairs", type=int, help="test pairs to score (default 64 on a CPU, 512 on a GPU)")
+    ap.add_argument("--pairs", type=int, help="test pairs to score (default 64 on a CPU, up to 512 on a GPU)")
     ap.add_argument("--prompts", type=int, help="prompts answered for the judge (default 16 on a CPU, 64 on a GPU)")
     ap.add_argument("--model", default="offline:gpt2-124m", help="the base model (default: GPT-2 124M shape)")
     ap.add_argument("--json", type=Path, help="also write the numbers to this JSON file")

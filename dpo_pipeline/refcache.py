@@ -264,7 +264,7 @@ class CachedRefDPOTrainer(DPOTrainer):
         return chosen, rejected
 
     def _lm_head_context(self, inputs):
-        if not self.LEAN_LM_HEAD:
+        if not self.LEAN_LM_HEAD or self.accelerator.device.type != "cpu":  # (counting a CUDA mask would sync)
             return contextlib.nullcontext()
         mask = inputs.get("completion_mask") if isinstance(inputs, dict) else None
         return lean_lm_head(self.accelerator.device, int(mask.sum()) if mask is not None else None)

@@ -23,6 +23,8 @@ def test_bench_command_writes_the_report_and_the_sweep_hits_the_reference_cache(
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "latest.json").read_text())
     assert len(list(out.glob("bench-*.json"))) == 1
+    partial = json.loads((out / "partial.json").read_text())  # written row by row, so a run cut short keeps them
+    assert set(partial["setups"]) == {"TRL-default", "tuned"} and "tuned, profiled" in partial["levers"]
 
     setups = report["setups"]
     assert set(setups) == {"TRL-default", "tuned"}
