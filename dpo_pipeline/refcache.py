@@ -183,9 +183,9 @@ class CachedRefDPOTrainer(DPOTrainer):
         finally:
             self.current_gradient_accumulation_steps = steps
         for key, values in metrics.items():  # one entry a chunk -> one for the batch, weighted by pairs
-            new = values[logged.get(key, 0):]
-            if len(new) == len(chunks):
-                values[len(values) - len(new):] = [sum(v * n for v, n in zip(new, pairs)) / sum(pairs)]
+            start = logged.get(key, 0)
+            if len(values) - start == len(chunks):
+                values[start:] = [sum(v * n for v, n in zip(values[start:], pairs)) / sum(pairs)]
         return loss
 
     def _track_num_input_tokens(self, inputs):
