@@ -53,16 +53,21 @@ def micro_batch_size(config: RunConfig) -> int:
     return micro
 
 
+def eval_batch_size(config: RunConfig) -> int:
+    """Pairs per no-grad forward: the reference precompute, the evaluations and held-out scoring."""
+    if config.eval_batch_size < 0:
+        raise ValueError(f"eval_batch_size must be 0 (batch_size) or a number of pairs, got {config.eval_batch_size}")
+    return config.eval_batch_size or config.batch_size
+
+
 def dpo_args(config: RunConfig) -> DPOConfig:
     """The one place a RunConfig becomes TRL's DPOConfig. trainer="trl" leaves TRL's own defaults (precision,
     gradient checkpointing, a reference forward every step) as a user who writes a DPOConfig gets them."""
     micro = micro_batch_size(config)
-    if config.eval_batch_size < 0:
-        raise ValueError(f"eval_batch_size must be 0 (batch_size) or a number of pairs, got {config.eval_batch_size}")
     args = dict(
         output_dir=config.output_dir, beta=config.beta, loss_type=[config.loss_type],
         learning_rate=config.learning_rate, optim=OPTIMIZERS.get(config.optimizer, config.optimizer),
-        per_device_train_batch_size=micro, per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
+        per_device_train_batch_size=micro, per_device_eval_batch_size=eval_batch_size(config),
         gradient_accumulation_steps=config.grad_accum * config.batch_size // micro,  # the same optimizer step
         num_train_epochs=config.epochs, max_steps=config.max_steps, max_length=config.max_length,
         eval_strategy="steps", eval_steps=config.eval_steps, logging_steps=config.logging_steps,
@@ -77,7 +82,7 @@ def dpo_args(config: RunConfig) -> DPOConfig:
             bf16=bf16, fp16=fp16,  # TRL defaults bf16 on, ~3x slower on a CPU without native bf16
             gradient_checkpointing=config.gradient_checkpointing,
             precompute_ref_log_probs=config.precompute_ref,  # once per (base, data, max_length, precision), on disk
-            precompute_ref_batch_size=config.eval_batch_size or config.batch_size,
+            precompute_ref_batch_size=eval_batch_size(config),
             ddp_find_unused_parameters=False,  # every LoRA weight is used each step: skip DDP's extra graph walk
         )
     elif config.trainer != "trl":
@@ -235,7 +240,7 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
     pairs_seen = steps * config.batch_size * config.grad_accum * trainer.args.world_size  # all ranks
     scoring = time.perf_counter()
     evaluation = preference_eval(trainer.model, tokenizer, data.test, config.beta, config.max_length,
-                                 config.eval_batch_size or config.batch_size) if main else {"adapter": {}, "base": {}}
+                                 eval_batch_size(config)) if main else {"adapter": {}, "base": {}}
     judging = time.perf_counter()
     judged = {}
     if main and config.judge not in (None, "", "none"):  # "none" turns off a profile's judge from a file or flag
