@@ -116,6 +116,14 @@ PROFILES: dict[str, dict] = {
         max_length=64, batch_size=8, learning_rate=1e-3, beta=0.1, max_steps=30, eval_steps=15, logging_steps=5,
     ),
 }
+# The sweep the notebook runs for each profile (its `sweep_spec` parameter overrides it): the CPU-sized SmolLM2 sweep
+# for pretrained-cpu (configs/sweep_smollm2.yaml is its GPU-sized version).
+PROFILE_SWEEPS = {"full": "sweep_full.yaml", "cpu": "sweep_cpu.yaml", "pretrained-cpu": "sweep_smollm2_cpu.yaml",
+                  "smoke": "sweep_smoke.yaml"}
+
+
+def sweep_file(profile: str) -> Path:
+    return PROJECT_ROOT / "configs" / PROFILE_SWEEPS[profile]
 
 
 def results_dir() -> Path:

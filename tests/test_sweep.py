@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from dpo_pipeline import runs, sweep
+from dpo_pipeline import config as config_lib, runs, sweep
 from dpo_pipeline.synthetic import get_synthetic
 from dpo_pipeline.config import RunConfig
 
@@ -69,6 +69,13 @@ def test_grid_and_random_draws_and_stable_ids(tmp_path):
                             profile="smoke").configs(tmp_path)
     names = lambda cs: {Path(c.output_dir).name for c in cs}
     assert len(drawn) == 3 and names(drawn) < names(configs)  # random draws come from the grid
+
+
+def test_every_profile_has_a_sweep_file_that_starts_from_it(tmp_path):
+    # the notebook's default sweep (run_sweep with no sweep_spec): a profile without one stopped the notebook
+    for profile in config_lib.PROFILES:
+        spec = sweep.SweepSpec.from_file(config_lib.sweep_file(profile))
+        assert spec.profile == profile and spec.configs(tmp_path), profile
 
 
 def test_bad_sweep_file_is_one_line_naming_file_and_field(tmp_path):
