@@ -84,6 +84,7 @@ GPU_LEVERS = {  # candidates that only a GPU can judge; any DPOConfig field goes
     "tuned + Trainer's torch_compile": dict(trl_args={"torch_compile": True}),  # the whole PEFT model
     "tuned, 4 pairs per forward": dict(micro_batch_size=4),
     "tuned, forwards of at most 2,048 tokens": dict(micro_batch_tokens=2048),
+    "tuned, fused AdamW": dict(optimizer="adamw_torch_fused"),  # one kernel set for all LoRA tensors a step
 }
 # (direction, bound) per target: the CPU set of the first speed issue, the GPU set of issue 12 (an H100, `full`)
 TARGETS = {"tuned_vs_seed": (">=", 4.0), "tuned_vs_trl": (">=", 1.5), "sweep_vs_4_trl_runs": ("<=", 0.75),
