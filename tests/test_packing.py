@@ -173,7 +173,8 @@ def test_packing_refuses_keep_end_truncation(tiny_gpt2, tmp_path):
         build_trainer(config, get_synthetic(n_pairs=40, seed=0))
 
 
-def test_compile_model_trains_packed_rows_of_every_shape_in_one_graph(tiny_gpt2, tmp_path):
+@pytest.mark.parametrize("load_in_4bit", [False, True])  # 4-bit: the base a GPU user compiles (bitsandbytes' ops)
+def test_compile_model_trains_packed_rows_of_every_shape_in_one_graph(tiny_gpt2, tmp_path, load_in_4bit):
     from torch._dynamo.utils import counters
 
     synthetic = get_synthetic(n_pairs=60, seed=0)
@@ -190,8 +191,9 @@ def test_compile_model_trains_packed_rows_of_every_shape_in_one_graph(tiny_gpt2,
         trainer.data_collator = collator
 
     torch._dynamo.reset()
+    counters.clear()  # reset() keeps them: the graphs of an earlier test would count here
     for compiled in (False, True):
-        config = RunConfig(model=tiny_gpt2, load_in_4bit=False, learning_rate=1e-3, batch_size=4, max_steps=4,
+        config = RunConfig(model=tiny_gpt2, load_in_4bit=load_in_4bit, learning_rate=1e-3, batch_size=4, max_steps=4,
                            max_length=48, logging_steps=1, eval_steps=2, precision="fp32", micro_batch_size=4,
                            compile_model=compiled, output_dir=str(tmp_path / f"c{compiled}"), report_to="none",
                            log_completions=1)
