@@ -337,14 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if opts.gpu and not torch.cuda.is_available():
         return fail("--gpu needs a CUDA GPU")
-    # the lever rows, checked before anything runs; "all" is this machine's set, and a row of the other set can be
-    # named (a GPU row on a CPU runs the same code path, so a test can catch its errors before GPU time is spent)
-    table = {**LEVERS, **(GPU_LEVERS if opts.gpu else CPU_LEVERS)}
-    if opts.levers == "all":
-        chosen = list(table)
-    else:
-        table = {**table, **CPU_LEVERS, **GPU_LEVERS}
-        chosen = opts.levers.split(";") if opts.levers else []
+    # the lever rows, checked before anything runs: "all" is this machine's set; any row can be named (a GPU row on
+    # a CPU runs the same code path, so a test can catch its errors before GPU time is spent)
+    table = {**LEVERS, **CPU_LEVERS, **GPU_LEVERS}
+    mine = [*LEVERS, *(GPU_LEVERS if opts.gpu else CPU_LEVERS)]
+    chosen = mine if opts.levers == "all" else opts.levers.split(";") if opts.levers else []
     unknown = [name for name in chosen if name not in table]
     if unknown:
         return fail(f"--levers: unknown row {unknown[0]!r}; rows: {'; '.join(table)}")
