@@ -1,5 +1,5 @@
 """Benchmark: the same DPO training in several setups, in one process, on the same real hh-rlhf pairs, each one a
-RunConfig run through `dpo_pipeline.pipeline.run` (the path users run).
+setting set run through `dpo_pipeline.pipeline.run` (the path users run).
 
     python benchmarks/bench.py --quick            # CPU: 4 steps, one measured cache-hit sweep run: a few minutes
     python benchmarks/bench.py                    # CPU: 12 steps, all sweep runs
@@ -52,7 +52,7 @@ import torch
 from transformers import TrainerCallback
 
 from dpo_pipeline import model as model_lib
-from dpo_pipeline.config import HH_SAMPLE, RunConfig
+from dpo_pipeline.args import HH_SAMPLE, Settings, parse
 from dpo_pipeline.pipeline import free_memory, run
 from dpo_pipeline.prepare import prepare_data
 
@@ -60,31 +60,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_profile import StepProfiler  # noqa: E402  (this folder)
 from step_profile import markdown as profile_markdown  # noqa: E402
 
-SETUPS = {
-    "seed-style": dict(trainer="trl", trl_args={"pad_to_multiple_of": 1024, "bf16": False, "fp16": False,
-                                                "gradient_checkpointing": False, "precompute_ref_log_probs": False}),
-    "TRL-default": dict(trainer="trl"),
+WHOLE = -1  # pairs_per_forward: the whole step's pairs in one forward (resolved to the batch below)
+SETUPS = {  # every key a setting by its own name, except pairs_per_forward and lean_lm_head (resolved below)
+    "seed-style": dict(trainer="trl", pad_to_multiple_of=1024, bf16=False, fp16=False, gradient_checkpointing=False,
+                       precompute_ref_log_probs=False, pairs_per_forward=WHOLE),
+    # TRL's own defaults where this project departs from them (args.PROJECT_DEFAULTS)
+    "TRL-default": dict(trainer="trl", bf16=True, gradient_checkpointing=True, precompute_ref_log_probs=False,
+                        pairs_per_forward=WHOLE),
     "tuned": dict(trainer="tuned"),
 }
 LEVERS = {  # tuned with one lever switched off (or on)
     "tuned, no packing": dict(packing=False),
-    "tuned, no reference cache": dict(precompute_ref=False),
+    "tuned, no reference cache": dict(precompute_ref_log_probs=False),
     "tuned, gradient checkpointing": dict(gradient_checkpointing=True),
     "tuned + compiled transformer stack": dict(compile_model=True),
-    "tuned, one packed row a forward": dict(micro_batch_tokens=1),  # any budget under a row: each row alone
-    "tuned + 2 data-loading workers": dict(trl_args={"dataloader_num_workers": 2, "dataloader_persistent_workers": True}),
+    # any budget under a row: each row alone
+    "tuned, one packed row a forward": dict(micro_batch_tokens=1, pairs_per_forward=WHOLE),
+    "tuned + 2 data-loading workers": dict(dataloader_num_workers=2, dataloader_persistent_workers=True),
 }
 CPU_LEVERS = {
-    "tuned, fp32": dict(precision="fp32"),
-    "tuned, whole batch per forward": dict(micro_batch_size=-1),  # -1: resolved to the batch size below
-    "tuned, whole batch per forward, no packing": dict(micro_batch_size=-1, packing=False),
+    "tuned, fp32": dict(bf16=False, fp16=False),
+    "tuned, whole batch per forward": dict(pairs_per_forward=WHOLE),
+    "tuned, whole batch per forward, no packing": dict(pairs_per_forward=WHOLE, packing=False),
     "tuned, TRL's CPU LM head": dict(lean_lm_head=False),
 }
-GPU_LEVERS = {  # candidates that only a GPU can judge; any DPOConfig field goes through trl_args
-    "tuned + Trainer's torch_compile": dict(trl_args={"torch_compile": True}),  # the whole PEFT model
-    "tuned, 4 pairs per forward": dict(micro_batch_size=4),
-    "tuned, forwards of at most 2,048 tokens": dict(micro_batch_tokens=2048),
-    "tuned, fused AdamW": dict(optimizer="adamw_torch_fused"),  # one kernel set for all LoRA tensors a step
+GPU_LEVERS = {  # candidates that only a GPU can judge
+    "tuned + Trainer's torch_compile": dict(torch_compile=True),  # the whole PEFT model
+    "tuned, 4 pairs per forward": dict(pairs_per_forward=4),
+    "tuned, forwards of at most 2,048 tokens": dict(micro_batch_tokens=2048, pairs_per_forward=WHOLE),
+    "tuned, fused AdamW": dict(optim="adamw_torch_fused"),  # one kernel set for all LoRA tensors a step
 }
 # (direction, bound) per target: the CPU set of the first speed issue, the GPU set of issue 12 (an H100, `full`)
 TARGETS = {"tuned_vs_seed": (">=", 4.0), "tuned_vs_trl": (">=", 1.5), "sweep_vs_4_trl_runs": ("<=", 0.75),
@@ -93,7 +97,7 @@ GPU_TARGETS = {"tuned_pairs_per_s": (">=", 300.0), "tuned_vs_trl": (">=", 3.0), 
                "loss_gap_vs_trl": ("<=", 0.01), "sweep_full_minutes": ("<=", 30.0)}
 WARMUP_STEPS = 2  # steps left out of `warm_pairs_per_s`: compilation, first allocations, kernel autotuning
 PROFILED_STEPS = 3  # --profile: steps recorded after the warm-up
-SWEEP_FULL = Path(__file__).resolve().parents[1] / "configs" / "sweep_full.yaml"  # the sweep the target is about
+SWEEP_FULL = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "full.yaml"  # the sweep the target is about
 
 
 def sweep_shape(path: Path) -> dict:
@@ -101,14 +105,15 @@ def sweep_shape(path: Path) -> dict:
     from dpo_pipeline.sweep import SweepSpec
 
     spec = SweepSpec.from_file(path)
-    config = spec.base_config()[0]
+    run, dpo = (settings := spec.base_config()[0]).run, settings.dpo
     runs = 1
     for values in spec.grid.values():
         runs *= len(values)
-    judged = config.judge not in (None, "", "none")
-    return dict(runs=runs, steps=config.max_steps, pairs_per_step=config.batch_size * config.grad_accum,
-                evaluations=config.max_steps // config.eval_steps, validation_pairs=config.validation_pairs,
-                test_pairs=config.max_eval_pairs, judge_prompts=config.judge_prompts if judged else 0)
+    judged = run.judge not in (None, "", "none")
+    return dict(runs=runs, steps=dpo.max_steps, pairs_per_step=dpo.per_device_train_batch_size
+                * dpo.gradient_accumulation_steps, evaluations=dpo.max_steps // dpo.eval_steps,
+                validation_pairs=run.validation_pairs, test_pairs=run.max_eval_pairs,
+                judge_prompts=run.judge_prompts if judged else 0)
 
 
 def rss_mb(field: str = "VmRSS") -> float:
@@ -170,7 +175,7 @@ def time_answers(trainer, prompts: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def run_setup(name: str, config: RunConfig, data, lean_lm_head: bool = True, peak_tflops: float | None = None,
+def run_setup(name: str, config: Settings, data, lean_lm_head: bool = True, peak_tflops: float | None = None,
               answer_prompts: list[str] | None = None, profiler: StepProfiler | None = None) -> dict:
     """One run through pipeline.run, measured (with `answer_prompts`, also the judged answers' generation; with a
     `profiler`, where its steps' time went); everything is freed afterwards."""
@@ -349,10 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     batch = opts.batch_size or (16 if opts.gpu else 4)
     tmp = Path(tempfile.mkdtemp(prefix="dpo-bench-"))
     os.environ["DPO_REF_CACHE"] = str(tmp / "ref_cache")  # a private cache: the first tuned run is a miss
-    base = RunConfig(model=opts.model, load_in_4bit=opts.gpu, source=HH_SAMPLE, max_eval_pairs=8,
-                     max_length=512 if opts.gpu else 256, batch_size=batch, max_steps=steps, learning_rate=5e-5,
-                     eval_steps=steps + 1, logging_steps=1, trl_args={"eval_strategy": "no"},
-                     report_to="none", log_completions=0)  # training alone is timed: no trackers, no answers
+    micro = batch if opts.gpu else 1  # a CPU takes one pair a forward: no padding between pairs, least memory
+    base = parse(dict(model_name_or_path=opts.model, load_in_4bit=opts.gpu, dataset_name=HH_SAMPLE, max_eval_pairs=8,
+                      max_length=512 if opts.gpu else 256, per_device_train_batch_size=micro,
+                      gradient_accumulation_steps=batch // micro, per_device_eval_batch_size=batch, max_steps=steps,
+                      learning_rate=5e-5, eval_steps=steps + 1, logging_steps=1, eval_strategy="no",
+                      report_to="none", log_completions=0))  # training alone is timed: no trackers, no answers
     data = prepare_data(base)
     if len(data.train) < steps * batch:
         return fail(f"{HH_SAMPLE} has {len(data.train)} clean training pairs; {steps * batch} needed")
@@ -366,14 +373,16 @@ def main(argv: list[str] | None = None) -> int:
         (out / "partial.json").write_text(json.dumps({"machine": machine(), "setups": results, "levers": levers,
                                                       "sweep": sweep}, indent=2))
 
-    def config(name: str, trl_args: dict | None = None, **settings) -> RunConfig:
-        return dataclasses.replace(base, output_dir=str(tmp / name.replace(" ", "_")),
-                                   trl_args={**base.trl_args, **(trl_args or {})}, **settings)
+    def config(name: str, pairs_per_forward: int = 0, **settings) -> Settings:
+        if pairs_per_forward:  # the same optimizer step (batch pairs) in forwards of this many pairs
+            per_forward = batch if pairs_per_forward == WHOLE else pairs_per_forward
+            settings.update(per_device_train_batch_size=per_forward, gradient_accumulation_steps=batch // per_forward)
+        return base.replace(output_dir=str(tmp / name.replace(" ", "_")), **settings)
 
     for name in opts.setups.split(","):
         settings = dict(SETUPS[name])
         if name == "seed-style" and not opts.gpu:
-            settings["micro_batch_size"] = 1  # 4 pairs x 1024 tokens need ~20 GB: the same step as micro-batches
+            settings["pairs_per_forward"] = 1  # 4 pairs x 1024 tokens need ~20 GB: the same step as micro-batches
         results[name] = run_setup(name, config(name, **settings), data, peak_tflops=peak)
         checkpoint()
 
@@ -390,8 +399,6 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in sorted(chosen, key=lambda name: "compile" in name):  # compiling rows last: the slowest to start
         settings = dict(table[name])
-        if settings.get("micro_batch_size") == -1:
-            settings["micro_batch_size"] = batch
         lean = settings.pop("lean_lm_head", True)
         lever_row(name, settings, lean_lm_head=lean)
     if opts.profile:  # its own run: the profiler slows the steps it records
@@ -412,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         # slice, with the completion prompts answered, then the held-out test pairs, and judged answers generated.
         # Its rates scale to the sweep's pair counts in the projection.
         pairs = 64 if opts.gpu else 8
-        evaluated = config("sweep_evaluated", trl_args={"eval_strategy": "steps"}, max_eval_pairs=pairs,
+        evaluated = config("sweep_evaluated", eval_strategy="steps", max_eval_pairs=pairs,
                            validation_pairs=pairs, eval_steps=steps, log_completions=2)
         eval_data = prepare_data(evaluated)  # validation off the end of train: the same first pairs to train on
         eval_data = dataclasses.replace(eval_data, train=eval_data.train.select(range(steps * batch)))
@@ -445,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = GPU_TARGETS if opts.gpu else TARGETS
     report = {
         "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-        "steps": steps, "batch_size": batch, "max_length": base.max_length, "load_in_4bit": base.load_in_4bit,
+        "steps": steps, "batch_size": batch, "max_length": base.dpo.max_length, "load_in_4bit": base.model.load_in_4bit,
         "matmul_peak_tflops": peak, "setups": results, "levers": levers, "sweep": sweep,
         "targets": {k: {"value": v, "want": f"{wanted[k][0]} {wanted[k][1]}",
                         "met": v >= wanted[k][1] if wanted[k][0] == ">=" else v <= wanted[k][1]}

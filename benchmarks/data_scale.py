@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--write-only", type=Path, help=argparse.SUPPRESS)  # the child process that makes the file
     args = ap.parse_args()
 
-    from dpo_pipeline.config import shared_data_dir
+    from dpo_pipeline.args import shared_data_dir
 
     sample = shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"
     if args.write_only:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_scale import cpu_model  # noqa: E402  (this folder is on sys.path)
 from dpo_pipeline import evaluate  # noqa: E402
 from dpo_pipeline import model as model_lib  # noqa: E402
-from dpo_pipeline.config import HH_SAMPLE, resolve  # noqa: E402
+from dpo_pipeline.args import HH_SAMPLE, resolve  # noqa: E402
 from dpo_pipeline.judge import judge_decoding  # noqa: E402
 from dpo_pipeline.packing import pack_batch, pack_rows, pair_segment  # noqa: E402
 from dpo_pipeline.prepare import prepare_data  # noqa: E402
@@ -108,15 +108,15 @@ def main() -> None:
         print("error: --gpu needs a CUDA GPU and none is visible", file=sys.stderr)
         sys.exit(2)
     pairs = opts.pairs or (512 if opts.gpu else 64)
-    overrides = {"model": opts.model, "source": HH_SAMPLE, "max_eval_pairs": pairs, "load_in_4bit": opts.gpu,
+    overrides = {"model_name_or_path": opts.model, "dataset_name": HH_SAMPLE, "max_eval_pairs": pairs, "load_in_4bit": opts.gpu,
                  "validation_pairs": 0}  # only test pairs are scored here; full's 2,000 exceed the sample's train split
-    config, profile, _ = resolve("full" if opts.gpu else "cpu", overrides)
-    tokenizer = model_lib.load_tokenizer(config.model)
-    data = prepare_data(config, tokenizer)
-    base = model_lib.load_base_model(config.model, load_in_4bit=config.load_in_4bit)
-    model = model_lib.add_lora(base, model_lib.lora_config(base, r=config.lora_r))
+    settings, profile, _ = resolve("full" if opts.gpu else "cpu", overrides)
+    tokenizer = model_lib.load_tokenizer(opts.model)
+    data = prepare_data(settings, tokenizer)
+    base = model_lib.load_base_model(settings.model)
+    model = model_lib.add_lora(base, model_lib.lora_config(base, settings.model))
     tokenized = evaluate._tokenize_pairs(tokenizer, data.test)
-    length, batch = config.max_length, config.batch_size
+    length, batch = settings.dpo.max_length, settings.dpo.per_device_eval_batch_size
 
     def run_padded():
         return (padded_logps(model, tokenizer.pad_token_id, [(p, c) for p, c, _ in tokenized], length, batch),
@@ -136,8 +136,8 @@ def main() -> None:
     tokens = tokens_run(tokenized, length, batch)
     device = torch.cuda.get_device_name() if opts.gpu else f"{cpu_model()}, {torch.get_num_threads()} threads"
     result = {
-        "device": device, "model": config.model, "profile": profile, "pairs": len(tokenized), "max_length": length, "batch_size": batch,
-        "load_in_4bit": config.load_in_4bit, "torch_threads": torch.get_num_threads(),
+        "device": device, "model": opts.model, "profile": profile, "pairs": len(tokenized), "max_length": length, "batch_size": batch,
+        "load_in_4bit": settings.model.load_in_4bit, "torch_threads": torch.get_num_threads(),
         "padded": {"seconds": round(old_s, 2), "pairs_per_s": round(len(tokenized) / old_s, 2),
                    "tokens_run": tokens["padded"], "peak_gpu_mb": old_mb and round(old_mb)},
         "packed": {"seconds": round(new_s, 2), "pairs_per_s": round(len(tokenized) / new_s, 2),
@@ -148,8 +148,8 @@ def main() -> None:
                             "pairs_per_s": round(len(tokenized) / wide_s, 2), "peak_gpu_mb": wide_mb and round(wide_mb),
                             "max_abs_logp_difference": max(float((a - b).abs().max()) for a, b in zip(wide, new))},
     }
-    print(f"\n{len(tokenized)} real hh-rlhf test pairs, {config.model} + LoRA r={config.lora_r}, max_length {length}, "
-          f"batch {batch}, {'4-bit NF4' if config.load_in_4bit else 'unquantized'}; {device}\n")
+    print(f"\n{len(tokenized)} real hh-rlhf test pairs, {opts.model} + LoRA r={settings.model.lora_r}, max_length {length}, "
+          f"batch {batch}, {'4-bit NF4' if settings.model.load_in_4bit else 'unquantized'}; {device}\n")
     print("| scorer |  seconds | pairs/s | tokens run | peak GPU MB |\n|--------|---------:|--------:|-----------:|------------:|")
     for name in ("padded", "packed"):
         r = result[name]

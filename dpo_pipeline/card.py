@@ -23,7 +23,7 @@ MAX_SWEEP_ROWS = 100
 
 def base_model_of(run: dict) -> str | None:
     """The base model as the user named it: adapter_config's base (what peft loads), else the run config's."""
-    return run["adapter_config"].get("base_model_name_or_path") or run["run_config"].get("model")
+    return run["adapter_config"].get("base_model_name_or_path") or run["run_config"].get("model_name_or_path")
 
 
 def is_hub_id(name: str | None) -> bool:

@@ -133,7 +133,7 @@ def load_adapter(source: str, base_override: str | None = None) -> LoadedAdapter
 
     folder = resolve_adapter(source)
     run = read_run(folder)
-    adapter_base, trained_on = run["adapter_config"].get("base_model_name_or_path"), run["run_config"].get("model")
+    adapter_base, trained_on = run["adapter_config"].get("base_model_name_or_path"), run["run_config"].get("model_name_or_path")
     if not base_override and adapter_base and trained_on and adapter_base != trained_on:
         raise ChatError(f"{source}: adapter_config.json names base {adapter_base!r} but run_config.json says it was "
                         f"trained on {trained_on!r}; this adapter belongs to another base model")

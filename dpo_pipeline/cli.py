@@ -1,11 +1,13 @@
 """Train one DPO run from the command line; the same code runs data-parallel under `accelerate launch`.
 
-    python -m dpo_pipeline.cli --profile cpu --max_steps 20 --learning_rate 1e-4
-    accelerate launch --multi_gpu --num_processes 2 -m dpo_pipeline.cli --profile cpu   # 2 GPUs (or 2 CPU processes
-                                                                                        # without CUDA)
+    python -m dpo_pipeline train --profile cpu --max_steps 20 --learning_rate 1e-4
+    python -m dpo_pipeline train --config my_run.yaml                # a recipe of one's own, as `trl dpo --config`
+    accelerate launch --multi_gpu --num_processes 2 -m dpo_pipeline train --profile cpu   # 2 GPUs (or 2 CPU
+                                                                                          # processes without CUDA)
 
-Every RunConfig field is an option (`--max_steps 4` or `--max-steps 4`; booleans take true/false; `--trl_args` takes
-JSON); unset options keep the profile's value. Under a distributed launcher every rank trains on its shard of each
+Every field of DPOConfig, ModelConfig and RunArguments is an option under its own name (`--max_steps 4` or
+`--max-steps 4`; booleans take true/false); unset options keep the recipe's value. `--config FILE` is a recipe of
+one's own, on top of `--profile` when both are given. Under a distributed launcher every rank trains on its shard of each
 batch and only rank 0 writes the run folder. Each rank prints one line:
 
     rank 1/2: trained 4 steps, 16 pairs seen, eval_loss=0.692993, lora_checksum=1.234567
@@ -15,7 +17,7 @@ A user mistake (bad data file, unknown setting, unreachable model) is one line o
 
 Note: `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15 needs mpirun for several CPU
 processes); for two CPU processes use `--multi_gpu --num_processes 2` on a machine without CUDA (or with
-CUDA_VISIBLE_DEVICES=""), or `torchrun --nproc_per_node 2 -m dpo_pipeline.cli ...`.
+CUDA_VISIBLE_DEVICES=""), or `torchrun --nproc_per_node 2 -m dpo_pipeline train ...`.
 """
 
 from __future__ import annotations
@@ -23,30 +25,38 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from .config import PROFILES, RunConfig, resolve
+from pathlib import Path
+
+from .args import _classes, load_recipe, profiles, resolve, results_dir
 from .errors import command, one_line_errors
 
 
 def build_parser():
-    from transformers import HfArgumentParser
+    from trl import TrlParser
 
-    parser = one_line_errors(HfArgumentParser(RunConfig, prog="python -m dpo_pipeline.cli", description=__doc__,
-                                              formatter_class=argparse.RawDescriptionHelpFormatter))
-    for action in parser._actions:  # unset options stay None, so the profile's value is kept (config.resolve)
-        if action.dest == "trl_args":
-            action.type = json.loads
+    parser = one_line_errors(TrlParser(_classes(), prog="python -m dpo_pipeline train", description=__doc__,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+    for action in parser._actions:  # unset options stay None, so the recipe's value is kept (args.resolve)
         if action.dest != "help":
             action.default = None
-    parser.add_argument("--profile", default="auto", choices=["auto", *PROFILES], help="starting configuration")
+    parser.add_argument("--profile", choices=["auto", *profiles()], help="the recipe to start from (default: auto, "
+                        "or none with --config)")
+    parser.add_argument("--config", help="a recipe file of one's own (YAML, every key a setting)")
     parser.add_argument("--json", action="store_true", help="print the whole record as JSON (rank 0)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_command_line(argv: list[str] | None = None):
+    """(settings, profile name, why, --json) from the flags: the recipe (--profile), --config, then the flags."""
     args = vars(build_parser().parse_args(argv))
-    profile, as_json = args.pop("profile"), args.pop("json")
-    config, name, why = resolve(profile, args)
-    import torch  # after the flags are checked: a mistyped flag is answered before torch loads
+    profile, recipe, as_json = args.pop("profile"), args.pop("config"), args.pop("json")
+    layers = [{"output_dir": str(results_dir() / f"run-{Path(recipe).stem}"), **load_recipe(recipe)}] if recipe else []
+    return *resolve(profile or (None if recipe else "auto"), *layers, args, where="command line"), as_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings, name, why, as_json = parse_command_line(argv)
+    import torch
 
     from .pipeline import run
 
@@ -63,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer.compute_loss = counting
         trainers.append(trainer)
         if trainer.is_world_process_zero():
-            print(f"profile {name} ({why}); {trainer.args.world_size} process(es); output {config.output_dir}",
+            print(f"profile {name} ({why}); {trainer.args.world_size} process(es); output {trainer.args.output_dir}",
                   flush=True)
 
-    record = run(config, setup=count_pairs)
+    record = run(settings, setup=count_pairs)
     trainer = trainers[0]
     lora = [p.detach().double().abs().sum() for n, p in trainer.model.named_parameters() if "lora_" in n]
     print(f"rank {trainer.args.process_index}/{trainer.args.world_size}: trained {record.train_steps} steps, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -14,7 +15,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     loaded = [getattr(sys.modules[module], name) for module, name in (
         ("dpo_pipeline.model", "ModelLoadError"), ("dpo_pipeline.pretrained", "PretrainedError"),
         ("dpo_pipeline.chat", "ChatError")) if module in sys.modules]
-    return ValueError, FileNotFoundError, *loaded
+    return ValueError, FileNotFoundError, argparse.ArgumentError, *loaded  # ArgumentError: exit_on_error=False
 
 
 def command(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
@@ -26,11 +27,14 @@ def command(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         return 2
 
 
+class UsageError(ValueError):
+    """A bad flag or flag value, as argparse words it."""
+
+
 def one_line_errors(parser):
-    """argparse's own mistakes (a bad flag or value) as one line too."""
+    """argparse's own mistakes (a bad flag or value) as one line too, through `command`."""
     def error(message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        raise UsageError(message)
 
     parser.error = error
     return parser

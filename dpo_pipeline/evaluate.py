@@ -213,27 +213,31 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
     > 0 judged generations against the base ("proxy": a reward model trained on the file's train split)."""
     from datasets import concatenate_datasets
 
+    from .card import base_model_of
     from .chat import load_adapter, resolve_adapter
-    from .config import FIELDS, RunConfig
+    from .args import field_names, parse
     from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judge
     from .prepare import prepare_data
     from .runs import read_run
 
     folder = resolve_adapter(source)
-    trained = {k: v for k, v in read_run(folder)["run_config"].items() if k in FIELDS}
-    config = RunConfig(**{**trained, "source": str(pairs_file), "data_dir": None, "max_pairs": None,
-                          "max_eval_pairs": None, "validation_pairs": None, "output_dir": str(folder)})
-    data = prepare_data(config)  # data and judge before the model is loaded: a bad file or judge fails at once
-    name = judge or config.judge or "proxy"
-    found = load_judge(proxy_judge(config, data) if name == "proxy" else name) if prompts > 0 else None
+    known, run = field_names(), read_run(folder)
+    trained = {k: v for k, v in run["run_config"].items() if k in known}
+    trained.setdefault("model_name_or_path", base_model_of(run))  # a folder another trainer wrote: its adapter's base
+    settings = parse({**trained, "dataset_name": str(pairs_file), "data_dir": None, "max_pairs": None,
+                      "max_eval_pairs": None, "validation_pairs": None, "output_dir": str(folder)}, str(folder))
+    data = prepare_data(settings)  # data and judge before the model is loaded: a bad file or judge fails at once
+    name = judge or settings.run.judge or "proxy"
+    found = load_judge(proxy_judge(settings, data) if name == "proxy" else name) if prompts > 0 else None
+    beta, max_length = settings.dpo.beta, settings.dpo.max_length
     loaded = load_adapter(source)
     pairs = data.test if split == "test" else concatenate_datasets([data.train, data.test])
-    scores = preference_eval(loaded.model, loaded.tokenizer, pairs, config.beta, config.max_length, batch_size)
+    scores = preference_eval(loaded.model, loaded.tokenizer, pairs, beta, max_length, batch_size)
     report = {"adapter": source, "pairs_file": str(pairs_file), "split": split, "prompt_format": data.prompt_format,
-              "max_length": config.max_length, "beta": config.beta, "policy": scores["adapter"], "base": scores["base"]}
+              "max_length": max_length, "beta": beta, "policy": scores["adapter"], "base": scores["base"]}
     if found is not None:
         report["judged"] = judged_generations(loaded.model, loaded.tokenizer, list(pairs["prompt"][:prompts]), found,
-                                              seed=config.seed)["summary"]
+                                              seed=settings.dpo.seed)["summary"]
         report["judge_check"] = pairwise_accuracy(found, pairs)
     return report
 
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .errors import one_line_errors
 
-    parser = one_line_errors(argparse.ArgumentParser(prog="python -m dpo_pipeline.evaluate",
+    parser = one_line_errors(argparse.ArgumentParser(prog="python -m dpo_pipeline evaluate",
                                                      description=evaluate_adapter.__doc__))
     parser.add_argument("adapter", help="an adapter folder (a run folder, results/best) or a Hub repo id")
     parser.add_argument("--pairs", required=True, help="a preference file the loader reads (or a Hub dataset id)")

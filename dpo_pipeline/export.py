@@ -10,7 +10,7 @@ The base is always loaded unquantized, in `dtype`: merging into 4-bit NF4 weight
 NF4 again (lossy), so a run trained on a 4-bit base is merged into the 16/32-bit base. float32 reproduces base+adapter
 logits to ~1e-6; bfloat16 halves the size at bf16 rounding.
 
-    python -m dpo_pipeline.export results/best [--out DIR] [--dtype float32|bfloat16|float16]
+    python -m dpo_pipeline export results/best [--out DIR] [--dtype float32|bfloat16|float16]
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .errors import one_line_errors
 
-    parser = one_line_errors(argparse.ArgumentParser(prog="python -m dpo_pipeline.export", description=__doc__,
+    parser = one_line_errors(argparse.ArgumentParser(prog="python -m dpo_pipeline export", description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("adapter", help="an adapter folder (a run folder, results/best)")
     parser.add_argument("--out", help="the merged checkpoint folder (default: <adapter>-merged beside it)")

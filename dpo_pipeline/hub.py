@@ -163,7 +163,7 @@ def push_adapter(
     merged = merged_files(merged_dir) if merged_dir else []
     if merged_dir and not merged:
         return PushResult("failed", f"Not pushing: {merged_dir} is not a merged checkpoint (config.json + "
-                                    f"*.safetensors); make one with `python -m dpo_pipeline.export {folder}`", repo_id)
+                                    f"*.safetensors); make one with `python -m dpo_pipeline export {folder}`", repo_id)
     if merged and (problem := repo_id_problem(repo_id + MERGED_SUFFIX)):
         return PushResult("failed", f"Not pushing: bad repo id {repo_id + MERGED_SUFFIX!r}: {problem}", repo_id)
     token = token or get_token()

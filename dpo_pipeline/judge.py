@@ -59,20 +59,21 @@ def train_proxy_reward_model(train_pairs, base_model: str | Path, output_dir: st
     return Path(output_dir)
 
 
-def proxy_judge(config, data) -> Path:
+def proxy_judge(settings, data) -> Path:
     """The proxy reward model for a run: trained once from the run's base model (a control run's real base, never its
     random twin) on the run's training split, kept under cache_dir()/judges/ by what it depends on, and reused."""
-    from .config import cache_dir
+    from .args import cache_dir
     from .refcache import xxhash  # the same fast hash as the reference cache
     from .runs import CONTROL_PREFIX
 
-    base = config.model.removeprefix(CONTROL_PREFIX)
+    base, max_length, seed = (settings.model.model_name_or_path.removeprefix(CONTROL_PREFIX), settings.dpo.max_length,
+                              settings.dpo.seed)
     table = data.train.select_columns(["prompt", "chosen", "rejected"]).to_pandas().to_json()
-    key = xxhash.xxh3_128(f"{base}|{config.max_length}|{config.seed}|{table}".encode()).hexdigest()[:16]
+    key = xxhash.xxh3_128(f"{base}|{max_length}|{seed}|{table}".encode()).hexdigest()[:16]
     folder = cache_dir() / "judges" / key
     if not (folder / "config.json").exists():
         tmp = folder.with_name(f".{key}.tmp")
-        train_proxy_reward_model(data.train, base, tmp, max_length=config.max_length, seed=config.seed)
+        train_proxy_reward_model(data.train, base, tmp, max_length=max_length, seed=seed)
         tmp.replace(folder)
     return folder
 

@@ -6,10 +6,10 @@ disabled (TRL does this when it gets a PeftModel and no ``ref_model``), so only 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
-from .config import cache_dir
+from .args import cache_dir, weight_dtype
 from .hub import hub_reachable
 from .pretrained import resolve as resolve_pretrained
 from .runs import CONTROL_PREFIX
@@ -144,62 +144,42 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def compute_dtype() -> torch.dtype:
-    """Weight dtype: bf16 where CUDA has it natively (Ampere+), else fp16; fp32 weights on a CPU (training autocasts
-    to bf16 there when the CPU has native bf16: mixed_precision)."""
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """The weight dtype a model gets where nobody set ModelConfig.dtype (args.weight_dtype)."""
+    return getattr(torch, weight_dtype())
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
-    try:
-        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
-
-    except OSError:  # not Linux: be conservative
-        return False
+def base_model_args(name_or_path: str, load_in_4bit: bool = False) -> ModelConfig:
+    """ModelConfig for a base model named outside a run's settings (the app, export, tests): the project's
+    defaults, as a run gets them."""
+    return ModelConfig(model_name_or_path=name_or_path, load_in_4bit=load_in_4bit, dtype=weight_dtype(),
+                       use_peft=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
 
 
-def mixed_precision(precision: str = "auto") -> tuple[bool, bool]:
-    """(bf16, fp16) autocast flags for TRL. Weights stay as loaded (fp32 on a CPU, 4-bit + compute dtype on CUDA).
-
-    auto: CUDA -> bf16 where supported, else fp16; CPU -> bf16 autocast where the CPU has native bf16 (measured
-    1.5-1.8x faster than fp32 on a 2-core AVX512-BF16 EPYC, same losses within 0.002), else fp32 (emulated bf16 is
-    ~3x slower). The trainable LoRA weights stay fp32 either way (train.build_trainer).
-    """
-    precision = (precision or "auto").lower()
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision == "auto":
-        if torch.cuda.is_available():
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("precision fp16 needs a CUDA GPU (use bf16 or fp32 on a CPU)")
-    return precision == "bf16", precision == "fp16"
-
-
-def load_base_model(name_or_path: str, load_in_4bit: bool = False):
-    """The base causal LM, optionally quantized to 4-bit NF4 with bitsandbytes (CUDA, or CPU with bnb >= 0.45)."""
-    path = resolve_model_path(name_or_path)
-    dtype = compute_dtype()
-    kwargs: dict = {"dtype": dtype}
-    if load_in_4bit:  # TRL's recipe: NF4 with double quantization, computing in the weights' dtype
-        kwargs["quantization_config"] = get_quantization_config(ModelConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True, dtype=str(dtype).split(".")[-1]))
-        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else {"": "cpu"}
-    model = _from_pretrained(AutoModelForCausalLM, path, **kwargs)
+def load_base_model(name_or_path: str | ModelConfig, load_in_4bit: bool = False):
+    """The base causal LM as ModelConfig describes it (a name: base_model_args), 4-bit with bitsandbytes when
+    asked (TRL's get_quantization_config: NF4, computing in the weights' dtype; CUDA, or CPU with bnb >= 0.45)."""
+    args = name_or_path if isinstance(name_or_path, ModelConfig) else base_model_args(name_or_path, load_in_4bit)
+    kwargs: dict = {"dtype": getattr(torch, args.dtype) if args.dtype not in (None, "auto") else "auto",
+                    "revision": args.model_revision, "attn_implementation": args.attn_implementation}
+    if (quantization := get_quantization_config(args)) is not None:
+        kwargs.update(quantization_config=quantization,
+                      device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"})
+    model = _from_pretrained(AutoModelForCausalLM, resolve_model_path(args.model_name_or_path), **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
 
 
-def lora_config(model, r: int = 16, alpha: int = 32, dropout: float = 0.05,
-                targets: list[str] | None = None) -> LoraConfig:
-    targets = targets or LORA_TARGETS.get(model.config.model_type, "all-linear")
-    config = get_peft_config(ModelConfig(use_peft=True, lora_r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                         lora_target_modules=targets, lora_task_type="CAUSAL_LM"))
+LORA_ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_target_modules"}
+
+
+def lora_config(model, model_args: ModelConfig | None = None, **lora) -> LoraConfig:
+    """TRL's get_peft_config(model_args), with the LoRA targets of the architecture when none are set (every
+    attention and MLP projection; peft's own default for GPT-2 is c_attn alone). `lora` (r, alpha, dropout,
+    targets) builds a ModelConfig for tests and inspection."""
+    model_args = model_args or ModelConfig(use_peft=True, **{LORA_ALIASES.get(k, k): v for k, v in lora.items()})
+    targets = model_args.lora_target_modules or LORA_TARGETS.get(model.config.model_type, "all-linear")
+    config = get_peft_config(dataclasses.replace(model_args, lora_target_modules=targets))
     # ModelConfig turns a one-name list into a string, which peft reads as a regex over whole module paths.
     config.target_modules = targets
     # GPT-2 stores weights as Conv1D (in x out); peft needs fan_in_fan_out for those, not for Linear/Linear4bit.

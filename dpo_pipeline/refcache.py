@@ -28,7 +28,7 @@ import xxhash  # comes with `datasets`: hashes ~500 MB of fp32 weights in ~0.03 
 from datasets import Dataset
 from trl import DPOTrainer
 
-from .config import cache_dir
+from .args import cache_dir
 from .packing import PackingCollator, add_packed_forward
 
 CACHE_FORMAT = 2  # bump when what is stored, or how it is computed, changes

@@ -3,7 +3,7 @@
 A run folder (`results/run-<profile>/`, `results/runs/<run-id>/`, `results/best/`) holds:
     adapter_model.safetensors, adapter_config.json   the LoRA adapter (peft)
     tokenizer files                                   so the folder is self-contained for inference
-    run_config.json                                   the RunConfig that produced it (+ the prompt format)
+    run_config.json                                   the settings that produced it (+ the prompt format)
     cleaning_report.json                              what the data cleaning kept and dropped
     record.json                                       the RunRecord (metrics, log history, timing), written last
 Every JSON file is written atomically (temp file, then rename): a reader never sees half a file, even after a crash.
@@ -79,9 +79,10 @@ class RunRecord:
         return cls(**json.loads(Path(path).read_text()))
 
     @classmethod
-    def failed(cls, config, error: BaseException) -> "RunRecord":
+    def failed(cls, settings, error: BaseException) -> "RunRecord":
         message = " ".join(f"{type(error).__name__}: {error}".split())[:500]  # one line
-        return cls(config=config.to_dict(), status="failed", error=message, run_id=Path(config.output_dir).name)
+        return cls(config=settings.to_dict(), status="failed", error=message,
+                   run_id=Path(settings.dpo.output_dir).name)
 
 
 def evaluating_seconds(timings: dict) -> float:
@@ -131,10 +132,10 @@ def adapter_files(folder: str | Path) -> list[str]:
     return names if has_weights and "adapter_config.json" in names else []
 
 
-def run_id(config) -> str:
-    """A short stable id from everything that defines the run (not where it is written)."""
-    settings = {k: v for k, v in config.to_dict().items() if k != "output_dir"}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def run_id(settings) -> str:
+    """A short stable id from the settings that define the run (not where it is written)."""
+    values = {k: v for k, v in settings.to_dict().items() if k not in ("output_dir", "run_name")}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def load_records(folders: list[Path]) -> list[dict]:
@@ -174,12 +175,13 @@ def pick_best(records: list[dict], by: str = "reward_accuracy") -> dict | None:
 
 
 def is_control(record: dict) -> bool:
-    return str(record.get("config", {}).get("model", "")).startswith(CONTROL_PREFIX)
+    return str(record.get("config", {}).get("model_name_or_path", "")).startswith(CONTROL_PREFIX)
 
 
-def control_of(config):
+def control_of(settings):
     """The same run on the random-weight twin of its base model (same architecture, tokenizer, data, settings)."""
-    return dataclasses.replace(config, model=CONTROL_PREFIX + config.model, output_dir=config.output_dir + "-control")
+    return settings.replace(model_name_or_path=CONTROL_PREFIX + settings.model.model_name_or_path,
+                            output_dir=settings.dpo.output_dir + "-control")
 
 
 def replace_folder(folder: str | Path, fill) -> Path:
@@ -200,7 +202,7 @@ def replace_folder(folder: str | Path, fill) -> Path:
 
 def publish_best(best: dict, best_dir: str | Path) -> Path:
     """Copy the best run's inference files and records to a stable folder (replaced atomically as a whole)."""
-    source = Path(best["config"]["output_dir"])
+    source = Path(best["adapter_path"] or best["config"]["output_dir"])
 
     def fill(staging: Path) -> None:
         for name in adapter_files(source):

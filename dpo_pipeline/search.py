@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from transformers import TrainerCallback
 
-from .config import ConfigError
+from .args import ConfigError
 
 # What the pruner compares at each evaluation: the validation reward accuracy TRL logs (higher is better).
 INTERMEDIATE = "eval_rewards/accuracies"
@@ -40,8 +40,9 @@ def suggest(trial: optuna.Trial, space: dict) -> dict:
             values[name] = trial.suggest_categorical(name, spec)
         elif isinstance(spec["low"], int) and isinstance(spec["high"], int):
             values[name] = trial.suggest_int(name, spec["low"], spec["high"], log=spec.get("log", False))
-        else:
-            values[name] = trial.suggest_float(name, spec["low"], spec["high"], log=spec.get("log", False))
+        else:  # float(): YAML 1.1 reads `1e-4` (no dot) as text; the sweep already parsed both ends as settings
+            values[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
+                                               log=spec.get("log", False))
     return values
 
 

@@ -1,11 +1,12 @@
 """Sweep stage: a grid (or random draws from it, or Optuna's TPE search) of run configs, each run once, with a
 durable record per run.
 
-    python -m dpo_pipeline.sweep configs/sweep_smoke.yaml     # run or resume a sweep, then rebuild the report
-    python -m dpo_pipeline.sweep configs/sweep_tpe_smoke.yaml # a TPE study; start it in several shells to share it
+    python -m dpo_pipeline sweep configs/sweeps/smoke.yaml      # run or resume a sweep, then rebuild the report
+    python -m dpo_pipeline sweep configs/sweeps/tpe_smoke.yaml  # a TPE study; start it in several shells to share it
 
 A sweep file names the profile it starts from, `base:` settings every run shares and a `grid:` of values (any
-RunConfig field), or `search: tpe` with `trials:` and a `space:` of ranges (search.py). Each run lives in
+setting, by its DPOConfig / ModelConfig / RunArguments name), or `search: tpe` with `trials:` and a `space:` of
+ranges (search.py). Each run lives in
 `results/runs/<run-id>/`, the id a hash of its config. Its `record.json` is written atomically when the run ends,
 finished or failed, so a sweep killed at any moment and started again skips the runs that have a record and redoes
 the one that was cut off. A lock file per run lets several sweep processes
@@ -24,15 +25,15 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, RunConfig, check_fields, checked_value, resolve
+from .args import ConfigError, Settings, check_names, parse, resolve
 from .runs import (BEST_RULES, RunLock, RunRecord, control_of, evaluating_seconds, load_records, pick_best,
                    publish_best, rule_value, run_id)
 
 
 @dataclass
 class SweepSpec:
-    grid: dict[str, list] = field(default_factory=dict)  # RunConfig field -> values; every combination is a run
-    base: dict = field(default_factory=dict)  # RunConfig fields every run of the sweep shares
+    grid: dict[str, list] = field(default_factory=dict)  # setting -> values; every combination is a run
+    base: dict = field(default_factory=dict)  # settings every run of the sweep shares
     random_samples: int = 0  # > 0: draw this many combinations at random instead of taking them all
     sample_seed: int = 0
     profile: str = "auto"  # the profile the sweep starts from (data, model, defaults)
@@ -67,61 +68,59 @@ class SweepSpec:
     def validate(self, where: str = "sweep") -> None:
         if not isinstance(self.base, dict) or not isinstance(self.grid, dict):
             raise ConfigError(f"{where}: 'base' and 'grid' must be mappings of run settings")
-        check_fields({**self.base, **self.grid}, where)
+        check_names({**self.base, **self.grid, **self.space}, where)
         if self.best_by not in BEST_RULES:
             raise ConfigError(f"{where}: best_by must be one of {sorted(BEST_RULES)}, got {self.best_by!r}")
-        # typed here, so a mistake names the sweep file (a None keeps the profile's value, as in config.resolve)
-        self.base = {k: v if v is None else checked_value(k, v, where) for k, v in self.base.items()}
-        for name, values in self.grid.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"{where}: grid field '{name}' needs a non-empty list of values")
-            self.grid[name] = [checked_value(name, value, where) for value in values]
         if self.search not in ("grid", "random", "tpe"):
             raise ConfigError(f"{where}: search must be grid, random or tpe, got {self.search!r}")
         if self.search == "tpe" and (not self.space or self.trials < 1 or self.grid):
             raise ConfigError(f"{where}: search tpe needs 'trials' (> 0) and a 'space' of ranges, and no 'grid'")
-        check_fields(self.space, where)
-        for name, values in self.space.items():
-            if not (isinstance(values, list) and values or isinstance(values, dict) and {"low", "high"} <= set(values)):
+        values = {name: v for name, v in self.grid.items()}
+        for name, v in self.space.items():
+            if not (isinstance(v, list) and v or isinstance(v, dict) and {"low", "high"} <= set(v)):
                 raise ConfigError(f"{where}: space field '{name}' needs a list of choices or {{low: .., high: ..}}")
-            if isinstance(values, dict):
-                values.update({end: checked_value(name, values[end], where) for end in ("low", "high")})
-            else:
-                self.space[name] = [checked_value(name, value, where) for value in values]
+            values[name] = v if isinstance(v, list) else [v["low"], v["high"]]
+        for name, choices in values.items():
+            if not isinstance(choices, list) or not choices:
+                raise ConfigError(f"{where}: grid field '{name}' needs a non-empty list of values")
+        # Every value parsed once with the sweep's base, so a mistake names the sweep file before any run starts.
+        base = self.base_config(where=where)[0]
+        for name, choices in values.items():
+            for value in choices:
+                parse({**base.values, name: value}, where)
 
-    def base_config(self, *overrides: dict) -> tuple[RunConfig, str, str]:
-        """The profile, then `base:`, then `overrides` (notebook parameters, flags): (config, profile, why)."""
-        return resolve(self.profile, self.base, *overrides)
+    def base_config(self, *overrides: dict, where: str = "sweep") -> tuple[Settings, str, str]:
+        """The profile, then `base:`, then `overrides` (notebook parameters, flags): (settings, profile, why)."""
+        return resolve(self.profile, self.base, *overrides, where=where)
 
-    def configs(self, runs_dir: str | Path, *overrides: dict) -> list[RunConfig]:
-        """The sweep's run configs: base_config(*overrides), then each grid combination; output in runs_dir."""
-        self.validate()
+    def configs(self, runs_dir: str | Path, *overrides: dict) -> list[Settings]:
+        """The sweep's runs: base_config(*overrides), then each grid combination; output in runs_dir."""
         base = self.base_config(*overrides)[0]
         names = sorted(self.grid)
         combos = list(itertools.product(*(self.grid[n] for n in names)))
         if self.random_samples:
             combos = random.Random(self.sample_seed).sample(combos, min(self.random_samples, len(combos)))
-        configs = {}
+        runs = {}
         for combo in combos:
-            config = dataclasses.replace(base, **dict(zip(names, combo)))
-            config.output_dir = str(Path(runs_dir) / run_id(config))
-            configs.setdefault(config.output_dir, config)  # two combinations may resolve to the same run
-        return list(configs.values())
+            settings = base.replace(**dict(zip(names, combo)))
+            folder = str(Path(runs_dir) / run_id(settings))
+            runs.setdefault(folder, settings.replace(output_dir=folder))  # two combinations may be the same run
+        return list(runs.values())
 
 
-def run_one(config: RunConfig, data=None, **run_kwargs) -> RunRecord:
-    """Train one config; any error (NaN loss, out of memory, a bad setting) becomes a failed record."""
+def run_one(settings: Settings, data=None, **run_kwargs) -> RunRecord:
+    """Train one run; any error (NaN loss, out of memory, a bad setting) becomes a failed record."""
     from .pipeline import free_memory, run
 
     try:
-        record = run(config, data, **run_kwargs)
+        record = run(settings, data, **run_kwargs)
     except Exception as err:  # noqa: BLE001 - the sweep must go on; the error is kept in the record
-        record = RunRecord.failed(config, err)
+        record = RunRecord.failed(settings, err)
     free_memory()  # after the except block: the traceback, and the GPU memory it held, are gone
     return record
 
 
-def run_sweep(configs: list[RunConfig], data=None, poll_seconds: float = 2.0, search: dict | None = None,
+def run_sweep(configs: list[Settings], data=None, poll_seconds: float = 2.0, search: dict | None = None,
               **run_kwargs) -> list[dict]:
     """Run every config that has no record yet; wait for runs other processes hold. Returns all their records.
     `data` defaults to each config's own prepared data (prepared once per distinct data settings); `search` says
@@ -131,7 +130,7 @@ def run_sweep(configs: list[RunConfig], data=None, poll_seconds: float = 2.0, se
     while pending:
         waiting = []
         for i, config in enumerate(pending, 1):
-            folder = Path(config.output_dir)
+            folder = Path(config.dpo.output_dir)
             label = f"[{folder.name}] {i}/{len(pending)}"
             if (folder / "record.json").exists():
                 print(f"{label} already done: skipped")
@@ -157,10 +156,10 @@ def run_sweep(configs: list[RunConfig], data=None, poll_seconds: float = 2.0, se
             print(f"waiting for {len(waiting)} run(s) held by another sweep process ...")
             time.sleep(poll_seconds)
         pending = waiting
-    return load_records([Path(c.output_dir) for c in configs])
+    return load_records([Path(c.dpo.output_dir) for c in configs])
 
 
-def run_tpe(spec: SweepSpec, base: RunConfig, runs_dir: Path, results_dir: Path) -> list[dict]:
+def run_tpe(spec: SweepSpec, base: Settings, runs_dir: Path, results_dir: Path) -> list[dict]:
     """Trials until the study has `spec.trials` finished or pruned ones (other workers' count too); returns the
     records of every run the study made, whichever worker ran it."""
     import optuna
@@ -171,8 +170,8 @@ def run_tpe(spec: SweepSpec, base: RunConfig, runs_dir: Path, results_dir: Path)
     study = open_study(spec, results_dir)
 
     def objective(trial: optuna.Trial) -> float:
-        config = dataclasses.replace(base, **suggest(trial, spec.space))
-        config.output_dir = str(runs_dir / run_id(config))
+        config = base.replace(**suggest(trial, spec.space))
+        config = config.replace(output_dir=str(runs_dir / run_id(config)))
         trial.set_user_attr("run_id", run_id(config))
         search = {"method": "tpe", "study": spec.study, "trial": trial.number}
         print(f"trial {trial.number}:", flush=True)
@@ -195,7 +194,7 @@ def run_spec(spec: SweepSpec, results_dir: str | Path, *overrides: dict) -> list
     if spec.search == "tpe":
         base = spec.base_config(*overrides)[0]
         records = run_tpe(spec, base, results_dir / "runs", results_dir)
-        configs = {r["run_id"]: RunConfig(**r["config"]) for r in records}
+        configs = {r["run_id"]: parse(r["config"]) for r in records}
     else:
         method = "random" if spec.random_samples else "grid"
         configs = {run_id(c): c for c in spec.configs(results_dir / "runs", *overrides)}
@@ -227,9 +226,11 @@ def time_spent(timings: dict, left: int) -> str:
             f"evaluating {evaluating_seconds(timings):.0f} s{pace}")
 
 
-def describe(config: RunConfig) -> str:
-    return (f"lr={config.learning_rate:g} batch={config.batch_size}x{config.grad_accum} beta={config.beta:g} "
-            f"optim={config.optimizer} loss={config.loss_type} r={config.lora_r} steps={config.max_steps}")
+def describe(config: Settings) -> str:
+    dpo = config.dpo
+    return (f"lr={dpo.learning_rate:g} batch={dpo.per_device_train_batch_size}x{dpo.gradient_accumulation_steps} "
+            f"beta={dpo.beta:g} optim={config.get('optim')} loss={','.join(dpo.loss_type)} r={config.model.lora_r} "
+            f"steps={dpo.max_steps}")
 
 
 def best_samples(best: dict, prompts: list[str], max_new_tokens: int = 40) -> list[dict]:
@@ -239,10 +240,10 @@ def best_samples(best: dict, prompts: list[str], max_new_tokens: int = 40) -> li
     from .evaluate import generate_samples
     from .model import load_base_model, load_tokenizer
 
-    config = best["config"]
-    base = load_base_model(config["model"], load_in_4bit=config["load_in_4bit"])
-    model = PeftModel.from_pretrained(base, config["output_dir"])
-    return generate_samples(model, load_tokenizer(config["output_dir"]), prompts, max_new_tokens=max_new_tokens)
+    settings = parse(best["config"])
+    base = load_base_model(settings.model)
+    model = PeftModel.from_pretrained(base, best["adapter_path"])
+    return generate_samples(model, load_tokenizer(best["adapter_path"]), prompts, max_new_tokens=max_new_tokens)
 
 
 def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info: dict | None = None,
@@ -281,9 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from .errors import one_line_errors
-    from .config import results_dir
+    from .args import results_dir
 
-    parser = one_line_errors(argparse.ArgumentParser(prog="python -m dpo_pipeline.sweep", description=__doc__,
+    parser = one_line_errors(argparse.ArgumentParser(prog="python -m dpo_pipeline sweep", description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("spec", help="sweep file (YAML or JSON): profile, base, grid or search/trials/space")
     parser.add_argument("--results-dir", default=None, help="default: results/ (or $DPO_RESULTS_DIR)")

@@ -45,11 +45,11 @@ def _get(part, key):
 RUN_COLUMNS = [
     ("run_id", lambda r: r.get("run_id"), None, 24), ("status", lambda r: r.get("status"), None, 9),
     ("search", lambda r: search_label(r) if r.get("config") else None, None, 9),
-    ("base model", _get("config", "model"), None, 18),
-    *[(k.replace("_", " "), _get("config", k), fmt, width) for k, fmt, width in [
-        ("learning_rate", LR, 8), ("batch_size", INT, 6), ("grad_accum", INT, 6), ("beta", SMALL, 6),
-        ("optimizer", None, 9), ("loss_type", None, 8), ("lora_r", INT, 5), ("lora_alpha", INT, 6),
-        ("lora_dropout", SMALL, 8), ("epochs", SMALL, 7), ("max_steps", INT, 6), ("max_length", INT, 7),
+    ("base model", _get("config", "model_name_or_path"), None, 18),
+    *[(k, _get("config", k), fmt, width) for k, fmt, width in [
+        ("learning_rate", LR, 8), ("per_device_train_batch_size", INT, 6), ("gradient_accumulation_steps", INT, 6),
+        ("beta", SMALL, 6), ("optim", None, 9), ("loss_type", None, 8), ("lora_r", INT, 5), ("lora_alpha", INT, 6),
+        ("lora_dropout", SMALL, 8), ("num_train_epochs", SMALL, 7), ("max_steps", INT, 6), ("max_length", INT, 7),
         ("seed", INT, 5)]],
     ("final train loss", lambda r: r.get("final_train_loss"), METRIC, 9),
     *[(f"eval {name}", _get("final_eval", key), METRIC, 9) for name, key in [

@@ -211,7 +211,7 @@ def make_tiny_adapter(folder: str | Path, *, load_in_4bit: bool = False, base: s
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from dpo_pipeline import model as model_lib
-    from dpo_pipeline.config import RunConfig
+    from dpo_pipeline.args import parse
     from dpo_pipeline.runs import write_json_atomic
 
     folder = Path(folder)
@@ -228,8 +228,8 @@ def make_tiny_adapter(folder: str | Path, *, load_in_4bit: bool = False, base: s
     peft_model.peft_config["default"].base_model_name_or_path = base  # as pipeline.run names it
     peft_model.save_pretrained(folder)
     model_lib.gpt2_tokenizer().save_pretrained(folder)
-    config = RunConfig(model=base, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                       max_steps=2, max_length=48, batch_size=4, output_dir=str(folder))
+    config = parse(dict(model_name_or_path=base, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                        max_steps=2, max_length=48, per_device_train_batch_size=4, output_dir=str(folder)))
     write_json_atomic(folder / "run_config.json", config.to_dict())
     write_json_atomic(folder / "record.json", {
         "config": config.to_dict(), "status": "finished", "train_pairs": 320, "eval_pairs": 80, "train_steps": 2,

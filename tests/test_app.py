@@ -124,7 +124,7 @@ def test_bad_source_is_one_clear_message(monkeypatch, tmp_path, adapter, case):
         source = tmp_path / "mixed"
         shutil.copytree(adapter, source)
         config = json.loads((source / "run_config.json").read_text())
-        (source / "run_config.json").write_text(json.dumps({**config, "model": "openai-community/gpt2"}))
+        (source / "run_config.json").write_text(json.dumps({**config, "model_name_or_path": "openai-community/gpt2"}))
         says = "this adapter belongs to another base model"
     else:
         source, says = "", "No adapter given"

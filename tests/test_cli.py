@@ -1,5 +1,6 @@
-"""The commands as a user meets them: every user mistake is one line on stderr and exit code 2; a sweep file's `base:`
-reaches the tokenizer and the data; every run folder (sweep runs and best/) is complete; the app shows base metrics."""
+"""The commands as a user meets them: every user mistake is one line on stderr and exit code 2 (in-process, and once
+through a real process); a sweep file's `base:` reaches the tokenizer and the data; every run folder (sweep runs and
+best/) is complete; the app shows base metrics."""
 
 import json
 import re
@@ -11,15 +12,16 @@ import pytest
 import yaml
 from hub_double import make_tiny_adapter
 
-from dpo_pipeline import chat
-from dpo_pipeline.config import RunConfig
+from dpo_pipeline import chat, cli, evaluate, sweep
+from dpo_pipeline.args import parse
 from dpo_pipeline.data import load_preferences
+from dpo_pipeline.errors import command as run_command
 from dpo_pipeline.prepare import prepare_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = ROOT / "tests" / "data"
-TINY = {"model": "offline:gpt2-tiny", "load_in_4bit": False, "source": "synthetic", "max_pairs": 60,
-        "max_length": 48, "batch_size": 4, "max_steps": 2, "eval_steps": 2, "logging_steps": 1}
+TINY = {"model_name_or_path": "offline:gpt2-tiny", "load_in_4bit": False, "dataset_name": "synthetic", "max_pairs": 60,
+        "max_length": 48, "per_device_train_batch_size": 4, "max_steps": 2, "eval_steps": 2, "logging_steps": 1}
 
 
 def command(args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProcess:
@@ -28,11 +30,16 @@ def command(args: list[str], tmp_path: Path, **kw) -> subprocess.CompletedProces
                           timeout=600, **kw)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+def assert_one_line_error(proc, *needles: str) -> None:
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "kernels" not in line]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and all(n in lines[0] for n in needles), lines
+
+
+def _done(argv, code, capsys):
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out.out, out.err)
 
 
 def write_sweep(path: Path, **spec) -> Path:
@@ -41,41 +48,56 @@ def write_sweep(path: Path, **spec) -> Path:
 
 
 CLI_MISTAKES = {
-    "missing data file": (["--source", "no_such_file.jsonl"], ["no_such_file.jsonl", "not found"]),
-    "bad data file": (["--source", str(TEST_DATA / "non_string.jsonl")], ["non_string.jsonl", "row", "field"]),
+    "missing data file": (["--dataset_name", "no_such_file.jsonl"], ["no_such_file.jsonl", "not found"]),
+    "bad data file": (["--dataset_name", str(TEST_DATA / "non_string.jsonl")], ["non_string.jsonl", "row", "field"]),
     "unknown field": (["--learning_rte", "1e-3"], ["learning_rte"]),
     "bad value": (["--max_steps", "many"], ["max_steps", "many"]),
-    "unknown model": (["--model", "nobody/no-such-model"], ["nobody/no-such-model"]),
-    "unknown offline model": (["--model", "offline:gpt5"], ["gpt5"]),
-    "bad setting": (["--optimizer", "no_such_optimizer", "--max_steps", "1"], ["no_such_optimizer"]),
+    "unknown model": (["--model_name_or_path", "nobody/no-such-model"], ["nobody/no-such-model"]),
+    "unknown offline model": (["--model_name_or_path", "offline:gpt5"], ["gpt5"]),
+    "bad setting": (["--optim", "no_such_optimizer", "--max_steps", "1"], ["no_such_optimizer"]),
     "validation too big": (["--validation_pairs", "500"], ["validation_pairs 500", "synthetic"]),
 }
 
 
 @pytest.mark.parametrize("case", CLI_MISTAKES)
-def test_cli_user_mistakes_are_one_line_and_exit_2(case, tmp_path):
+def test_cli_user_mistakes_are_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DPO_RESULTS_DIR", str(tmp_path / "results"))
     flags, needles = CLI_MISTAKES[case]
-    proc = command(["dpo_pipeline.cli", "--profile", "smoke", "--max_pairs", "40", *flags], tmp_path)
-    assert_one_line_error(proc, *needles)
+    assert_one_line_error(_run(cli.main, ["--profile", "smoke", "--max_pairs", "40", *flags], capsys), *needles)
 
 
-def test_sweep_user_mistakes_are_one_line_and_exit_2(tmp_path):
+def _run(main, argv, capsys):
+    return _done(argv, run_command(main, argv), capsys)
+
+
+@pytest.mark.slow
+def test_a_real_process_exits_2_with_one_line_and_0_when_it_trains(tmp_path):
+    assert_one_line_error(command(["dpo_pipeline", "train", "--profile", "smoke", "--beta", "-1"], tmp_path), "beta")
+    assert_one_line_error(command(["dpo_pipeline", "nonsense"], tmp_path), "train")
+    proc = command(["dpo_pipeline", "train", "--profile", "smoke", "--max_steps", "1", "--max_pairs", "40",
+                    "--judge", "none", "--log_completions", "0"], tmp_path)
+    assert proc.returncode == 0 and "status finished: 1 steps" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_sweep_user_mistakes_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DPO_RESULTS_DIR", str(tmp_path / "results"))
     cases = {
         "unknown field": (dict(profile="smoke", grid={"learning_rte": [1e-3]}), ["learning_rte", "learning_rate"]),
         "not a list": (dict(profile="smoke", grid={"learning_rate": 1e-3}), ["learning_rate", "list"]),
         "unknown key": (dict(profile="smoke", grdi={"learning_rate": [1e-3]}), ["grdi"]),
-        "bad data file": (dict(profile="smoke", base={"source": str(TEST_DATA / "missing_column.jsonl")},
+        "old name": (dict(profile="smoke", grid={"optimizer": ["adamw"]}), ["optimizer", "did you mean 'optim'"]),
+        "bad grid value": (dict(profile="smoke", grid={"beta": [0.1, -2]}), ["beta must be > 0"]),
+        "bad data file": (dict(profile="smoke", base={"dataset_name": str(TEST_DATA / "missing_column.jsonl")},
                                grid={"beta": [0.1]}), ["missing_column.jsonl"]),
-        "unreachable model": (dict(profile="smoke", base={"model": "nobody/no-such-model"}, grid={"beta": [0.1]}),
-                              ["nobody/no-such-model"]),
+        "unreachable model": (dict(profile="smoke", base={"model_name_or_path": "nobody/no-such-model"},
+                                   grid={"beta": [0.1]}), ["nobody/no-such-model"]),
     }
     for name, (spec, needles) in cases.items():
-        proc = command(["dpo_pipeline.sweep", str(write_sweep(tmp_path / f"{name}.yaml", **spec))], tmp_path)
+        proc = _run(sweep.main, [str(write_sweep(tmp_path / f"{name}.yaml", **spec))], capsys)
         assert_one_line_error(proc, *needles)
-    proc = command(["dpo_pipeline.sweep", "no_such_sweep.yaml"], tmp_path)
-    assert_one_line_error(proc, "no_such_sweep.yaml")
+    assert_one_line_error(_run(sweep.main, ["no_such_sweep.yaml"], capsys), "no_such_sweep.yaml")
     (tmp_path / "broken.yaml").write_text("grid: [unclosed\n")
-    assert_one_line_error(command(["dpo_pipeline.sweep", str(tmp_path / "broken.yaml")], tmp_path), "broken.yaml")
+    assert_one_line_error(_run(sweep.main, [str(tmp_path / "broken.yaml")], capsys), "broken.yaml")
 
 
 @pytest.mark.slow
@@ -86,20 +108,20 @@ def test_sweep_base_reaches_tokenizer_and_data_and_every_run_folder_is_complete(
             "judge": "none"}  # full's judge is on the Hub
     spec = write_sweep(tmp_path / "sweep.yaml", profile="full", base=base, grid={"learning_rate": [1e-3, 2e-4]},
                        control=True)
-    proc = command(["dpo_pipeline.sweep", str(spec)], tmp_path)
+    proc = command(["dpo_pipeline", "sweep", str(spec)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # each finished run says where its time went, and what the runs left would take at that pace
     assert re.search(r"\] 1/2 finished in \d+ s: build \d+ s, training \d+ s, evaluating \d+ s; at this pace about "
                      r"\d+ min for the 1 left\n", proc.stdout), proc.stdout[-3000:]
     assert re.search(r"\] 2/2 finished in \d+ s: build \d+ s, training \d+ s, evaluating \d+ s\n", proc.stdout)
     results = tmp_path / "results"
-    expected = prepare_data(RunConfig(**{**base, "output_dir": "unused"})).report.as_dict()
+    expected = prepare_data(parse(base)).report.as_dict()
     assert expected["dropped"]["prompt_too_long"] > 0  # the length matters for this data
     folders = [d for d in (results / "runs").iterdir() if d.is_dir()] + [results / "best"]
     assert len(folders) == 4  # two runs, the control (the best settings on a random-weight twin), best/
     best = json.loads((results / "best" / "record.json").read_text())
     control = json.loads((results / "runs" / f"{best['run_id']}-control" / "record.json").read_text())
-    assert control["config"] == {**best["config"], "model": "random-twin:offline:gpt2-tiny",
+    assert control["config"] == {**best["config"], "model_name_or_path": "random-twin:offline:gpt2-tiny",
                                  "output_dir": best["config"]["output_dir"] + "-control"}
     sheet = __import__("openpyxl").load_workbook(results / "sweep_results.xlsx")["Runs"]
     rows = [dict(zip(next(sheet.iter_rows(values_only=True)), row)) for row in sheet.iter_rows(values_only=True)]
@@ -111,7 +133,8 @@ def test_sweep_base_reaches_tokenizer_and_data_and_every_run_folder_is_complete(
             assert (folder / name).exists(), (folder, name)
         assert json.loads((folder / "cleaning_report.json").read_text()) == expected
         record = json.loads((folder / "record.json").read_text())
-        assert record["config"]["model"].endswith("offline:gpt2-tiny") and record["config"]["max_length"] == 16
+        assert record["config"]["model_name_or_path"].endswith("offline:gpt2-tiny")
+        assert record["config"]["max_length"] == 16
     # The card pushed for the best adapter names its dataset (it reads cleaning_report.json).
     from dpo_pipeline.card import build_model_card
 
@@ -127,11 +150,10 @@ def test_app_shows_the_base_model_metrics(tmp_path):
     assert info["metrics"]["base model"] == record["base_evaluation"]
 
 
-def test_evaluate_command_reports_intervals_and_baselines_and_one_line_errors(tmp_path):
+def test_evaluate_command_reports_intervals_and_baselines_and_one_line_errors(tmp_path, capsys):
     adapter = make_tiny_adapter(tmp_path / "adapter")
     pairs = TEST_DATA / "plain_good.jsonl"
-    proc = command(["dpo_pipeline.evaluate", str(adapter), "--pairs", str(pairs), "--split", "all", "--json"],
-                   tmp_path)
+    proc = _run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--split", "all", "--json"], capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     policy, base = report["policy"], report["base"]
@@ -144,9 +166,7 @@ def test_evaluate_command_reports_intervals_and_baselines_and_one_line_errors(tm
     assert base["reward_ties"] == 1.0 and policy["reward_ties"] < 1.0  # the base is its own reference
     assert policy["shorter_accuracy"] == base["shorter_accuracy"]  # the baselines are the pairs', not the model's
 
-    assert_one_line_error(command(["dpo_pipeline.evaluate", str(tmp_path / "nothing"), "--pairs", str(pairs)],
-                                  tmp_path), "nothing")
-    assert_one_line_error(command(["dpo_pipeline.evaluate", str(adapter), "--pairs", "missing.jsonl"], tmp_path),
-                          "missing.jsonl")
-    assert_one_line_error(command(["dpo_pipeline.evaluate", str(adapter), "--pairs", str(pairs), "--prompts", "2",
-                                   "--judge", str(tmp_path / "no_judge")], tmp_path), "no_judge")
+    assert_one_line_error(_run(evaluate.main, [str(tmp_path / "nothing"), "--pairs", str(pairs)], capsys), "nothing")
+    assert_one_line_error(_run(evaluate.main, [str(adapter), "--pairs", "missing.jsonl"], capsys), "missing.jsonl")
+    assert_one_line_error(_run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--prompts", "2",
+                                               "--judge", str(tmp_path / "no_judge")], capsys), "no_judge")

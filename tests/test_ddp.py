@@ -1,4 +1,4 @@
-"""Data-parallel training: `python -m dpo_pipeline.cli` under `accelerate launch` with two CPU processes.
+"""Data-parallel training: `python -m dpo_pipeline train` under `accelerate launch` with two CPU processes.
 
 `accelerate launch --cpu --num_processes 2` starts a single process in accelerate 1.15 (several CPU processes need
 mpirun), so two CPU processes are launched the way a multi-GPU user launches two GPUs (`--multi_gpu`, torchrun
@@ -30,8 +30,9 @@ def test_two_cpu_processes_train_one_adapter(tiny_gpt2, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "dpo_pipeline.cli", "--profile", "smoke", "--model", tiny_gpt2, "--max_pairs", "80",
-           "--max_eval_pairs", "16", "--batch_size", "4", "--max_steps", "3", "--eval_steps", "3",
+           "-m", "dpo_pipeline", "train", "--profile", "smoke", "--model_name_or_path", tiny_gpt2, "--max_pairs", "80",
+           "--max_eval_pairs", "16", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4",
+           "--max_steps", "3", "--eval_steps", "3",
            "--logging_steps", "1", "--output_dir", str(out)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DPO_REF_CACHE": str(tmp_path / "ref_cache"),
            "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}

@@ -114,7 +114,7 @@ def test_bad_adapters_and_outputs_are_one_line_user_errors(run, tmp_path):
 
 
 def export_command(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dpo_pipeline.export", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dpo_pipeline", "export", *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
 
 
@@ -167,4 +167,4 @@ def test_push_sends_the_merged_model_to_its_own_repo_that_transformers_loads(run
 def test_push_with_a_folder_that_is_not_a_merged_checkpoint_fails_before_any_network(run, tmp_path):
     result = push_adapter(run, f"{USER}/x", token="hf_unused", merged_dir=run)
     assert result.status == "failed" and "is not a merged checkpoint" in result.message
-    assert "\n" not in result.message and "python -m dpo_pipeline.export" in result.message
+    assert "\n" not in result.message and "python -m dpo_pipeline export" in result.message

@@ -10,7 +10,7 @@ import nbformat
 import openpyxl
 import pytest
 
-from dpo_pipeline import config as config_lib
+from dpo_pipeline import args as settings_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "dpo_gpt2.ipynb"
@@ -24,23 +24,18 @@ def test_notebook_is_committed_clean_with_a_parameters_cell():
 
 
 def test_auto_profile_without_gpu_or_hub_is_smoke_and_says_why():
-    config, name, why = config_lib.resolve("auto")
-    if config_lib.pick_profile("auto")[0] == "smoke":  # no GPU or no Hub (CI, or a GPU machine without the Hub)
+    settings, name, why = settings_lib.resolve("auto")
+    if name == "smoke":  # no GPU or no Hub (CI, or a GPU machine without the Hub)
         assert "no CUDA GPU" in why or "no Hub access" in why
-        assert config.source == "synthetic" and config.model == "offline:gpt2-tiny"
+        assert settings.run.dataset_name == "synthetic" and settings.model.model_name_or_path == "offline:gpt2-tiny"
 
 
-def test_overrides_win_and_unknown_parameters_are_named():
-    config, _, _ = config_lib.resolve("cpu", {"learning_rate": 1e-4, "max_pairs": 50, "beta": None})
-    assert config.learning_rate == 1e-4 and config.max_pairs == 50
-    assert config.beta == config_lib.PROFILES["cpu"]["beta"]
-    # profile < sweep base < notebook parameters: each later layer wins where it sets a value
-    config, _, _ = config_lib.resolve("cpu", {"max_steps": 8, "beta": 0.5}, {"max_steps": 20, "beta": None})
-    assert (config.max_steps, config.beta) == (20, 0.5)
-    with pytest.raises(config_lib.ConfigError, match="unknown setting 'learning_rte' .did you mean 'learning_rate'"):
-        config_lib.resolve("smoke", {"learning_rte": 1e-4})
-    with pytest.raises(config_lib.ConfigError, match="Unknown profile 'fast'"):
-        config_lib.resolve("fast")
+def test_every_notebook_parameter_is_a_setting_or_a_notebook_switch():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    names = [line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line.split("#")[0]]
+    switches = {"profile", "control_run", "run_sweep", "sweep_spec", "hub_repo_id", "hub_private"}
+    assert [n for n in names if n not in switches and n not in settings_lib.field_names()] == []
 
 
 @pytest.mark.slow
@@ -50,7 +45,7 @@ def test_notebook_smoke_profile_end_to_end(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "papermill", str(NOTEBOOK), str(executed), "-k", "python3",
          "-p", "profile", "smoke", "-p", "max_steps", "8", "-p", "eval_steps", "4",
-         "-p", "sweep_spec", str(ROOT / "configs" / "sweep_tpe_smoke.yaml"), "--log-output"],
+         "-p", "sweep_spec", str(ROOT / "configs" / "sweeps" / "tpe_smoke.yaml"), "--log-output"],
         check=True, cwd=ROOT / "notebooks", env=env, timeout=900,
     )
     nb = nbformat.read(executed, as_version=4)
@@ -68,7 +63,7 @@ def test_notebook_smoke_profile_end_to_end(tmp_path):
     report = json.loads((run / "cleaning_report.json").read_text())
     assert report["source"] == "synthetic" and report["kept"] == sum(report["splits"].values())
 
-    # The sweep: a 6-trial TPE study (configs/sweep_tpe_smoke.yaml); each trial has a record, the best is published,
+    # The sweep: a 6-trial TPE study (configs/sweeps/tpe_smoke.yaml); each trial has a record, the best is published,
     # the workbook made with its Trials sheet, and the best run's answers while training are shown.
     runs = [d for d in (tmp_path / "results" / "runs").iterdir() if (d / "record.json").exists()]
     assert len(runs) == 6 and (tmp_path / "results" / "optuna.db").exists()

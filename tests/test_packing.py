@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
-from dpo_pipeline.config import RunConfig
+from dpo_pipeline.args import ConfigError, parse
 from dpo_pipeline.packing import IGNORE, PackingCollator, add_packed_forward, forward_groups
 from dpo_pipeline.pipeline import build_trainer, run
 from dpo_pipeline.synthetic import get_synthetic
@@ -104,15 +104,17 @@ def test_packed_forward_gives_trl_the_same_per_token_values(tiny_gpt2, tmp_path,
     assert padded.log_probs.abs().sum() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("micro", [1, 4])  # one pair per forward, or four pairs packed into shared rows
 def test_packed_training_logs_the_same_losses(tiny_gpt2, tmp_path, micro):
     synthetic = get_synthetic(n_pairs=200, seed=0)
     losses, ref = {}, {}
     for packing in (False, True):
-        config = RunConfig(model=tiny_gpt2, load_in_4bit=False, learning_rate=1e-3, batch_size=4, max_steps=3,
-                           max_length=48, logging_steps=1, eval_steps=100, precision="fp32", packing=packing,
-                           micro_batch_size=micro, output_dir=str(tmp_path / f"p{packing}"), log_completions=0,
-                           report_to="none", trl_args={"eval_strategy": "no"})
+        config = parse(dict(model_name_or_path=tiny_gpt2, load_in_4bit=False, learning_rate=1e-3, max_steps=3,
+                            per_device_train_batch_size=micro, gradient_accumulation_steps=4 // micro,
+                            max_length=48, logging_steps=1, bf16=False, packing=packing,
+                            output_dir=str(tmp_path / f"p{packing}"), log_completions=0, report_to="none",
+                            eval_strategy="no"))
         trainer = build_trainer(config, synthetic)
         assert isinstance(trainer.data_collator, PackingCollator) == packing
         ref[packing] = torch.tensor(trainer.train_dataset["ref_chosen_logps"])  # precomputed, packed or not
@@ -127,14 +129,15 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
                 "logps/rejected")  # TRL's training metrics that average over pairs
 
 
+@pytest.mark.slow
 def test_forwards_sized_by_tokens_train_the_same_steps_as_whole_batches(tiny_gpt2, tmp_path):
     synthetic = get_synthetic(n_pairs=200, seed=0)
     losses, adapters, forwards, logged = {}, {}, {}, {}
     for tokens in (0, 180):  # whole 8-pair batches, or forwards of at most 180 packed positions (~2 pairs a row)
-        config = RunConfig(model=tiny_gpt2, load_in_4bit=False, learning_rate=1e-3, batch_size=8, max_steps=3,
-                           max_length=48, logging_steps=1, eval_steps=100, precision="fp32",
-                           micro_batch_size=0 if tokens else 8, micro_batch_tokens=tokens, log_completions=0,
-                           output_dir=str(tmp_path / f"t{tokens}"), report_to="none", trl_args={"eval_strategy": "no"})
+        config = parse(dict(model_name_or_path=tiny_gpt2, load_in_4bit=False, learning_rate=1e-3,
+                            per_device_train_batch_size=8, max_steps=3, max_length=48, logging_steps=1, bf16=False,
+                            micro_batch_tokens=tokens, log_completions=0, output_dir=str(tmp_path / f"t{tokens}"),
+                            report_to="none", eval_strategy="no"))
         trainer = build_trainer(config, synthetic)
         assert trainer.args.per_device_train_batch_size == 8 and trainer.args.gradient_accumulation_steps == 1
         forwards[tokens] = [[len(b["input_ids"]) // 2 for b in batch.get("chunks", [batch])]
@@ -154,25 +157,22 @@ def test_forwards_sized_by_tokens_train_the_same_steps_as_whole_batches(tiny_gpt
         assert torch.allclose(adapters[180][name], weight, atol=1e-5), name
 
 
-@pytest.mark.parametrize("settings", [dict(packing=False), dict(micro_batch_size=2), dict(micro_batch_tokens=-5),
-                                      dict(trainer="trl"), "two processes"])
-def test_micro_batch_tokens_needs_packing_one_process_and_no_pair_count(tiny_gpt2, tmp_path, settings, monkeypatch):
+@pytest.mark.parametrize("settings", [dict(packing=False), dict(gradient_accumulation_steps=2),
+                                      dict(micro_batch_tokens=-5), dict(trainer="trl"), "two processes"])
+def test_micro_batch_tokens_needs_packing_one_process_and_no_accumulation(tiny_gpt2, settings, monkeypatch):
     if settings == "two processes":  # what torchrun sets; processes would split their steps into other forwards
         monkeypatch.setenv("WORLD_SIZE", "2")
         settings = {}
-    config = RunConfig(model=tiny_gpt2, load_in_4bit=False, batch_size=4, max_steps=1, max_length=48,
-                       output_dir=str(tmp_path), **{"micro_batch_tokens": 64, **settings})
-    with pytest.raises(ValueError, match="micro_batch_tokens"):
-        build_trainer(config, get_synthetic(n_pairs=40, seed=0))
+    with pytest.raises(ConfigError, match="micro_batch_tokens"):  # before anything is loaded
+        parse({"model_name_or_path": tiny_gpt2, "per_device_train_batch_size": 4, "micro_batch_tokens": 64, **settings})
 
 
-def test_packing_refuses_keep_end_truncation(tiny_gpt2, tmp_path):
-    config = RunConfig(model=tiny_gpt2, load_in_4bit=False, batch_size=2, max_steps=1, max_length=48,
-                       output_dir=str(tmp_path), trl_args={"truncation_mode": "keep_end"})
-    with pytest.raises(ValueError, match="truncation_mode='keep_start' or packing=False"):
-        build_trainer(config, get_synthetic(n_pairs=40, seed=0))
+def test_packing_refuses_keep_end_truncation(tiny_gpt2):
+    with pytest.raises(ConfigError, match="truncation_mode keep_start or packing false"):
+        parse(dict(model_name_or_path=tiny_gpt2, truncation_mode="keep_end"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("load_in_4bit", [False, True])  # 4-bit: the base a GPU user compiles (bitsandbytes' ops)
 def test_compile_model_trains_packed_rows_of_every_shape_in_one_graph(tiny_gpt2, tmp_path, load_in_4bit):
     from torch._dynamo.utils import counters
@@ -193,10 +193,10 @@ def test_compile_model_trains_packed_rows_of_every_shape_in_one_graph(tiny_gpt2,
     torch._dynamo.reset()
     counters.clear()  # reset() keeps them: the graphs of an earlier test would count here
     for compiled in (False, True):
-        config = RunConfig(model=tiny_gpt2, load_in_4bit=load_in_4bit, learning_rate=1e-3, batch_size=4, max_steps=4,
-                           max_length=48, logging_steps=1, eval_steps=2, precision="fp32", micro_batch_size=4,
-                           compile_model=compiled, output_dir=str(tmp_path / f"c{compiled}"), report_to="none",
-                           log_completions=1)
+        config = parse(dict(model_name_or_path=tiny_gpt2, load_in_4bit=load_in_4bit, learning_rate=1e-3,
+                            per_device_train_batch_size=4, max_steps=4, max_length=48, logging_steps=1, eval_steps=2,
+                            bf16=False, compile_model=compiled, output_dir=str(tmp_path / f"c{compiled}"),
+                            report_to="none", log_completions=1))
         record = run(config, synthetic, setup=record_shapes if compiled else None)
         losses[compiled] = [e["loss"] for e in record.log_history if "loss" in e]
     assert len(set(shapes)) >= 3, shapes  # the packed rows changed shape from step to step ...

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from dpo_pipeline import model as model_lib
 from dpo_pipeline.evaluate import completion_logps
-from dpo_pipeline.config import RunConfig
+from dpo_pipeline.args import parse
 from dpo_pipeline.pipeline import build_trainer
 from dpo_pipeline.refcache import REF_COLUMNS, CachedRefDPOTrainer, base_model_fingerprint
 from dpo_pipeline.sweep import run_sweep
@@ -34,9 +34,9 @@ def cache(tmp_path, monkeypatch):
 
 def _config(model, tmp_path, **kw):
     # 2 steps x 8 pairs = the whole 16-pair train split: its reference is computed up front ("eager")
-    return RunConfig(**{"model": model, "load_in_4bit": False, "lora_r": 8, "learning_rate": 1e-3, "batch_size": 8,
-                        "max_steps": 2, "max_length": 48, "eval_steps": 2, "logging_steps": 1, "precision": "fp32",
-                        "output_dir": str(tmp_path / "run"), **kw})
+    return parse({"model_name_or_path": model, "load_in_4bit": False, "lora_r": 8, "learning_rate": 1e-3,
+                  "per_device_train_batch_size": 8, "max_steps": 2, "max_length": 48, "eval_steps": 2,
+                  "logging_steps": 1, "bf16": False, "output_dir": str(tmp_path / "run"), **kw})
 
 
 def _events(trainer):
@@ -55,7 +55,7 @@ def test_miss_then_hit_across_lr_rank_seed_and_targets(tiny_gpt2, pairs, cache, 
 
     # Another run of the same sweep: other learning rate, LoRA rank, LoRA targets and seed -> the same reference.
     second = build_trainer(_config(tiny_gpt2, tmp_path, learning_rate=5e-4, lora_r=4, seed=7,
-                                   lora_targets=["c_attn"]), pairs)
+                                   lora_target_modules=["c_attn"]), pairs)
     hits = _events(second)
     assert all(e["hit"] for e in hits.values())
     assert {s: e["key"] for s, e in hits.items()} == {s: e["key"] for s, e in misses.items()}
@@ -68,7 +68,7 @@ def test_miss_then_hit_across_lr_rank_seed_and_targets(tiny_gpt2, pairs, cache, 
     # The loaded values equal TRL's own computation (a trainer without our cache: reference forward every step)
     train = second.train_dataset
     loaded_c, loaded_r = (torch.tensor(train[c]) for c in REF_COLUMNS)
-    plain = build_trainer(_config(tiny_gpt2, tmp_path, trainer="trl", precompute_ref=False), pairs)
+    plain = build_trainer(_config(tiny_gpt2, tmp_path, trainer="trl", precompute_ref_log_probs=False), pairs)
     batch = plain.data_collator([{k: train[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
                                  for i in range(len(train))])
     batch = {k: v.to(plain.model.device) for k, v in batch.items()}
@@ -119,7 +119,7 @@ def test_a_changed_key_part_is_a_miss(tiny_gpt2, pairs, cache, tmp_path):
     other_weights = model_lib.make_offline_gpt2("gpt2-tiny", tmp_path / "tiny-seed1", seed=1)
     key, hit = train_key(_config(str(other_weights), tmp_path))
     assert not hit and key != keys["base"]
-    key, hit = train_key(_config(tiny_gpt2, tmp_path, precision="bf16"))
+    key, hit = train_key(_config(tiny_gpt2, tmp_path, bf16=True))
     assert not hit and key != keys["base"]
     key, hit = train_key(_config(tiny_gpt2, tmp_path))  # and nothing was overwritten: the original still hits
     assert hit and key == keys["base"]
@@ -159,7 +159,7 @@ def test_cache_file_is_complete_and_a_damaged_one_is_recomputed(tiny_gpt2, pairs
 @pytest.mark.slow  # builds trainers (reference precompute), trains
 def test_sweep_reuses_the_reference_across_runs(tiny_gpt2, pairs, cache, tmp_path, capsys):
     base = _config(tiny_gpt2, tmp_path)
-    configs = [dataclasses.replace(base, learning_rate=lr, output_dir=str(tmp_path / "runs" / name))
+    configs = [base.replace(learning_rate=lr, output_dir=str(tmp_path / "runs" / name))
                for lr, name in ((1e-3, "a"), (2e-4, "b"))]
     records = run_sweep(configs, pairs)
     assert [r["status"] for r in records] == ["finished", "finished"], [r.get("error") for r in records]

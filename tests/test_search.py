@@ -10,12 +10,12 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dpo_pipeline import sweep
-from dpo_pipeline.config import ConfigError, RunConfig
+from dpo_pipeline.args import ConfigError, parse
 from dpo_pipeline.search import PruneLaggingRun, open_study, suggest
 from dpo_pipeline.synthetic import get_synthetic
 from test_sweep import kill_while_a_run_trains, sweep_cmd
 
-TINY = dict(max_steps=4, eval_steps=2, logging_steps=2, batch_size=4, max_length=48, load_in_4bit=False,
+TINY = dict(max_steps=4, eval_steps=2, logging_steps=2, per_device_train_batch_size=4, max_length=48, load_in_4bit=False,
             max_pairs=100, max_eval_pairs=16, judge="none", log_completions=1)
 SPACE = {"learning_rate": {"low": 1e-4, "high": 3e-3, "log": True}, "beta": {"low": 0.05, "high": 0.5},
          "lora_r": {"low": 2, "high": 8}, "loss_type": ["sigmoid", "ipo"]}
@@ -52,7 +52,7 @@ def test_a_run_lagging_the_study_is_pruned_at_an_evaluation(tiny_gpt2, tmp_path)
     for _ in range(2):  # two earlier trials that were perfect (2.0: above any reward accuracy) at every evaluation
         study.add_trial(optuna.create_trial(value=2.0, intermediate_values={2: 2.0, 4: 2.0}))
     trial, search = study.ask(), {"method": "tpe", "trial": 2}
-    config = RunConfig(model=tiny_gpt2, **TINY, output_dir=str(tmp_path / "run"))
+    config = parse(dict(model_name_or_path=tiny_gpt2, **TINY, output_dir=str(tmp_path / "run")))
     [record] = sweep.run_sweep([config], get_synthetic(n_pairs=100, seed=0), search=search,
                                setup=lambda t: t.add_callback(PruneLaggingRun(trial, search)))
     assert record["status"] == "pruned" and record["search"]["pruned_at_step"] == 2

@@ -18,7 +18,7 @@ from dpo_pipeline.evaluate import generate_samples, preference_eval
 from dpo_pipeline.model import load_base_model, load_tokenizer
 from dpo_pipeline.report import plot_history, save_plots
 from dpo_pipeline.synthetic import get_synthetic
-from dpo_pipeline.config import RunConfig
+from dpo_pipeline.args import parse
 from dpo_pipeline.pipeline import run
 from dpo_pipeline.runs import RunRecord
 from dpo_pipeline.workbook import BASELINE_LABEL, build_workbook
@@ -48,8 +48,9 @@ def _make_sweep(tiny_gpt2: str, tmp: Path) -> dict:
     data = get_synthetic(n_pairs=48, seed=0)  # small: the CPU is shared, and the numbers only need to be real
     records = []
     for i, (lr, beta) in enumerate([(1e-3, 0.1), (2e-4, 0.1), (1e-3, 0.5)]):
-        config = RunConfig(model=tiny_gpt2, load_in_4bit=False, max_steps=4, eval_steps=2, logging_steps=1,
-                           max_length=48, batch_size=4, learning_rate=lr, beta=beta, output_dir=str(tmp / f"r{i}"))
+        config = parse(dict(model_name_or_path=tiny_gpt2, load_in_4bit=False, max_steps=4, eval_steps=2,
+                            logging_steps=1, max_length=48, per_device_train_batch_size=4, learning_rate=lr,
+                            beta=beta, output_dir=str(tmp / f"r{i}")))
         record = run(config, data)
         record.run_id = f"run{i}-lr{lr:g}-beta{beta:g}"
         records.append(record)
@@ -60,7 +61,7 @@ def _make_sweep(tiny_gpt2: str, tmp: Path) -> dict:
     samples = generate_samples(model, tokenizer, list(data.test["prompt"][:2]), max_new_tokens=8)
     samples.append({"prompt": "edge case", "adapter (greedy)": EDGE_TEXT})
     failed = RunRecord(
-        config=RunConfig(model=tiny_gpt2, learning_rate=-1.0, output_dir=str(tmp / "bad")).to_dict(),
+        config=parse(dict(model_name_or_path=tiny_gpt2, lora_r=2, output_dir=str(tmp / "bad"))).to_dict(),
         status="failed", train_pairs=0, eval_pairs=0, train_steps=0, final_train_loss=None, final_eval={},
         best_eval={}, log_history=[], wall_time_s=0.0, pairs_per_second=0.0, adapter_path="",
         error="ValueError: learning_rate must be positive", run_id="run3-failed")
@@ -87,8 +88,9 @@ def test_sheets_and_runs_rows_match_the_records(sweep):
     assert answers == [(r["run_id"], c["step"], c["prompt"], c["completion"]) for r in records
                        for c in r["completions"]] and answers
     ws, col = wb["Runs"], columns(wb["Runs"])
-    for header in ("run_id", "status", "search", "learning rate", "batch size", "grad accum", "beta", "optimizer", "loss type",
-                   "lora r", "lora alpha", "epochs", "max steps", "max length", "seed", "final train loss",
+    for header in ("run_id", "status", "search", "learning_rate", "per_device_train_batch_size",
+                   "gradient_accumulation_steps", "beta", "optim", "loss_type", "lora_r", "lora_alpha",
+                   "num_train_epochs", "max_steps", "max_length", "seed", "final train loss",
                    "eval loss", "eval reward accuracy", "eval reward margin", "eval chosen reward",
                    "eval rejected reward", "held-out reward accuracy", "reward ties", "logp accuracy",
                    "chosen logp shift", "rejected logp shift", "train steps", "wall time (s)", "run time (s)", "evaluating (s)", "pairs/s", "error"):
@@ -104,7 +106,7 @@ def test_sheets_and_runs_rows_match_the_records(sweep):
     for row, rec in enumerate(records, start=3):
         cell = lambda name: ws.cell(row, col[name]).value
         assert cell("status") == rec["status"] and cell("seed") == rec["config"]["seed"]
-        assert cell("learning rate") == pytest.approx(rec["config"]["learning_rate"])
+        assert cell("learning_rate") == pytest.approx(rec["config"]["learning_rate"])
         assert cell("beta") == pytest.approx(rec["config"]["beta"])
         assert cell("wall time (s)") == pytest.approx(rec["wall_time_s"])
         t = rec["timings_s"]  # the run's total, and its evaluations, held-out scoring, answers, judging summed

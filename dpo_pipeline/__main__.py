@@ -1,0 +1,22 @@
+"""One command line: `python -m dpo_pipeline train|sweep|evaluate|export ...` (each `--help` says more)."""
+
+import sys
+
+from .errors import command
+
+COMMANDS = {"train": "cli", "sweep": "sweep", "evaluate": "evaluate", "export": "export"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m dpo_pipeline {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    import importlib
+
+    module = importlib.import_module(f"dpo_pipeline.{COMMANDS[argv[0]]}")
+    return command(module.main, argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
