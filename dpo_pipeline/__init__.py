@@ -7,6 +7,7 @@ pipeline  run(config): one DPO run with TRL's DPOTrainer, evaluated, written to 
 refcache  reference log-probs cached on disk across runs; evaluate, judge, stats: what DPO changed, with intervals
 sweep     grids of runs, resume after a crash, the best run; workbook, report: the Excel workbook and plots
 hub, card, chat  push an adapter with its model card; load one for the Streamlit app
+hf        local path, Hugging Face cache or Hub, and is the Hub up: the Hub plumbing the stages share
 cli, errors      the command line; one-line user errors
 """
 

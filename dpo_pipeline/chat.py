@@ -16,7 +16,7 @@ from typing import Iterator
 
 from .card import base_model_of
 from .data import ASSISTANT, HUMAN, chat_prompt, format_prompt
-from .hub import hub_reachable, repo_id_problem
+from .hf import OFFLINE_PREFIX, hub_reachable, repo_id_problem
 from .runs import UPLOAD_FILES, adapter_files, read_run
 
 MAX_CHARS = 2000  # one message; the chat box enforces it too
@@ -52,7 +52,7 @@ class LoadedAdapter:
 
     @property
     def offline_base(self) -> bool:
-        return self.base.startswith("offline:gpt2")  # random weights (offline:smollm2-135m is a real model)
+        return self.base.startswith(OFFLINE_PREFIX + "gpt2")  # random weights (offline:smollm2-135m is a real model)
 
     @property
     def prompt_format(self) -> str:
