@@ -18,7 +18,7 @@ from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
-from .evaluate import generate_answers
+from .generation import generate_answers
 from .hf import cached_snapshot, hub_reachable
 from .stats import _share, length_shares, wilson_interval
 from .model import load_tokenizer, resolve_model_path

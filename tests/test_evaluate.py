@@ -181,7 +181,7 @@ def test_logps_match_trl_dpo_trainer_tokenization_truncation_and_reference(tiny_
 
 
 def test_batched_answers_are_the_one_at_a_time_answers(tiny_gpt2, tokenizer):
-    from dpo_pipeline.evaluate import generate_answer, generate_answers
+    from dpo_pipeline.generation import generate_answer, generate_answers
 
     base = load_base_model(tiny_gpt2).float().to(DEVICE)
     model = add_lora(base, lora_config(base, r=4)).eval()
