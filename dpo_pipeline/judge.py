@@ -20,10 +20,9 @@ from trl import RewardConfig, RewardTrainer
 
 from .generation import generate_answers
 from .hf import cached_snapshot, hub_reachable
-from .stats import _share, length_shares, wilson_interval
+from .stats import TIE_TOLERANCE, _share, length_shares, wilson_interval
 from .model import load_tokenizer, resolve_model_path
 
-TIE_TOLERANCE = 1e-5  # scores closer than this tie (the same text scored in another batch moves by float noise)
 LENGTH_MATCH = 0.2  # answers whose token counts differ by at most 20% of the longer one are "length-matched"
 
 
