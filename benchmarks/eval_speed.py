@@ -21,7 +21,7 @@ Prints seconds, pairs/s, the tokens each forward ran on (padding included), the 
 scorers' summed log-probs, and peak CUDA memory on a GPU. The GPU number names the GPU.
 
 Then the judge's answers (judge.judged_generations: base and policy each answer `--prompts` test prompts, sampled,
-48 new tokens): one prompt a generate() call (evaluate.generate_answer, as before) vs evaluate.generate_answers
+48 new tokens): one prompt a generate() call (generation.generate_answer, as before) vs generation.generate_answers
 (16 prompts a call, left-padded). Both decode the same way; their draws differ, so only the time is compared.
 """
 
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_scale import cpu_model  # noqa: E402  (this folder is on sys.path)
 from dpo_pipeline import evaluate  # noqa: E402
+from dpo_pipeline.generation import generate_answer, generate_answers  # noqa: E402
 from dpo_pipeline import model as model_lib  # noqa: E402
 from dpo_pipeline.args import HH_SAMPLE, resolve  # noqa: E402
 from dpo_pipeline.judge import judge_decoding  # noqa: E402
@@ -165,12 +166,11 @@ def main() -> None:
     sampling = judge_decoding(1.0)  # judged_generations' decoding
 
     def answer_one_by_one():
-        return [evaluate.generate_answer(model, tokenizer, p, 48, i, **sampling) for i, p in enumerate(prompts)]
+        return [generate_answer(model, tokenizer, p, 48, i, **sampling) for i, p in enumerate(prompts)]
 
     generation = {}
     for name, fn in (("one prompt a call", answer_one_by_one),
-                     ("16 prompts a call", lambda: evaluate.generate_answers(model, tokenizer, prompts, 48, 0,
-                                                                            **sampling))):
+                     ("16 prompts a call", lambda: generate_answers(model, tokenizer, prompts, 48, 0, **sampling))):
         _, seconds, peak = timed(fn, opts.gpu)
         generation[name] = {"seconds": round(seconds, 2), "peak_gpu_mb": peak and round(peak)}
     result["generation"] = {"prompts": len(prompts), "max_new_tokens": 48, **generation}

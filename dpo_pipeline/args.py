@@ -321,7 +321,7 @@ def pick_profile(profile: str = "auto") -> tuple[str, str]:
         return profile, "asked for"
     import torch
 
-    from .hub import hub_reachable
+    from .hf import hub_reachable
 
     cuda, hub = torch.cuda.is_available(), hub_reachable()
     if cuda and hub:

@@ -11,10 +11,9 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .hub import repo_id_problem
+from .hf import OFFLINE_PREFIX, is_hub_id
 from .runs import read_run
 
-OFFLINE_PREFIX = "offline:"  # as in model.py, without importing torch for a card
 PROMPT_EXAMPLE = "\\n\\nHuman: What is a good name for a cat?\\n\\nAssistant:"
 TAGS = ["trl", "dpo", "lora", "peft", "text-generation", "preference-tuning"]
 SKIP_CONFIG = {"output_dir"}  # a path on the training machine: noise on the Hub
@@ -24,14 +23,6 @@ MAX_SWEEP_ROWS = 100
 def base_model_of(run: dict) -> str | None:
     """The base model as the user named it: adapter_config's base (what peft loads), else the run config's."""
     return run["adapter_config"].get("base_model_name_or_path") or run["run_config"].get("model_name_or_path")
-
-
-def is_hub_id(name: str | None) -> bool:
-    """A "namespace/name" Hub id, not an offline shape or a local path."""
-    if not name or name.startswith(OFFLINE_PREFIX) or name.count("/") != 1 or Path(name).exists():
-        return False
-    return repo_id_problem(name) is None
-
 
 
 def fmt(value) -> str:

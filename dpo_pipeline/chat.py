@@ -16,7 +16,7 @@ from typing import Iterator
 
 from .card import base_model_of
 from .data import ASSISTANT, HUMAN, chat_prompt, format_prompt
-from .hub import hub_reachable, repo_id_problem
+from .hf import OFFLINE_PREFIX, hub_reachable, repo_id_problem
 from .runs import UPLOAD_FILES, adapter_files, read_run
 
 MAX_CHARS = 2000  # one message; the chat box enforces it too
@@ -52,7 +52,7 @@ class LoadedAdapter:
 
     @property
     def offline_base(self) -> bool:
-        return self.base.startswith("offline:gpt2")  # random weights (offline:smollm2-135m is a real model)
+        return self.base.startswith(OFFLINE_PREFIX + "gpt2")  # random weights (offline:smollm2-135m is a real model)
 
     @property
     def prompt_format(self) -> str:
@@ -127,6 +127,7 @@ def resolve_adapter(source: str) -> Path:
 
 def load_adapter(source: str, base_override: str | None = None) -> LoadedAdapter:
     """Resolve `source`, load its base model the way training did (4-bit when the run was) and put the adapter on."""
+    # Here for start-up speed: peft and model.py (~1.5 s) load with the first adapter, not before the app draws.
     from peft import PeftModel
 
     from .model import ModelLoadError, load_base_model, load_tokenizer

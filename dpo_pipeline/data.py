@@ -24,7 +24,7 @@ from pathlib import Path
 import datasets
 from trl.data_utils import common_prefix_length  # where TRL says a completion starts
 
-from .hub import hub_reachable
+from .hf import hub_reachable
 
 PROMPT_FORMAT = "\n\nHuman: {user}\n\nAssistant:"
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"

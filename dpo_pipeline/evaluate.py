@@ -1,4 +1,4 @@
-"""Evaluation beyond the loss: per-pair implicit rewards on held-out pairs, and generations base vs adapter.
+"""Evaluation beyond the loss: per-pair implicit rewards on held-out pairs; evaluate_adapter adds judged answers.
 
 For a pair, the implicit reward of a completion y is beta * (log pi(y|x) - log pi_ref(y|x)), summed over the
 completion tokens exactly as TRL 1.16's DPOTrainer tokenizes and truncates them (tests/test_evaluate.py checks this).
@@ -9,22 +9,18 @@ longer completion"): an accuracy that does not beat them may be nothing more tha
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections import OrderedDict
 
 import torch
 import xxhash  # comes with datasets
-from transformers import set_seed
 
 from trl.data_utils import common_prefix_length
 
-from .data import HUMAN
+from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judge
 from .packing import attention_mask, pack_batch, pack_rows, pair_segment
 from .refcache import base_model_fingerprint  # the hash the reference cache keys on
-from .stats import _share, length_shares, wilson_interval
-
-TIE_TOLERANCE = 1e-6
+from .stats import TIE_TOLERANCE, _share, length_shares, wilson_interval
 
 
 def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]]:
@@ -160,52 +156,6 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
     }
 
 
-def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, **sampling) -> str:
-    """One answer to `prompt` after set_seed(seed) (the same draws for any model), cut where the next human turn
-    would begin; `sampling` are generate()'s decoding arguments."""
-    return generate_answers(model, tokenizer, [prompt], max_new_tokens, seed, 1, **sampling)[0]
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 16,
-                     **sampling) -> list[str]:
-    """Answers to `prompts`, `batch_size` prompts a generate() call (left-padded, so every row continues from its
-    prompt's end), with set_seed(seed + b) before batch b: two models given the same prompts draw from the same
-    random stream, so their answers differ by the models, not the draws. Cut where the next human turn would begin.
-    One prompt a call ran 64 prompts x 2 models as 6,144 sequential decoding steps at 48 new tokens; batched, 384."""
-    device = next(model.parameters()).device
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    answers = []
-    try:
-        for b, start in enumerate(range(0, len(prompts), batch_size)):
-            ids = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
-            set_seed(seed + b)
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 **sampling)
-            texts = tokenizer.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-            answers += [text.split(HUMAN)[0] for text in texts]
-    finally:
-        tokenizer.padding_side = padding_side
-    return answers
-
-
-def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int = 40, seed: int = 0) -> list[dict]:
-    """Greedy and sampled (fixed seed) answers to each prompt, from the base model and from the adapter."""
-    model.eval()
-    rows = []
-    for prompt in prompts:
-        row = {"prompt": prompt}
-        for label, sampling in (("greedy", dict(do_sample=False)),
-                                ("sampled", dict(do_sample=True, temperature=0.8, top_p=0.95))):
-            for who in ("base", "adapter"):
-                with model.disable_adapter() if who == "base" else contextlib.nullcontext():
-                    row[f"{who} ({label})"] = generate_answer(model, tokenizer, prompt, max_new_tokens, seed,
-                                                              **sampling)
-        rows.append(row)
-    return rows
-
-
-
 def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", prompts: int = 0, judge: str | None = None,
                      batch_size: int = 8) -> dict:
     """An adapter (folder or Hub id) on a preference file, in the adapter's own prompt format, max_length and beta:
@@ -216,7 +166,6 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
     from .card import base_model_of
     from .chat import load_adapter, resolve_adapter
     from .args import field_names, parse
-    from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judge
     from .prepare import prepare_data
     from .runs import read_run
 

@@ -1,4 +1,4 @@
-"""Hub stage: is the Hugging Face Hub reachable, and push a trained adapter (with a model card) to a model repo.
+"""Hub stage: push a trained adapter (with a model card) to a model repo (whether the Hub answers: hf.py).
 
 `push_adapter` never raises for the usual problems (no repo id, no token, no network, a bad repo id, an HTTP error):
 it returns a `PushResult` whose `message` is one line, so a notebook can print it and carry on. The token is only
@@ -10,32 +10,20 @@ files at its root, so ``AutoModelForCausalLM.from_pretrained("<repo_id>-merged")
 
 from __future__ import annotations
 
-import functools
-import os
 import shutil
 import tempfile
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import constants
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData, constants, get_token
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+from .card import base_model_of, build_model_card
+from .hf import hub_reachable, is_hub_id, repo_id_problem
 from .runs import adapter_files, read_run
 
 MERGED_SUFFIX = "-merged"  # the merged model's repo: <repo_id>-merged
-
-@functools.lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """True when the Hub (or the endpoint HF_ENDPOINT names) answers; False offline or with HF_HUB_OFFLINE=1."""
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
-        return True
-    except urllib.error.HTTPError:
-        return True  # it answered, even if with an error status
-    except (OSError, ValueError):
-        return False
 
 
 @dataclass
@@ -59,21 +47,8 @@ class PushResult:
         return self.message
 
 
-def repo_id_problem(repo_id: str) -> str | None:
-    """Why `repo_id` is not a valid Hub model repo id ("name" or "namespace/name"), or None when it is."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        return " ".join(str(err).split())
-    return None
-
-
 def _one_line(err: BaseException, token: str | None) -> str:
     """A library error as one line, with the token scrubbed in case a message ever echoed it."""
-    from huggingface_hub.errors import HfHubHTTPError
-
     status = getattr(getattr(err, "response", None), "status_code", None)
     if isinstance(err, HfHubHTTPError) and status == 401:
         text = "the Hub rejected the token (401): log in again with `hf auth login` or set a valid HF_TOKEN"
@@ -100,10 +75,6 @@ def merged_files(folder: str | Path) -> list[str]:
 
 def merged_card(repo_id: str, adapter_repo_id: str, base: str | None, license: str) -> str:
     """A short card for the merged repo: what it is and how to load it; the adapter's card has the details."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from .card import is_hub_id
-
     data = ModelCardData(library_name="transformers", license=license, base_model=base if is_hub_id(base) else None,
                          tags=["trl", "dpo", "text-generation", "preference-tuning", "merged"])
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n# {repo_id.split('/')[-1]}\n\nThe DPO LoRA adapter "
@@ -116,8 +87,6 @@ def merged_card(repo_id: str, adapter_repo_id: str, base: str | None, license: s
 
 def _ensure_repo(api, repo_id: str, private: bool) -> tuple[bool, bool]:
     """(private, created): an existing repo keeps its visibility (the real one is reported), a missing one is made."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
     try:
         return bool(api.model_info(repo_id).private), False
     except RepositoryNotFoundError:
@@ -145,11 +114,6 @@ def push_adapter(
     repo's visibility. The token comes from `token`, else HF_TOKEN, else the saved login (`hf auth login`). The
     local folders are only read.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    from .card import base_model_of, build_model_card
-
     folder = Path(adapter_dir)
     if not repo_id:
         return PushResult("skipped", f"Not pushing: no Hub repo id given (the adapter stays in {folder}).")

@@ -14,17 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
-from .evaluate import generate_answers
-from .hub import hub_reachable
-from .stats import _share, length_shares, wilson_interval
+from .generation import generate_answers
+from .hf import cached_snapshot, hub_reachable
+from .stats import TIE_TOLERANCE, _share, length_shares, wilson_interval
 from .model import load_tokenizer, resolve_model_path
 
-TIE_TOLERANCE = 1e-5  # scores closer than this tie (the same text scored in another batch moves by float noise)
 LENGTH_MATCH = 0.2  # answers whose token counts differ by at most 20% of the longer one are "length-matched"
 
 
@@ -82,14 +80,15 @@ def _local_source(name: str) -> str:
     """A local folder for `name`, or `name` itself when only the Hub has it; JudgeError when neither can."""
     if Path(name).exists():
         return name
-    try:  # a cached Hub snapshot loads as a local folder, with no network round-trips
-        return snapshot_download(name, local_files_only=True)
+    try:
+        cached = cached_snapshot(name)
     except HFValidationError:
         raise JudgeError(f"Judge {name!r} is neither a local folder nor a Hub model id") from None
-    except LocalEntryNotFoundError:
-        if not hub_reachable():  # fail now rather than after from_pretrained's retries
-            raise JudgeError(f"Judge {name!r} is not cached here and the Hugging Face Hub cannot be reached") from None
-        return name
+    if cached:
+        return cached
+    if not hub_reachable():  # fail now rather than after from_pretrained's retries
+        raise JudgeError(f"Judge {name!r} is not cached here and the Hugging Face Hub cannot be reached") from None
+    return name
 
 
 def load_judge(name_or_path: str | Path, device: str | None = None) -> Judge:

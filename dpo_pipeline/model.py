@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from huggingface_hub import snapshot_download
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase
@@ -22,11 +21,10 @@ from transformers.utils import logging as hf_logging
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .args import cache_dir, weight_dtype
-from .hub import hub_reachable
+from .hf import OFFLINE_PREFIX, cached_snapshot, hub_reachable
 from .pretrained import resolve as resolve_pretrained
 from .runs import CONTROL_PREFIX
 
-OFFLINE_PREFIX = "offline:"
 RANDOM_TWIN_PREFIX = CONTROL_PREFIX  # "random-twin:" + any model name: the control (make_random_twin)
 # Random-weight GPT-2 shapes: the real 124M architecture, and a tiny one that trains in seconds on a CPU for tests.
 OFFLINE_SHAPES = {
@@ -122,11 +120,14 @@ def _fetch_error(name: str, why: str) -> ModelLoadError:
 def _from_pretrained(loader, name: str, **kwargs):
     """Load from a local folder, the local HF cache, or the Hub; fail in one line instead of minutes of retries."""
     if not Path(name).exists():
-        try:  # a cached Hub snapshot loads as a local folder, with no network round-trips
-            name = snapshot_download(name, local_files_only=True)
-        except Exception:
-            if not hub_reachable():
-                raise _fetch_error(name, "it is not cached and the Hugging Face Hub cannot be reached") from None
+        try:
+            cached = cached_snapshot(name)
+        except Exception:  # e.g. not a Hub id: from_pretrained below says why, when the Hub can be asked
+            cached = None
+        if cached:
+            name = cached
+        elif not hub_reachable():
+            raise _fetch_error(name, "it is not cached and the Hugging Face Hub cannot be reached") from None
     elif loader is not AutoTokenizer and not (Path(name) / "config.json").exists():
         raise ModelLoadError(f"{name!r} is a folder without config.json: not a model checkpoint")
     try:

@@ -1,8 +1,10 @@
-"""Proportions with 95% intervals, and the length baselines every preference accuracy is read against."""
+"""Proportions with 95% intervals, when two scores tie, and the length baselines every accuracy is read against."""
 
 from __future__ import annotations
 
 import math
+
+TIE_TOLERANCE = 1e-5  # scores closer than this tie: the same text scored in another batch moves by float noise
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:

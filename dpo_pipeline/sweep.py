@@ -237,7 +237,7 @@ def best_samples(best: dict, prompts: list[str], max_new_tokens: int = 40) -> li
     """Generations on held-out prompts, base model vs the best adapter (one model, adapter toggled)."""
     from peft import PeftModel
 
-    from .evaluate import generate_samples
+    from .generation import generate_samples
     from .model import load_base_model, load_tokenizer
 
     settings = parse(best["config"])

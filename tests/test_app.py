@@ -10,7 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dpo_pipeline import chat
-from dpo_pipeline.hub import hub_reachable
+from dpo_pipeline.hf import hub_reachable
 from dpo_pipeline.model import gpt2_tokenizer
 from hub_double import make_tiny_adapter
 

@@ -14,7 +14,7 @@ from dpo_pipeline.data import (
     PROMPT_FORMAT, CleaningReport, DataError, PreferenceData, detect_schema, drop_truncation_ties, format_prompt,
     get_hh_rlhf, get_ultrafeedback, load_preferences, load_rows, split_hh_transcript,
 )
-from dpo_pipeline.config import shared_data_dir
+from dpo_pipeline.args import shared_data_dir
 from dpo_pipeline import data
 from dpo_pipeline.model import gpt2_tokenizer
 

@@ -12,6 +12,7 @@ from trl import DPOConfig, DPOTrainer
 from dpo_pipeline.evaluate import (BASE_LOGPS, completion_logps, length_baselines, pair_logps, preference_eval,
                                    tokenize_pair, wilson_interval)
 from dpo_pipeline.model import add_lora, load_base_model, load_tokenizer, lora_config
+from dpo_pipeline.stats import TIE_TOLERANCE
 from dpo_pipeline.synthetic import get_synthetic
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,7 +117,7 @@ def test_trained_looking_adapter_counts_wins_against_the_base(peft_model, tokeni
     _perturb_lora_b(peft_model)
     chosen, rejected = pair_logps(peft_model, tokenizer, mixed_pairs, max_length=64)
     margins = 0.1 * ((chosen - ref_chosen) - (rejected - ref_rejected))
-    wins, logp_wins, n = int((margins > 1e-6).sum()), int((chosen > rejected).sum()), len(mixed_pairs)
+    wins, logp_wins, n = int((margins > TIE_TOLERANCE).sum()), int((chosen > rejected).sum()), len(mixed_pairs)
     assert 0 < wins < n  # the perturbation moved the rewards both ways
 
     scores = preference_eval(peft_model, tokenizer, mixed_pairs, beta=0.1, max_length=64, batch_size=3)
@@ -181,7 +182,7 @@ def test_logps_match_trl_dpo_trainer_tokenization_truncation_and_reference(tiny_
 
 
 def test_batched_answers_are_the_one_at_a_time_answers(tiny_gpt2, tokenizer):
-    from dpo_pipeline.evaluate import generate_answer, generate_answers
+    from dpo_pipeline.generation import generate_answer, generate_answers
 
     base = load_base_model(tiny_gpt2).float().to(DEVICE)
     model = add_lora(base, lora_config(base, r=4)).eval()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dpo_pipeline import model as model_lib
+from dpo_pipeline.hf import hub_reachable
 
 
 def test_tokenizer_is_the_real_gpt2_bpe():
@@ -77,12 +78,12 @@ def test_full_precision_gpt2_uses_fan_in_fan_out(tiny_gpt2):
 
 def test_unreachable_hub_model_fails_in_one_line_and_names_the_offline_way(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model_lib.hub_reachable.cache_clear()
+    hub_reachable.cache_clear()
     with pytest.raises(model_lib.ModelLoadError) as err:
         model_lib.load_base_model("openai-community/gpt2")
     message = str(err.value)
     assert "\n" not in message and "'openai-community/gpt2'" in message and "offline:gpt2-124m" in message
-    model_lib.hub_reachable.cache_clear()
+    hub_reachable.cache_clear()
 
 
 def test_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):

@@ -14,7 +14,8 @@ from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from openpyxl.chart import ScatterChart
 from peft import PeftModel
 
-from dpo_pipeline.evaluate import generate_samples, preference_eval
+from dpo_pipeline.evaluate import preference_eval
+from dpo_pipeline.generation import generate_samples
 from dpo_pipeline.model import load_base_model, load_tokenizer
 from dpo_pipeline.report import plot_history, save_plots
 from dpo_pipeline.synthetic import get_synthetic
