@@ -121,7 +121,7 @@ with st.expander("What is loaded: training configuration and eval metrics"):
 with st.expander("Single prompt (no chat history)"):
     single = st.text_area("Prompt", max_chars=chat.MAX_CHARS, key="single")
     if st.button("Generate", key="generate", type="primary") and single.strip():
-        prompt, notes = chat.build_prompt(loaded.tokenizer, [], single, prompt_format=loaded.prompt_format,
+        prompt, notes = chat.build_prompt(loaded.tokenizer, [], single,
                                           max_tokens=chat.prompt_budget(loaded, settings))
         for note in notes:
             st.caption(note)
@@ -136,7 +136,7 @@ for turn in st.session_state.history:
 message = st.chat_input("Message the model", max_chars=chat.MAX_CHARS)
 if message:
     turns = [(t["user"], t["adapter"]) for t in st.session_state.history]  # the adapter's side is the conversation
-    prompt, notes = chat.build_prompt(loaded.tokenizer, turns, message, prompt_format=loaded.prompt_format,
+    prompt, notes = chat.build_prompt(loaded.tokenizer, turns, message,
                                       max_tokens=chat.prompt_budget(loaded, settings))
     with st.chat_message("user"):
         st.markdown(message)

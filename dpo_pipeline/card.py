@@ -11,10 +11,11 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .chat_template import HUMAN_ASSISTANT
 from .hf import OFFLINE_PREFIX, is_hub_id
 from .runs import read_run
 
-PROMPT_EXAMPLE = "\\n\\nHuman: What is a good name for a cat?\\n\\nAssistant:"
+PROMPT_EXAMPLE = "What is a good name for a cat?"
 TAGS = ["trl", "dpo", "lora", "peft", "text-generation", "preference-tuning"]
 SKIP_CONFIG = {"output_dir"}  # a path on the training machine: noise on the Hub
 MAX_SWEEP_ROWS = 100
@@ -102,7 +103,16 @@ def _eval_section(record: dict, base_eval: dict | None, loss_type: str | None) -
     return text
 
 
-def _usage_section(repo_id: str, base: str | None) -> str:
+def prompt_format_of(adapter_dir: str | Path, run_config: dict) -> str:
+    """"text" (the Human/Assistant template) or "chat" (the model's own), from the folder itself: its saved chat
+    template, else what its run_config.json says (Human/Assistant for a folder with neither)."""
+    template = Path(adapter_dir) / "chat_template.jinja"
+    if run_config.get("prompt_format") in ("text", "chat"):
+        return run_config["prompt_format"]
+    return "chat" if template.exists() and template.read_text() != HUMAN_ASSISTANT else "text"
+
+
+def _usage_section(repo_id: str, base: str | None, prompt_format: str) -> str:
     if is_hub_id(base):
         code = (
             "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
@@ -117,12 +127,14 @@ def _usage_section(repo_id: str, base: str | None) -> str:
             f'model = PeftModel.from_pretrained(load_base_model("{base}"), adapter)\n'
             "tokenizer = AutoTokenizer.from_pretrained(adapter)\n"
         )
-    code += (
-        f'\nprompt = "{PROMPT_EXAMPLE}"  # the training format\n'
-        'inputs = tokenizer(prompt, return_tensors="pt")\n'
+    code += (  # the chat template saved with the adapter is the training format
+        f'\nmessages = [{{"role": "user", "content": "{PROMPT_EXAMPLE}"}}]\n'
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+        "return_dict=True)\n"
         "out = model.generate(**inputs, max_new_tokens=64, do_sample=True, top_p=0.9)\n"
         'reply = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)\n'
-        'print(reply.split("\\n\\nHuman:")[0])  # stop where the model starts the next human turn\n'
+        + ('print(reply.split("\\n\\nHuman:")[0])  # stop where the model starts the next human turn\n'
+           if prompt_format == "text" else "print(reply)\n")
     )
     return (f"## How to use\n\n```python\n{code}```\n\nOr chat with it, side by side with the base model: "
             f"`DPO_APP_ADAPTER={repo_id} streamlit run app/dpo_app.py` in the dpo_pipeline repo.\n")
@@ -135,6 +147,7 @@ def build_model_card(adapter_dir: str | Path, repo_id: str, *, sweep_rows: list[
     config, record = run["run_config"], run["record"]
     base = base_model_of(run)
     data = dataset_of(run, dataset)
+    prompt_format = prompt_format_of(adapter_dir, config)
     card_data = ModelCardData(
         base_model=base if is_hub_id(base) else None,  # the Hub links it; a local/offline base would not resolve
         library_name="peft",
@@ -155,8 +168,10 @@ def build_model_card(adapter_dir: str | Path, repo_id: str, *, sweep_rows: list[
         f"# {repo_id.split('/')[-1]}\n\nThis is {about}, preference-tuned with Direct Preference Optimization "
         "(TRL `DPOTrainer`, LoRA via peft"
         + (", 4-bit NF4 base via bitsandbytes" if config.get("load_in_4bit") else "") + ").\n",
-        "Prompt format (as in training): `\\n\\nHuman: <message>\\n\\nAssistant:`; the model answers after "
-        "`Assistant:`.\n",
+        ("Prompt format (as in training, saved as the tokenizer's chat template): `\\n\\nHuman: <message>"
+         "\\n\\nAssistant:`; the model answers after `Assistant:`.\n" if prompt_format == "text" else
+         "Prompt format (as in training): the model's own chat template, saved with the adapter "
+         "(`chat_template.jinja`); `tokenizer.apply_chat_template` renders it.\n"),
     ]
     if data:
         parts.append(f"Training data: `{data}`" + (f" ({record['train_pairs']} pairs)" if record.get("train_pairs")
@@ -183,6 +198,6 @@ def build_model_card(adapter_dir: str | Path, repo_id: str, *, sweep_rows: list[
         parts.append(f"## Sweep\n\nThe runs this adapter was picked from ({len(sweep_rows)}"
                      + (f", first {len(shown)} shown" if len(shown) < len(sweep_rows) else "")
                      + "; columns where they differ):\n\n" + sweep_table(shown) + "\n")
-    parts.append(_usage_section(repo_id, base))
+    parts.append(_usage_section(repo_id, base, prompt_format))
     body = "\n".join(p for p in parts if p)
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")

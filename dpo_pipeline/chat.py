@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .card import base_model_of
-from .data import ASSISTANT, HUMAN, chat_prompt, format_prompt
+from .chat_template import ASSISTANT, HUMAN, format_name, with_prompt_format
 from .hf import OFFLINE_PREFIX, hub_reachable, repo_id_problem
 from .runs import UPLOAD_FILES, adapter_files, read_run
 
@@ -56,8 +56,8 @@ class LoadedAdapter:
 
     @property
     def prompt_format(self) -> str:
-        """How training prompted the model: "text" (Human/Assistant) or "chat" (the model's chat template)."""
-        return self.run["run_config"].get("prompt_format", "text")
+        """How training prompted the model: "text" (Human/Assistant) or "chat" (the model's own chat template)."""
+        return format_name(self.tokenizer)
 
 
 def default_source(results: str | Path | None = None) -> str:
@@ -144,8 +144,10 @@ def load_adapter(source: str, base_override: str | None = None) -> LoadedAdapter
     load_in_4bit = bool(run["run_config"].get("load_in_4bit", False))
     try:
         model = load_base_model(base, load_in_4bit=load_in_4bit)
-        # the tokenizer saved with the adapter, else the base model's (load_tokenizer sets a pad token)
+        # the tokenizer and chat template saved with the adapter, else the base model's; a run that trained on the
+        # Human/Assistant format says so in run_config.json (adapters of other trainers: the folder's template)
         tokenizer = load_tokenizer(str(folder) if (folder / "tokenizer_config.json").exists() else base)
+        with_prompt_format(tokenizer, "text" if run["run_config"].get("prompt_format") == "text" else "auto")
     except ModelLoadError as err:
         raise ChatError(str(err)) from None
     try:
@@ -163,17 +165,16 @@ def load_adapter(source: str, base_override: str | None = None) -> LoadedAdapter
     return LoadedAdapter(model, tokenizer, source.strip(), folder, base, load_in_4bit, run, card)
 
 
-def build_prompt(tokenizer, turns: list[tuple[str, str]], user: str, *, prompt_format: str = "text",
-                 max_chars: int = MAX_CHARS, max_tokens: int = MAX_PROMPT_TOKENS) -> tuple[str, list[str]]:
-    """The prompt for `user` after the earlier (user, answer) `turns` in the adapter's training format (Human/Assistant
-    text or the model's chat template), plus notes on what was cut to fit: the message to `max_chars`, then the
+def build_prompt(tokenizer, turns: list[tuple[str, str]], user: str, *, max_chars: int = MAX_CHARS,
+                 max_tokens: int = MAX_PROMPT_TOKENS) -> tuple[str, list[str]]:
+    """The prompt for `user` after the earlier (user, answer) `turns`, rendered with the adapter's chat template
+    (the one it was trained with), plus notes on what was cut to fit: the message to `max_chars`, then the
     oldest turns until it fits `max_tokens`, then, if still too long, all but its last tokens."""
 
     def render(history):
-        if prompt_format == "chat":
-            return chat_prompt(tokenizer, [m for u, a in history for m in (("user", u), ("assistant", a))]
-                               + [("user", user)])
-        return format_prompt(history, user)
+        messages = [{"role": role, "content": text} for u, a in history
+                    for role, text in (("user", u), ("assistant", a))] + [{"role": "user", "content": user}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     notes = []
     if len(user) > max_chars:

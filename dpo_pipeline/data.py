@@ -1,33 +1,30 @@
-"""Data stage: read preference pairs (local file or Hub id), turn them into prompt/chosen/rejected text in the one
-Human/Assistant format, drop pairs that cannot teach DPO anything, and split them into train/test.
+"""Data stage: read preference pairs (local file or Hub id), turn every source into conversational rows (prompt
+messages + one chosen and one rejected assistant message, TRL's conversational preference format), drop pairs that
+cannot teach DPO anything, and split them into train/test. Tokens are TRL's business (prepare.py).
 
-Three row schemas are understood: raw hh-rlhf transcripts (``hh_raw``), UltraFeedback-style message lists
-(``messages``) and ready-made strings (``plain``). A user mistake in a file is a ``DataError`` with a one-line
-message that names the file, the 1-based row and the field; bad pairs in otherwise good data are dropped and counted.
+Three row schemas are understood: raw hh-rlhf transcripts (``hh_raw``, split at the last "\n\nAssistant:"),
+UltraFeedback-style message lists (``messages``, kept as they are) and ready-made strings (``plain``). A user mistake
+in a file is a ``DataError`` with a one-line message that names the file, the 1-based row and the field; bad pairs
+in otherwise good data are dropped and counted.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import difflib
 import glob
 import gzip
 import json
-import os
 import random
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
-from trl.data_utils import common_prefix_length  # where TRL says a completion starts
 
+from .chat_template import ASSISTANT, HUMAN
 from .hf import hub_reachable
 
-PROMPT_FORMAT = "\n\nHuman: {user}\n\nAssistant:"
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 DROP_REASONS = ("history_mismatch", "empty_completion", "identical_pair", "duplicate_pair",
                 "prompt_too_long", "identical_after_truncation")
 FILE_TYPES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
@@ -76,7 +73,7 @@ class PreferenceData:
     train: datasets.Dataset
     test: datasets.Dataset
     report: CleaningReport
-    prompt_format: str = "text"  # "text": Human/Assistant text; "chat": rendered with the model's chat template
+    prompt_format: str = "text"  # "text": the Human/Assistant template; "chat": the model's own (chat_template.py)
     validation: datasets.Dataset | None = None  # a slice of train for evaluating during training (picking settings)
 
     @property
@@ -85,30 +82,12 @@ class PreferenceData:
         return self.validation if self.validation is not None else self.test
 
 
-# ---------------------------------------------------------------- text format
-
-
-def _render(messages: list[tuple[str, str]]) -> str:
-    """(role, content) history -> Human/Assistant text ending with the cue the model answers after."""
-    text = ""
-    for i, (role, content) in enumerate(messages):
-        content = content.strip()
-        if role == "system" and i == 0:
-            text += content  # system text goes before the first Human turn
-        else:  # a user (or stray mid-conversation system) message is a Human turn; consecutive ones stay separate
-            text += (ASSISTANT if role == "assistant" else HUMAN) + (" " + content if content else "")
-    return text + ASSISTANT
-
-
-def format_prompt(turns: list[tuple[str, str]], user: str, system: str | None = None) -> str:
-    """Earlier (user, assistant) turns, then the new user message, in PROMPT_FORMAT; optional system text first."""
-    history = [("system", system)] if system else []
-    history += [m for u, a in turns for m in (("user", u), ("assistant", a))]
-    return _render(history + [("user", user)])
+# ---------------------------------------------------------------- hh-rlhf text
 
 
 def split_hh_transcript(text: str) -> tuple[str, str]:
-    """Prompt = up to and including the LAST "\\n\\nAssistant:"; completion = the rest, leading space kept."""
+    """Prompt = up to and including the LAST "\\n\\nAssistant:"; completion = the rest, leading space kept. Not TRL's
+    extract_prompt, which cuts where chosen and rejected first differ: inside answers that share their first words."""
     cut = text.rfind(ASSISTANT)
     if cut < 0:
         raise ValueError("no '\\n\\nAssistant:' turn in the transcript")
@@ -116,51 +95,21 @@ def split_hh_transcript(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def parse_prompt(prompt: str) -> list[tuple[str, str]]:
-    """The (role, content) turns of a Human/Assistant prompt; text before the first turn is a system message."""
+def _content(text: str) -> str:
+    """A turn's text without the one space the format puts after its marker."""
+    return text[1:] if text.startswith(" ") else text
+
+
+def parse_transcript(prompt: str) -> list[dict]:
+    """The messages of a Human/Assistant prompt (HUMAN_ASSISTANT renders them back to the same text); text before the
+    first turn is a system message, the final assistant cue is dropped."""
     parts = re.split(f"({re.escape(HUMAN)}|{re.escape(ASSISTANT)})", prompt)
-    messages = [("system", parts[0].strip())] if parts[0].strip() else []
-    messages += [("user" if marker == HUMAN else "assistant", text.strip())
+    messages = [{"role": "system", "content": parts[0]}] if parts[0] else []
+    messages += [{"role": "user" if marker == HUMAN else "assistant", "content": _content(text)}
                  for marker, text in zip(parts[1::2], parts[2::2])]
-    if messages and messages[-1] == ("assistant", ""):
+    if messages and messages[-1] == {"role": "assistant", "content": ""}:
         messages.pop()  # the cue the model answers after
     return messages
-
-
-def chat_prompt(tokenizer, messages: list[tuple[str, str]]) -> str:
-    """The model's own chat template for these turns, ending where the assistant's answer begins."""
-    return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def resolve_prompt_format(prompt_format: str, tokenizer) -> str:
-    """"auto": the model's chat template when it has one (an instruction-tuned model), else GPT-2's text format."""
-    if prompt_format == "auto":
-        return "chat" if getattr(tokenizer, "chat_template", None) else "text"
-    if prompt_format not in ("text", "chat"):
-        raise ValueError(f"prompt_format must be 'auto', 'text' or 'chat', got {prompt_format!r}")
-    return prompt_format
-
-
-def to_chat_template(data: PreferenceData, tokenizer) -> PreferenceData:
-    """Every pair rendered with the model's chat template: the prompt up to the assistant cue, each completion as the
-    rest of what the template writes for that answer (ending with its end-of-turn token)."""
-
-    def render(pair: dict) -> dict:
-        messages = parse_prompt(pair["prompt"])
-        prompt = chat_prompt(tokenizer, messages)
-        out = {"prompt": prompt}
-        for side in ("chosen", "rejected"):
-            turns = messages + [("assistant", pair[side].strip())]
-            full = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=False)
-            if not full.startswith(prompt):
-                raise ValueError("the chat template renders a prompt differently once an answer follows it")
-            out[side] = full[len(prompt):].rstrip()  # ends with the end-of-turn token, so TRL adds no second eos
-        return out
-
-    splits = [ds.map(render, desc=f"Chat template ({name})") for name, ds in (("train", data.train),
-                                                                               ("test", data.test))]
-    return PreferenceData(*splits, data.report, "chat")
 
 
 # ---------------------------------------------------------------- reading rows
@@ -292,7 +241,7 @@ def detect_schema(row: dict, where: str) -> str:
     return "plain" if "prompt" in row else "hh_raw"
 
 
-def _messages(row: dict, name: str, where: str) -> list[tuple[str, str]]:
+def _messages(row: dict, name: str, where: str) -> list[dict]:
     value = _field(row, name, where)
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}, field '{name}': expected a non-empty list of {{role, content}} messages")
@@ -306,51 +255,45 @@ def _messages(row: dict, name: str, where: str) -> list[tuple[str, str]]:
             raise DataError(f"{at}.role': unknown role {m['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise DataError(f"{at}.content': expected a string, got {_kind(m['content'])}")
-        out.append((m["role"], m["content"]))
+        out.append({"role": m["role"], "content": m["content"]})  # the text as it is: nothing stripped
     return out
 
 
-def _plain_prompt(prompt: str) -> str:
-    """A prompt string in PROMPT_FORMAT: Human/Assistant text is kept (with the final cue), bare text is wrapped."""
-    if HUMAN not in prompt:
-        return PROMPT_FORMAT.format(user=prompt.strip())
-    prompt = prompt.rstrip()
-    return prompt if prompt.endswith(ASSISTANT) else prompt + ASSISTANT
+def _prompt_messages(prompt: str) -> list[dict]:
+    """A prompt string as messages: Human/Assistant text is parsed, anything else is one user message."""
+    return parse_transcript(prompt) if HUMAN in prompt else [{"role": "user", "content": prompt}]
 
 
-def _side(row: dict, name: str, schema: str, where: str) -> tuple[str, str]:
-    """(prompt, completion) for the `name` ("chosen" or "rejected") side of one row, in PROMPT_FORMAT."""
+def _side(row: dict, name: str, schema: str, where: str) -> tuple[list[dict], str]:
+    """(prompt messages, answer) for the `name` ("chosen" or "rejected") side of one row."""
     if schema == "hh_raw":
-        text = _text(row, name, where)
         try:
-            return split_hh_transcript(text)
+            prompt, answer = split_hh_transcript(_text(row, name, where))
         except ValueError as e:
             raise DataError(f"{where}, field '{name}': {e}") from None
+        return parse_transcript(prompt), _content(answer)
     if schema == "messages":
         msgs = _messages(row, name, where)
-        if msgs[-1][0] != "assistant":
-            raise DataError(f"{where}, field '{name}': the last message has role '{msgs[-1][0]}', expected 'assistant'")
-        answer = " " + msgs[-1][1].strip()
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}, field '{name}': the last message has role '{msgs[-1]['role']}', expected "
+                            "'assistant'")
         if len(msgs) > 1:
-            return _render(msgs[:-1]), answer
+            return msgs[:-1], msgs[-1]["content"]
         # Only the answer: the conversation is in the prompt column (TRL's conversational style, or plain text).
         if isinstance(row.get("prompt"), list):
-            return _render(_messages(row, "prompt", where)), answer
-        return _plain_prompt(_text(row, "prompt", where)), answer
-    raw_prompt = _text(row, "prompt", where)
-    prompt, text = _plain_prompt(raw_prompt), _text(row, name, where)
-    for prefix in (raw_prompt, prompt):  # TRL's "implicit prompt" style repeats the prompt in each completion
-        if prefix.strip() and text.startswith(prefix):
-            text = text[len(prefix):]
-            break
-    return prompt, text if text[:1].isspace() else " " + text
+            return _messages(row, "prompt", where), msgs[-1]["content"]
+        return _prompt_messages(_text(row, "prompt", where)), msgs[-1]["content"]
+    raw_prompt, text = _text(row, "prompt", where), _text(row, name, where)
+    if raw_prompt.strip() and text.startswith(raw_prompt):  # TRL's "implicit prompt" style repeats the prompt
+        text = text[len(raw_prompt):]
+    return _prompt_messages(raw_prompt), _content(text)
 
 
 # ---------------------------------------------------------------- cleaning and splitting
 
 
 def _clean(rows: list[dict], label: str, report: CleaningReport) -> list[dict]:
-    """Converted pairs that can teach DPO something; each dropped pair counted once, under its first reason."""
+    """Conversational pairs that can teach DPO something; each dropped pair counted once, under its first reason."""
     kept, seen = [], set()
     for n, row in enumerate(rows, 1):
         where = f"{label}: row {n}"
@@ -359,26 +302,30 @@ def _clean(rows: list[dict], label: str, report: CleaningReport) -> list[dict]:
         (prompt, chosen), (rejected_prompt, rejected) = (_side(row, side, report.schema, where)
                                                           for side in ("chosen", "rejected"))
         report.rows_read += 1
+        key = (json.dumps(prompt), chosen, rejected)
         if prompt != rejected_prompt:
             reason = "history_mismatch"
         elif not chosen.strip() or not rejected.strip():
             reason = "empty_completion"
         elif chosen == rejected:
             reason = "identical_pair"
-        elif (prompt, chosen, rejected) in seen:
+        elif key in seen:
             reason = "duplicate_pair"
         else:
-            seen.add((prompt, chosen, rejected))
-            kept.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            seen.add(key)
+            kept.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}]})
             continue
         report.dropped[reason] += 1
     return kept
 
 
+MESSAGES = [{"role": datasets.Value("string"), "content": datasets.Value("string")}]
+FEATURES = datasets.Features({"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES})  # typed even when empty
+
+
 def _dataset(pairs: list[dict]) -> datasets.Dataset:
-    columns = {c: [p[c] for p in pairs] for c in ("prompt", "chosen", "rejected")}
-    features = datasets.Features({c: datasets.Value("string") for c in columns})  # typed even when empty
-    return datasets.Dataset.from_dict(columns, features=features)
+    return datasets.Dataset.from_dict({c: [p[c] for p in pairs] for c in FEATURES}, features=FEATURES)
 
 
 def load_preferences(source: str, *, data_dir: str | None = None, split_seed: int = 42, test_fraction: float = 0.2,
@@ -438,152 +385,3 @@ def get_hh_rlhf(data_dir: str | None = None) -> PreferenceData:
 def get_ultrafeedback(name: str = "HuggingFaceH4/ultrafeedback_binarized") -> PreferenceData:
     """UltraFeedback pairs: H4's train_prefs/test_prefs, or a seeded split of a train-only variant (argilla's)."""
     return load_preferences(name)
-
-
-# ---------------------------------------------------------------- token-level cleaning
-
-
-def truncation_verdicts(ds: datasets.Dataset, tokenizer, max_length: int) -> list[str | None]:
-    """Per pair: "prompt_too_long", "identical_after_truncation" or None, exactly as TRL 1.16's DPOTrainer sees it.
-
-    TRL appends eos to each completion, tokenizes prompt, prompt+chosen and prompt+rejected, drops the pair when the
-    prompt alone fills max_length, and keeps the first max_length tokens; equal truncated sequences give no gradient.
-    Pairs are tokenized a chunk at a time, so memory stays flat at any size.
-    """
-    verdicts = []
-    if not _splits_like_gpt2(tokenizer):
-        for cols in ds.iter(batch_size=_CHUNK):  # plain lists of strings, _CHUNK pairs at a time
-            verdicts += _verdicts_whole(cols, tokenizer, max_length)
-        return verdicts
-    # The package turns the tokenizer's own threads off (TOKENIZERS_PARALLELISM=false, safe across forks); its
-    # batch call releases the GIL, so a few threads of ours use every core and end with this call.
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with ThreadPoolExecutor(threads) as pool:
-
-        def encode(texts: list[str]) -> list:  # backend.encode_batch_fast(texts), shared out between the threads
-            step = max(1, -(-len(texts) // threads))
-            parts = pool.map(tokenizer.backend_tokenizer.encode_batch_fast,
-                             [texts[i:i + step] for i in range(0, len(texts), step)])
-            return [e for part in parts for e in part]
-
-        for cols in ds.iter(batch_size=_CHUNK):
-            verdicts += _verdicts_split(cols, tokenizer.eos_token, max_length, encode)
-    return verdicts
-
-
-_CHUNK = 8192  # pairs per batched tokenizer call
-# Python's whitespace includes all of the regex engine's \s; the cut point must be a space both agree on.
-_CUT = re.compile(r"\S[\t\n\x0b\x0c\r ]")
-
-
-def _completions(cols: dict, side: str, eos: str, prefixes: list[str]) -> list[str]:
-    return [p + t + ("" if t.endswith(eos) else eos) for p, t in zip(prefixes, cols[side])]
-
-
-def _verdict(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int) -> str | None:
-    """TRL's prompt ends where its tokens and either prompt+completion first differ (a token can merge across)."""
-    if min(common_prefix_length(prompt, chosen), common_prefix_length(prompt, rejected)) >= max_length:
-        return "prompt_too_long"
-    return "identical_after_truncation" if chosen[:max_length] == rejected[:max_length] else None
-
-
-def _verdicts_whole(cols: dict, tokenizer, max_length: int) -> list[str | None]:
-    """Any tokenizer: tokenize prompt, prompt+chosen+eos and prompt+rejected+eos whole, as TRL does."""
-    eos = tokenizer.eos_token
-    full = {side: tokenizer(_completions(cols, side, eos, cols["prompt"]))["input_ids"]
-            for side in ("chosen", "rejected")}
-    return [_verdict(p, c, r, max_length)
-            for p, c, r in zip(tokenizer(cols["prompt"])["input_ids"], full["chosen"], full["rejected"])]
-
-
-def _head_split(prompt: str) -> int:
-    r"""Where to cut a prompt so that its head and the rest tokenize apart exactly as together (GPT-2-style
-    tokenizers): the start of its last whitespace run that follows a non-space character; 0 when there is none.
-
-    GPT-2's pre-tokenizer regex never looks behind and no piece it makes holds a non-space character followed by
-    whitespace, so tokens(head + rest) == tokens(head) + tokens(rest). An hh-rlhf prompt's rest is "\n\nAssistant:":
-    the long history is tokenized once, not three times.
-    """
-    last = None
-    for last in _CUT.finditer(prompt, max(0, prompt.rfind("\n\n") - 1)):  # the usual cut is in the last "\n\n"
-        pass
-    if last is None:  # none there: search the whole prompt
-        for last in _CUT.finditer(prompt):
-            pass
-    return last.start() + 1 if last is not None else 0
-
-
-def _verdicts_split(cols: dict, eos: str, max_length: int, encode) -> list[str | None]:
-    """The same verdicts as _verdicts_whole, for less tokenizing, with the cut of _head_split used twice:
-
-    - each prompt's head is tokenized once, for its length h only (it starts all three sequences); the verdict is
-      taken on the tails (the rest of the prompt, and the rest + each completion + eos) against max_length - h;
-    - each completion tail is first tokenized only up to the end of the word where chosen and rejected first differ.
-      Once the two token lists differ at an index both reach, that decides the verdict; the few pairs where one list
-      is a prefix of the other are tokenized whole.
-    """
-    prompts = cols["prompt"]
-    cuts = [_head_split(p) for p in prompts]
-    heads = [len(e) for e in encode([p[:k] for p, k in zip(prompts, cuts)])]
-    rests = [p[k:] for p, k in zip(prompts, cuts)]
-    tails = {side: _completions(cols, side, eos, rests) for side in ("chosen", "rejected")}
-    short = {side: [] for side in tails}
-    for chosen, rejected in zip(tails["chosen"], tails["rejected"]):
-        d = len(os.path.commonprefix((chosen, rejected)))  # where the two first differ
-        for side, text in (("chosen", chosen), ("rejected", rejected)):
-            cut = _CUT.search(text, d)  # the first safe cut after the first difference
-            short[side].append(text[:cut.start() + 1] if cut else text)
-    rest_ids = [e.ids for e in encode(rests)]
-    ids = {side: [e.ids for e in encode(texts)] for side, texts in short.items()}
-    verdicts, whole = [], []
-    for n, (h, p, c, r) in enumerate(zip(heads, rest_ids, ids["chosen"], ids["rejected"])):
-        if h >= max_length:
-            verdicts.append("prompt_too_long")
-            continue
-        if common_prefix_length(c, r) == min(len(c), len(r)) and any(
-                len(short[side][n]) < len(tails[side][n]) for side in tails):
-            whole.append(n)  # undecided on the short tokens: decided below on the whole tails
-        verdicts.append(_verdict(p, c, r, max_length - h))
-    if whole:
-        full = {side: [e.ids for e in encode([tails[side][n] for n in whole])] for side in tails}
-        for n, c, r in zip(whole, full["chosen"], full["rejected"]):
-            verdicts[n] = _verdict(rest_ids[n], c, r, max_length - heads[n])
-    return verdicts
-
-
-def _splits_like_gpt2(tokenizer) -> bool:
-    """A byte-level BPE that splits on GPT-2's regex and adds nothing (GPT-2's own tokenizer and its kin): the
-    tokenizers for which _head_split's cut is exact. Anything else takes the whole-sequence path."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or not hasattr(backend, "encode_batch_fast") or tokenizer.eos_token is None:
-        return False
-    try:
-        spec = json.loads(backend.to_str())
-        plain = tokenizer.num_special_tokens_to_add(pair=False) == 0
-    except Exception:
-        return False
-    pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
-    added = spec.get("added_tokens") or []
-    return (plain and spec.get("normalizer") is None and spec.get("truncation") is None
-            and spec.get("padding") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-            and not pre.get("add_prefix_space") and model.get("type") == "BPE" and not model.get("dropout")
-            and all(not (t.get("lstrip") or t.get("rstrip") or t.get("single_word"))
-                    and not any(ch.isspace() for ch in t["content"]) for t in added))
-
-
-def drop_truncation_ties(data: PreferenceData, tokenizer, max_length: int) -> PreferenceData:
-    """Drop, in both splits, pairs TRL would drop or learn nothing from at max_length (None: TRL does not truncate).
-    Returns new data with a copy of the report, so calling it twice never double-counts."""
-
-    if max_length is None:
-        return data
-    report = copy.deepcopy(data.report)
-    splits = {}
-    for name in ("train", "test"):
-        ds = getattr(data, name)
-        verdicts = truncation_verdicts(ds, tokenizer, max_length)
-        for v in filter(None, verdicts):
-            report.dropped[v] += 1
-        splits[name] = ds.select([i for i, v in enumerate(verdicts) if v is None])
-    report.splits = {name: len(ds) for name, ds in splits.items()}
-    return PreferenceData(splits["train"], splits["test"], report, data.prompt_format, data.validation)

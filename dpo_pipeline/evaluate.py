@@ -1,7 +1,8 @@
 """Evaluation beyond the loss: per-pair implicit rewards on held-out pairs; evaluate_adapter adds judged answers.
 
 For a pair, the implicit reward of a completion y is beta * (log pi(y|x) - log pi_ref(y|x)), summed over the
-completion tokens exactly as TRL 1.16's DPOTrainer tokenizes and truncates them (tests/test_evaluate.py checks this).
+completion tokens of TRL's own token ids (prepare.tokenize_pairs runs TRL's tokenization), truncated as its collator
+truncates them (tests/test_evaluate.py checks this against the trainer).
 The reference is the same model with its LoRA adapter disabled. Ties (e.g. an untrained adapter) are counted apart.
 Every accuracy comes with a 95% Wilson interval and the length baselines on the same pairs ("pick the shorter / the
 longer completion"): an accuracy that does not beat them may be nothing more than a length preference.
@@ -14,26 +15,29 @@ from collections import OrderedDict
 
 import torch
 import xxhash  # comes with datasets
+from datasets import concatenate_datasets
+from trl import DPOConfig
 
-from trl.data_utils import common_prefix_length
-
+from .args import field_names, parse
+from .card import base_model_of
+from .chat import load_adapter, resolve_adapter
+from .chat_template import as_text
+from .model import load_tokenizer
 from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judge
 from .packing import attention_mask, pack_batch, pack_rows, pair_segment
 from .refcache import base_model_fingerprint  # the hash the reference cache keys on
+from .prepare import prepare_data, tokenize_pairs
+from .runs import read_run
 from .stats import TIE_TOLERANCE, _share, length_shares, wilson_interval
 
 
-def tokenize_pair(tokenizer, prompt: str, chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]]:
-    """(prompt ids, chosen ids, rejected ids) as TRL 1.16's DPOTrainer builds them from text: eos appended to each
-    completion, and the completions start where the tokenized prompt and prompt+completion first differ on either
-    side (a token can merge across the boundary), before the collator's truncation."""
-    eos = tokenizer.eos_token
-    chosen, rejected = (c if c.endswith(eos) else c + eos for c in (chosen, rejected))
-    prompt_ids = tokenizer(text=prompt)["input_ids"]
-    with_chosen = tokenizer(text=prompt + chosen)["input_ids"]
-    with_rejected = tokenizer(text=prompt + rejected)["input_ids"]
-    start = min(common_prefix_length(prompt_ids, with_chosen), common_prefix_length(prompt_ids, with_rejected))
-    return prompt_ids[:start], with_chosen[start:], with_rejected[start:]
+def token_ids(tokenizer, pairs, max_length: int | None) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt ids, chosen ids, rejected ids) of each pair as TRL's DPOTrainer tokenizes it: the pairs' own token
+    columns (prepared data), else TRL's tokenization of them now (which drops a pair whose prompt fills max_length)."""
+    if "prompt_ids" not in pairs.column_names:
+        pairs = tokenize_pairs(pairs, tokenizer, DPOConfig(output_dir="unused", max_length=max_length,
+                                                           report_to="none", use_cpu=not torch.cuda.is_available()))
+    return list(zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"]))
 
 
 @torch.no_grad()
@@ -41,7 +45,7 @@ def _pair_logps(model, tokenized: list[tuple[list[int], list[int], list[int]]], 
                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums of log-probabilities of the chosen and of the rejected completion tokens of (prompt, chosen, rejected)
     ids, each of prompt+chosen and prompt+rejected cut to its first `max_length` tokens like TRL's collator
-    (keep_start). TRL drops a pair whose prompt alone fills `max_length`; here it scores 0 on both sides, a tie.
+    (keep_start).
 
     Pairs are scored in packing.py's shared-prompt layout (the one training uses): each prompt runs once, pairs share
     rows with no padding between them, and the LM head runs on the scored tokens only: about 3x faster than
@@ -73,27 +77,15 @@ def _pair_logps(model, tokenized: list[tuple[list[int], list[int], list[int]]], 
     return sums[:len(examples)].float(), sums[len(examples):].float()
 
 
-def completion_logps(model, tokenizer, prompts: list[str], completions: list[str], max_length: int,
-                     batch_size: int = 8) -> torch.Tensor:
-    """Sum of log-probabilities of each completion's tokens given its prompt (tokenized as a pair of two equal
-    completions would be)."""
-    tokenized = [tokenize_pair(tokenizer, p, c, c)[:2] + ([],) for p, c in zip(prompts, completions)]
-    return _pair_logps(model, tokenized, max_length, batch_size)[0]
-
-
-def _tokenize_pairs(tokenizer, pairs) -> list[tuple[list[int], list[int], list[int]]]:
-    return [tokenize_pair(tokenizer, *row) for row in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
-
-
 def pair_logps(model, tokenizer, pairs, max_length: int, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) completion log-probabilities of prompt/chosen/rejected pairs, exactly as DPO scores them."""
-    return _pair_logps(model, _tokenize_pairs(tokenizer, pairs), max_length, batch_size)
+    """(chosen, rejected) completion log-probabilities of the pairs, exactly as DPO scores them."""
+    return _pair_logps(model, token_ids(tokenizer, pairs, max_length), max_length, batch_size)
 
 
-def length_baselines(tokenizer, pairs) -> dict:
-    """The length baselines on prompt/chosen/rejected pairs, in completion tokens as DPO tokenizes them (eos included,
-    before truncation)."""
-    return length_shares([(len(c), len(r)) for _, c, r in _tokenize_pairs(tokenizer, pairs)])
+def length_baselines(tokenizer, pairs, max_length: int | None = None) -> dict:
+    """The length baselines on the pairs, in completion tokens as DPO tokenizes them (eos included, before
+    truncation)."""
+    return length_shares([(len(c), len(r)) for _, c, r in token_ids(tokenizer, pairs, max_length)])
 
 
 def _summary(chosen_shift, rejected_shift, chosen_logps, rejected_logps, beta, baselines: dict) -> dict:
@@ -145,7 +137,7 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
     *_logp_shift     mean change in the completions' log-probabilities against the base model
     shorter_accuracy, longer_accuracy (+ _ci), length_ties   the length baselines on the same pairs
     """
-    tokenized = _tokenize_pairs(tokenizer, pairs)
+    tokenized = token_ids(tokenizer, pairs, max_length)
     policy_c, policy_r = _pair_logps(model, tokenized, max_length, batch_size)
     ref_c, ref_r = base_pair_logps(model, tokenized, max_length, batch_size)
     baselines = length_shares([(len(c), len(r)) for _, c, r in tokenized])
@@ -161,21 +153,15 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
     """An adapter (folder or Hub id) on a preference file, in the adapter's own prompt format, max_length and beta:
     preference_eval of the policy and of its base on the same pairs (with the length baselines), and with `prompts`
     > 0 judged generations against the base ("proxy": a reward model trained on the file's train split)."""
-    from datasets import concatenate_datasets
-
-    from .card import base_model_of
-    from .chat import load_adapter, resolve_adapter
-    from .args import field_names, parse
-    from .prepare import prepare_data
-    from .runs import read_run
-
     folder = resolve_adapter(source)
     known, run = field_names(), read_run(folder)
     trained = {k: v for k, v in run["run_config"].items() if k in known}
     trained.setdefault("model_name_or_path", base_model_of(run))  # a folder another trainer wrote: its adapter's base
     settings = parse({**trained, "dataset_name": str(pairs_file), "data_dir": None, "max_pairs": None,
                       "max_eval_pairs": None, "validation_pairs": None, "output_dir": str(folder)}, str(folder))
-    data = prepare_data(settings)  # data and judge before the model is loaded: a bad file or judge fails at once
+    # the folder's own tokenizer and chat template when it has them: the prompt format the adapter was trained with
+    tokenizer = load_tokenizer(str(folder)) if (folder / "tokenizer_config.json").exists() else None
+    data = prepare_data(settings, tokenizer)  # data and judge before the model: a bad file or judge fails at once
     name = judge or settings.run.judge or "proxy"
     found = load_judge(proxy_judge(settings, data) if name == "proxy" else name) if prompts > 0 else None
     beta, max_length = settings.dpo.beta, settings.dpo.max_length
@@ -187,7 +173,7 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
     if found is not None:
         report["judged"] = judged_generations(loaded.model, loaded.tokenizer, list(pairs["prompt"][:prompts]), found,
                                               seed=settings.dpo.seed)["summary"]
-        report["judge_check"] = pairwise_accuracy(found, pairs)
+        report["judge_check"] = pairwise_accuracy(found, as_text(pairs, loaded.tokenizer))
     return report
 
 

@@ -9,7 +9,7 @@ import contextlib
 import torch
 from transformers import set_seed
 
-from .data import HUMAN
+from .chat_template import HUMAN, prompt_text
 
 
 def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, **sampling) -> str:
@@ -21,11 +21,13 @@ def generate_answer(model, tokenizer, prompt: str, max_new_tokens: int, seed: in
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 16,
                      **sampling) -> list[str]:
-    """Answers to `prompts`, `batch_size` prompts a generate() call (left-padded, so every row continues from its
+    """Answers to `prompts` (text, or messages rendered with the tokenizer's chat template), `batch_size` prompts a
+    generate() call (left-padded, so every row continues from its
     prompt's end), with set_seed(seed + b) before batch b: two models given the same prompts draw from the same
     random stream, so their answers differ by the models, not the draws. Cut where the next human turn would begin.
     One prompt a call ran 64 prompts x 2 models as 6,144 sequential decoding steps at 48 new tokens; batched, 384."""
     device = next(model.parameters()).device
+    prompts = [prompt_text(tokenizer, p) for p in prompts]
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     answers = []
     try:
@@ -46,6 +48,7 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int =
     model.eval()
     rows = []
     for prompt in prompts:
+        prompt = prompt_text(tokenizer, prompt)
         row = {"prompt": prompt}
         for label, sampling in (("greedy", dict(do_sample=False)),
                                 ("sampled", dict(do_sample=True, temperature=0.8, top_p=0.95))):

@@ -18,6 +18,7 @@ from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
+from .chat_template import prompt_text
 from .generation import generate_answers
 from .hf import cached_snapshot, hub_reachable
 from .stats import TIE_TOLERANCE, _share, length_shares, wilson_interval
@@ -183,6 +184,7 @@ def judged_generations(policy_peft_model, tokenizer, prompts: list[str], judge: 
     summary: the _tally counts and win rate, mean scores and lengths, and length_matched: the same tally over the
     prompts whose two answers are within LENGTH_MATCH of the longer one in tokens (a win there is not just length).
     """
+    prompts = [prompt_text(tokenizer, p) for p in prompts]  # messages as the model reads them: what is judged
     base_answers, policy_answers = judged_answers(policy_peft_model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                                                   temperature=temperature, seed=seed, batch_size=batch_size)
     base_scores, policy_scores = score(judge, prompts, base_answers), score(judge, prompts, policy_answers)

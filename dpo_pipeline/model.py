@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .args import cache_dir, weight_dtype
+from .chat_template import with_prompt_format
 from .hf import OFFLINE_PREFIX, cached_snapshot, hub_reachable
 from .pretrained import resolve as resolve_pretrained
 from .runs import CONTROL_PREFIX
@@ -137,11 +138,12 @@ def _from_pretrained(loader, name: str, **kwargs):
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer with a pad token and a chat template (HUMAN_ASSISTANT for a model without one, e.g. GPT-2)."""
     path = resolve_model_path(name_or_path)
     tokenizer = _from_pretrained(AutoTokenizer, path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return with_prompt_format(tokenizer)
 
 
 def compute_dtype() -> torch.dtype:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import math
 import os
 import time
@@ -24,6 +25,7 @@ from trl import DPOConfig, DPOTrainer
 
 from . import model as model_lib
 from .args import Settings
+from .chat_template import as_text, with_prompt_format
 from .data import PreferenceData
 from .evaluate import preference_eval
 from .judge import JudgeError, judged_generations, load_judge, pairwise_accuracy, proxy_judge
@@ -140,10 +142,10 @@ def judge_policy(settings: Settings, data: PreferenceData, model, tokenizer, fol
     judge = load_judge(name)
     prompts = list(data.monitor["prompt"][:run.judge_prompts])
     result = judged_generations(model, tokenizer, prompts, judge, seed=settings.dpo.seed)
-    pairs = data.test.select_columns(["prompt", "chosen", "rejected"]).to_pandas().to_json()
-    key = (name, xxhash.xxh3_128(pairs.encode()).hexdigest())
+    pairs = as_text(data.test, tokenizer)  # the held-out pairs as the model reads them, which the judge scores
+    key = (name, xxhash.xxh3_128(json.dumps(pairs).encode()).hexdigest())
     if key not in JUDGE_ACCURACY:
-        JUDGE_ACCURACY[key] = pairwise_accuracy(judge, data.test)
+        JUDGE_ACCURACY[key] = pairwise_accuracy(judge, pairs)
     check = JUDGE_ACCURACY[key]
     result["summary"].update(judge_accuracy=check["accuracy"], judge_accuracy_ci=check["accuracy_ci"],
                              judge_pairs=check["pairs"], judge_shorter_accuracy=check["shorter_accuracy"])
@@ -160,7 +162,7 @@ def run(settings: Settings, data: PreferenceData | None = None, *,
     began = time.perf_counter()
     dpo, name = settings.dpo, settings.model.model_name_or_path
     out = Path(dpo.output_dir)
-    tokenizer = model_lib.load_tokenizer(name)
+    tokenizer = with_prompt_format(model_lib.load_tokenizer(name), settings.run.prompt_format)  # saved with it
     data = data or prepare_data(settings, tokenizer)
     # Data-parallel (accelerate launch, torchrun): every rank trains, only rank 0 writes and evaluates.
     main = get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0

@@ -1,49 +1,81 @@
-"""The data a run trains and is evaluated on: cleaned pairs in the model's prompt format, cleaned at the token level
-for its tokenizer and max_length, split into train / validation / test. Shared by the run (pipeline.py), the
-sweep and the evaluation command (evaluate.py)."""
+"""The data a run trains and is evaluated on: cleaned conversational pairs, tokenized by TRL's own DPOTrainer code
+with the model's chat template, cleaned on those token ids for max_length, split into train / validation / test.
+Shared by the run (pipeline.py), the sweep and the evaluation command (evaluate.py)."""
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
+from types import SimpleNamespace
 
 from . import model as model_lib
 from .args import ConfigError, Settings
-from .data import PreferenceData, drop_truncation_ties, load_preferences, resolve_prompt_format, to_chat_template
+from .chat_template import format_name, with_prompt_format
+from .data import PreferenceData, load_preferences
 from .synthetic import get_synthetic
+from .trl_private import prepare_dpo_dataset
 
-DATA_FIELDS = ("model_name_or_path", "dataset_name", "data_dir", "max_pairs", "max_eval_pairs", "validation_pairs",
-               "test_fraction", "split_seed", "prompt_format", "max_length")  # what the prepared data depends on
+DATA_FIELDS = ("dataset_name", "data_dir", "max_pairs", "max_eval_pairs", "validation_pairs", "test_fraction",
+               "split_seed", "prompt_format")  # what the prepared data depends on, with the model and max_length
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _PREPARED: "OrderedDict[tuple, PreferenceData]" = OrderedDict()  # a sweep prepares each distinct data once
 
 
+def tokenize_pairs(pairs, tokenizer, args, name: str = "pairs"):
+    """The pairs as TRL's DPOTrainer tokenizes them for `args` (DPOConfig: max_length, truncation_mode), pairs whose
+    prompt alone fills max_length dropped by TRL itself: its own prompt_ids / chosen_ids / rejected_ids, added to
+    the conversational columns. The trainer then takes them as they are (refcache.CachedRefDPOTrainer)."""
+    if all(c in pairs.column_names for c in TOKEN_COLUMNS):
+        return pairs
+    return prepare_dpo_dataset(SimpleNamespace(_tokenizer=tokenizer), pairs, tokenizer, args, name)
+
+
+def identical_after_truncation(pair: dict, max_length: int | None) -> bool:
+    """Chosen and rejected the same once TRL's collator keeps the first max_length tokens: no gradient."""
+    chosen, rejected = (pair["prompt_ids"] + pair[f"{side}_ids"] for side in ("chosen", "rejected"))
+    return chosen[:max_length] == rejected[:max_length] if max_length else chosen == rejected
+
+
+def clean_tokens(data: PreferenceData, tokenizer, args) -> PreferenceData:
+    """Both splits tokenized as TRL does, dropping (and counting) what TRL drops and what cannot teach anything."""
+    report, splits = copy.deepcopy(data.report), {}
+    for name in ("train", "test"):
+        pairs = getattr(data, name)
+        tokenized = tokenize_pairs(pairs, tokenizer, args, name)
+        report.dropped["prompt_too_long"] += len(pairs) - len(tokenized)
+        kept = tokenized.filter(lambda pair: not identical_after_truncation(pair, args.max_length),
+                                desc=f"Identical after truncation ({name})")
+        report.dropped["identical_after_truncation"] += len(tokenized) - len(kept)
+        splits[name] = kept
+    report.splits = {name: len(ds) for name, ds in splits.items()}
+    return PreferenceData(splits["train"], splits["test"], report, format_name(tokenizer), data.validation)
+
+
 def prepare_data(settings: Settings, tokenizer=None) -> PreferenceData:
-    """Cleaned train/test (and validation) pairs for these settings, in the model's prompt format, with the
-    token-level cleaning for its tokenizer and the max_length TRL trains with. Memoized per distinct DATA_FIELDS in
-    the process."""
-    config, max_length = settings.run, settings.dpo.max_length
-    model = settings.model.model_name_or_path
-    key = (model, max_length, *(str(getattr(config, f)) for f in DATA_FIELDS[1:-1]))
+    """Cleaned train/test (and validation) pairs for these settings, tokenized and cleaned for the model's chat
+    template and the max_length TRL trains with. Memoized per distinct data settings in the process."""
+    config, args, model = settings.run, settings.dpo, settings.model.model_name_or_path
+    key = (model, args.max_length, args.truncation_mode, *(str(getattr(config, f)) for f in DATA_FIELDS))
     if key in _PREPARED:
         _PREPARED.move_to_end(key)
         return _PREPARED[key]
-    tokenizer = tokenizer or model_lib.load_tokenizer(model)
+    tokenizer = with_prompt_format(tokenizer or model_lib.load_tokenizer(model), config.prompt_format)
     if config.dataset_name == "synthetic":
         data = get_synthetic(n_pairs=config.max_pairs or 600, split_seed=config.split_seed,
                              test_fraction=config.test_fraction)
     else:
         data = load_preferences(config.dataset_name, data_dir=config.data_dir, split_seed=config.split_seed,
                                 test_fraction=config.test_fraction, max_pairs=config.max_pairs)
-    if resolve_prompt_format(config.prompt_format, tokenizer) == "chat":
-        data = to_chat_template(data, tokenizer)
-    data = drop_truncation_ties(data, tokenizer, max_length)
+    data = clean_tokens(data, tokenizer, args)
     if config.max_eval_pairs is not None and len(data.test) > config.max_eval_pairs:
         data.test = data.test.select(range(config.max_eval_pairs))
         data.report.splits["test (evaluated)"] = config.max_eval_pairs
     if config.validation_pairs:  # settings are picked on these, never on the test split
         n = len(data.train) - config.validation_pairs
         if n < 1:
-            raise ConfigError(f"validation_pairs {config.validation_pairs} leaves no training pairs: {config.dataset_name} "
-                              f"has {len(data.train)} after cleaning; set validation_pairs lower (0: none)")
+            raise ConfigError(f"validation_pairs {config.validation_pairs} leaves no training pairs: "
+                              f"{config.dataset_name} has {len(data.train)} after cleaning; set validation_pairs "
+                              "lower (0: none)")
         data.validation, data.train = data.train.select(range(n, len(data.train))), data.train.select(range(n))
         data.report.splits.update({"train": len(data.train), "validation": len(data.validation)})
     _PREPARED[key] = data

@@ -138,6 +138,13 @@ class CachedRefDPOTrainer(DPOTrainer):
             raise ValueError("micro_batch_tokens trains without DeepSpeed or FSDP; use micro_batch_size")
         self._use_packing()
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Pairs prepare.py already tokenized with this same TRL code (trl_private.prepare_dpo_dataset) are taken as
+        they are, not tokenized a second time."""
+        if all(c in dataset.column_names for c in TOKEN_COLUMNS):
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
     def _use_packing(self) -> None:
         """Packed batches from the collator, and a model forward that takes them; once, before the first forward
         (TRL's __init__ precomputes the reference log-probs after it has given the model its fused LM head)."""

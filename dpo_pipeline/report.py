@@ -12,11 +12,12 @@ from .runs import rule_value, tpe_trials
 def show_examples(dataset, n: int = 3, width: int = 300) -> pd.DataFrame:
     """The first `n` pairs as a table, each text cut to its last `width` characters of prompt / first of answers."""
     rows = dataset.select(range(min(n, len(dataset))))
+    text = lambda m: m if isinstance(m, str) else " | ".join(f"{x['role']}: {x['content']}" for x in m)  # messages
     cut = lambda s, tail=False: (("…" + s[-width:]) if tail else (s[:width] + "…")) if len(s) > width else s
     return pd.DataFrame({
-        "prompt (end)": [cut(r["prompt"], tail=True) for r in rows],
-        "chosen": [cut(r["chosen"]) for r in rows],
-        "rejected": [cut(r["rejected"]) for r in rows],
+        "prompt (end)": [cut(text(r["prompt"]), tail=True) for r in rows],
+        "chosen": [cut(text(r["chosen"])) for r in rows],
+        "rejected": [cut(text(r["rejected"])) for r in rows],
     })
 
 

@@ -1,0 +1,66 @@
+"""One prompt path for every model: the tokenizer's chat template. GPT-2 has none, so it gets HUMAN_ASSISTANT, the
+hh-rlhf transcript format as a template; TRL's DPOTrainer, the evaluation, the judge, the app and the model card then
+all render prompts with `tokenizer.apply_chat_template`, and the template is saved with every adapter.
+
+    system text, then "\\n\\nHuman: {user}" and "\\n\\nAssistant: {answer}" turns; the last assistant message ends
+    with eos (what TRL appends to a text completion); the generation prompt is "\\n\\nAssistant:"
+"""
+
+from __future__ import annotations
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+# Written by hand because no library ships the hh-rlhf format as a template. A system message is text before the
+# first Human turn (a later one is a Human turn); an empty message is its marker alone.
+HUMAN_ASSISTANT = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and loop.first %}{{ message['content'] }}"
+    "{% else %}{{ '\\n\\nAssistant:' if message['role'] == 'assistant' else '\\n\\nHuman:' }}"
+    "{% if message['content'] %}{{ ' ' + message['content'] }}{% endif %}"
+    "{% if message['role'] == 'assistant' and loop.last %}{{ eos_token }}{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
+)
+PROMPT_FORMATS = ("auto", "text", "chat")
+
+
+def with_prompt_format(tokenizer, prompt_format: str = "auto"):
+    """The tokenizer with the template a run uses: "auto" keeps the model's own chat template and gives a model
+    without one (GPT-2) HUMAN_ASSISTANT; "text" is HUMAN_ASSISTANT for any model; "chat" needs the model's own."""
+    own = getattr(tokenizer, "chat_template", None)
+    if prompt_format == "chat" and (not own or own == HUMAN_ASSISTANT):
+        raise ValueError("prompt_format 'chat' needs a model with its own chat template; this tokenizer has none "
+                         "(use 'auto' or 'text')")
+    if prompt_format == "text" or not own:
+        tokenizer.chat_template = HUMAN_ASSISTANT
+    return tokenizer
+
+
+def format_name(tokenizer) -> str:
+    """"text" (the Human/Assistant template) or "chat" (the model's own chat template)."""
+    return "text" if getattr(tokenizer, "chat_template", None) in (None, HUMAN_ASSISTANT) else "chat"
+
+
+def prompt_text(tokenizer, prompt) -> str:
+    """A prompt as the model reads it: messages rendered up to where the assistant's answer begins; text as is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def completion_text(tokenizer, prompt: list[dict], completion: list[dict]) -> str:
+    """What the template writes for the answer after the prompt (with its end-of-turn token)."""
+    head = prompt_text(tokenizer, prompt)
+    whole = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
+    # Templates that render a prompt differently once an answer follows it: the answer from where they part
+    cut = len(head) if whole.startswith(head) else next(
+        (i for i, (a, b) in enumerate(zip(head, whole)) if a != b), min(len(head), len(whole)))
+    return whole[cut:]
+
+
+def as_text(pairs, tokenizer) -> dict[str, list[str]]:
+    """prompt / chosen / rejected columns of conversational pairs as the text the model reads (for reward models and
+    reports, which take text)."""
+    prompts, chosen, rejected = list(pairs["prompt"]), list(pairs["chosen"]), list(pairs["rejected"])
+    return {"prompt": [prompt_text(tokenizer, p) for p in prompts],
+            "chosen": [completion_text(tokenizer, p, c) for p, c in zip(prompts, chosen)],
+            "rejected": [completion_text(tokenizer, p, r) for p, r in zip(prompts, rejected)]}
