@@ -26,6 +26,15 @@ EDGE_TEXT = "=1+1 looks like a formula\x07 and has a control character"
 
 
 def make(tmp: Path) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices gain nothing from a second thread and lose a lot on a busy CPU
+    try:
+        return _make(tmp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _make(tmp: Path) -> dict:
     tiny = str(make_offline_gpt2("gpt2-tiny", tmp / "tiny"))
     data = get_synthetic(n_pairs=48, seed=0)  # synthetic pairs only: no dataset text in the checked-in file
     records = []
@@ -57,7 +66,6 @@ def make(tmp: Path) -> dict:
 
 
 def main() -> int:
-    torch.set_num_threads(1)  # tiny matrices gain nothing from a second thread and lose a lot on a busy CPU
     with tempfile.TemporaryDirectory() as tmp:
         text = json.dumps(make(Path(tmp)), indent=1, default=str)
         OUT.write_text(text.replace(tmp, "/tmp/workbook-records") + "\n")  # no machine-specific temp paths
