@@ -290,27 +290,27 @@ def _write_summary(writer, records, columns, best_run_id, best_rule, summary, ba
     best = next((r for r in records if best_run_id is not None and r.get("run_id") == best_run_id), None)
     runner_up = pick_best([r for r in records if r is not best], best_by)
     failed = sum(r.get("status") == "failed" for r in records)
+    runs = f"{len(records)} ({len(records) - failed} finished, {failed} failed)"
     _text(writer, "Summary", ["DPO sweep summary"], Font(name="Calibri", bold=True, size=14))
-    ws = _write(writer, "Summary", pd.DataFrame([["generated at", generated_at], ["runs", f"{len(records)} ("
-                                                 f"{len(records) - failed} finished, {failed} failed)"]]), 2,
-                header=False)
+    ws = _write(writer, "Summary", pd.DataFrame([["generated at", generated_at], ["runs", runs]]), 2, header=False)
     ws.cell(2, 2).alignment = LEFT
     row = _key_values(writer, 5, "Best configuration and why", {
         "best run": best_run_id or "none (no finished run)", "rule": best_rule,
         "runner-up": runner_up.get("run_id") if runner_up else "none",
         "why": "\n".join(f"{label} {r.get('run_id')}: {_rule_numbers(r)}" for label, r in
                          (("best", best), ("runner-up", runner_up)) if r is not None)})
-    # The Runs columns transposed, the best run's beside the runner-up's and the base model's: the numbers behind
-    # the choice.
-    compared = {f"best: {best_run_id}": best, f"runner-up: {runner_up.get('run_id') if runner_up else 'none'}":
-                runner_up, **({BASELINE_LABEL: {"evaluation": baseline}} if baseline is not None else {})}
-    _table(writer, "Summary", pd.DataFrame({"quantity": [c[0] for c in columns[1:]], **{
-        label: [get(rec) if rec is not None else None for _, get, _, _ in columns[1:]]
-        for label, rec in compared.items()}}, dtype=object), row=row, lines=1)
+    # The numbers behind the choice: the Runs columns transposed, best, runner-up and base model side by side.
+    compared = [best, runner_up] + ([{"evaluation": baseline}] if baseline is not None else [])
+    labels = [f"best: {best_run_id}", f"runner-up: {runner_up.get('run_id') if runner_up else 'none'}",
+              BASELINE_LABEL][:len(compared)]
+    frame = pd.DataFrame([[name] + [get(r) if r is not None else None for r in compared]
+                          for name, get, _, _ in columns[1:]], columns=["quantity", *labels], dtype=object)
+    _table(writer, "Summary", frame, row=row, lines=1)
     for i, (name, _, fmt, _) in enumerate(columns[1:], start=row + 1):
-        for col, rec in enumerate(compared.values(), start=2):
-            _style(ws, [i] if rec is not None else [], [col], number_format=fmt, fill=BEST_FILL if col == 2 else None,
-                   alignment=Alignment(horizontal="right", wrap_text=name == "error"))
+        for col, rec in enumerate(compared, start=2):
+            if rec is not None:  # no best run (none finished): an empty column
+                _style(ws, [i], [col], number_format=fmt, fill=BEST_FILL if col == 2 else None,
+                       alignment=Alignment(horizontal="right", wrap_text=name == "error"))
     row += len(columns) + 1
     for title, key in (("Data (cleaning report)", "data"), ("Model", "model"), ("Sweep", "sweep")):
         if summary.get(key):
