@@ -1,100 +1,72 @@
-"""Sweep workbook and plots, built from real tiny training runs and read back the way a spreadsheet user sees them."""
+"""Sweep workbook and plots, built from checked-in records of real tiny runs and read back the way a spreadsheet
+user sees them. tests/data/make_workbook_records.py made tests/data/workbook_records.json (and checks it still
+matches what a run writes, in the one slow test below)."""
 
+import copy
+import importlib.util
+import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from matplotlib import image as mpimg
 from openpyxl import load_workbook
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from openpyxl.chart import ScatterChart
-from peft import PeftModel
 
-from dpo_pipeline.evaluate import preference_eval
-from dpo_pipeline.generation import generate_samples
-from dpo_pipeline.model import load_base_model, load_tokenizer
 from dpo_pipeline.report import plot_history, save_plots
-from dpo_pipeline.synthetic import get_synthetic
-from dpo_pipeline.args import parse
-from dpo_pipeline.pipeline import run
-from dpo_pipeline.runs import RunRecord
-from dpo_pipeline.workbook import BASELINE_LABEL, build_workbook
-
-pytestmark = pytest.mark.slow  # the module trains three tiny runs once (about 40 s on a busy 2-core CPU)
+from dpo_pipeline.workbook import (BASELINE_LABEL, COST_COLUMNS, EVAL_COLUMNS, JUDGED_COLUMNS, RUN_COLUMNS,
+                                   build_workbook, runs_frame)
 
 ROOT = Path(__file__).resolve().parents[1]
-RULE = "highest eval reward accuracy, then lowest eval loss"
-GREEN, RED = "C6EFCE", "C00000"
-EDGE_TEXT = "=1+1 looks like a formula\x07 and has a control character"
+RECORDS = ROOT / "tests" / "data" / "workbook_records.json"
+GREEN, RED, GREY = "C6EFCE", "C00000", "808080"
+SHEETS = ["Runs", "Summary", "Charts", "History", "Samples", "Completions", "ChartData"]
+
+
+def load_records() -> tuple[list[dict], dict]:
+    """The records and build_workbook's keyword arguments, as the sweep passes them."""
+    made = json.loads(RECORDS.read_text())
+    return made.pop("records"), made
 
 
 @pytest.fixture(scope="module")
-def sweep(tiny_gpt2, tmp_path_factory):
-    """Three real tiny runs (learning rate and beta varied), one failed run as the sweep records it, and the
-    workbook built from them. The first run also gets a real held-out evaluation, the base model's too."""
-    tmp = tmp_path_factory.mktemp("sweep")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices gain nothing from a second thread and lose a lot on a busy CPU
-    try:
-        return _make_sweep(tiny_gpt2, tmp)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _make_sweep(tiny_gpt2: str, tmp: Path) -> dict:
-    data = get_synthetic(n_pairs=48, seed=0)  # small: the CPU is shared, and the numbers only need to be real
-    records = []
-    for i, (lr, beta) in enumerate([(1e-3, 0.1), (2e-4, 0.1), (1e-3, 0.5)]):
-        config = parse(dict(model_name_or_path=tiny_gpt2, load_in_4bit=False, max_steps=4, eval_steps=2,
-                            logging_steps=1, max_length=48, per_device_train_batch_size=4, learning_rate=lr,
-                            beta=beta, output_dir=str(tmp / f"r{i}")))
-        record = run(config, data)
-        record.run_id = f"run{i}-lr{lr:g}-beta{beta:g}"
-        records.append(record)
-    tokenizer = load_tokenizer(tiny_gpt2)
-    model = PeftModel.from_pretrained(load_base_model(tiny_gpt2), records[0].adapter_path)
-    scores = preference_eval(model, tokenizer, data.test, beta=0.1, max_length=48)
-    records[0].evaluation = scores["adapter"]
-    samples = generate_samples(model, tokenizer, list(data.test["prompt"][:2]), max_new_tokens=8)
-    samples.append({"prompt": "edge case", "adapter (greedy)": EDGE_TEXT})
-    failed = RunRecord(
-        config=parse(dict(model_name_or_path=tiny_gpt2, lora_r=2, output_dir=str(tmp / "bad"))).to_dict(),
-        status="failed", train_pairs=0, eval_pairs=0, train_steps=0, final_train_loss=None, final_eval={},
-        best_eval={}, log_history=[], wall_time_s=0.0, pairs_per_second=0.0, adapter_path="",
-        error="ValueError: learning_rate must be positive", run_id="run3-failed")
-    records = [r.to_dict() for r in records] + [failed.to_dict()]
-
-    finished = records[:3]
+def sweep(tmp_path_factory):
+    """Three real tiny runs (learning rate and beta varied, the first with a held-out evaluation, the base model's
+    too), one failed run as the sweep records it, and the workbook built from them."""
+    records, kwargs = load_records()
+    finished = [r for r in records if r["status"] == "finished"]
     ranking = sorted(finished, key=lambda r: (-r["final_eval"]["rewards/accuracies"], r["final_eval"]["loss"]))
-    summary = {"data": data.report.as_dict(), "model": finished[0]["model_info"],
-               "sweep": {"grid": {"learning_rate": [1e-3, 2e-4], "beta": [0.1, 0.5]}, "max_steps": 4}}
-    kwargs = dict(best_run_id=ranking[0]["run_id"], best_rule=RULE, summary=summary, samples=samples,
-                  baseline=scores["base"])
-    path = build_workbook(records, tmp / "out" / "sweep.xlsx", **kwargs)
+    assert ranking[0]["run_id"] == kwargs["best_run_id"] and len(finished) == 3 and records[3]["status"] == "failed"
+    path = build_workbook(records, tmp_path_factory.mktemp("sweep") / "out" / "sweep.xlsx", **kwargs)
     return {"records": records, "ranking": ranking, "kwargs": kwargs, "path": path, "wb": load_workbook(path)}
 
 
-def columns(ws) -> dict[str, int]:
-    return {cell.value: cell.column for cell in ws[1] if cell.value is not None}
+def columns(ws, row: int = 1) -> dict[str, int]:
+    return {cell.value: cell.column for cell in ws[row] if cell.value is not None}
 
 
 def test_sheets_and_runs_rows_match_the_records(sweep):
     wb, records = sweep["wb"], sweep["records"]
-    assert wb.sheetnames == ["Runs", "Summary", "Charts", "History", "Samples", "Completions", "ChartData"]
+    assert wb.sheetnames == SHEETS
     answers = [row for row in wb["Completions"].iter_rows(min_row=2, values_only=True)]  # answers while training
     assert answers == [(r["run_id"], c["step"], c["prompt"], c["completion"]) for r in records
                        for c in r["completions"]] and answers
     ws, col = wb["Runs"], columns(wb["Runs"])
-    for header in ("run_id", "status", "search", "learning_rate", "per_device_train_batch_size",
+    assert list(col) == [c[0] for c in RUN_COLUMNS + EVAL_COLUMNS + COST_COLUMNS]  # no run was judged
+    for header in ("run_id", "status", "search", "base model", "learning_rate", "per_device_train_batch_size",
                    "gradient_accumulation_steps", "beta", "optim", "loss_type", "lora_r", "lora_alpha",
-                   "num_train_epochs", "max_steps", "max_length", "seed", "final train loss",
+                   "lora_dropout", "num_train_epochs", "max_steps", "max_length", "seed", "final train loss",
                    "eval loss", "eval reward accuracy", "eval reward margin", "eval chosen reward",
-                   "eval rejected reward", "held-out reward accuracy", "reward ties", "logp accuracy",
-                   "chosen logp shift", "rejected logp shift", "train steps", "wall time (s)", "run time (s)", "evaluating (s)", "pairs/s", "error"):
+                   "eval rejected reward", "held-out pairs", "held-out reward accuracy", "reward accuracy 95% CI",
+                   "reward ties", "held-out reward margin", "logp accuracy", "chosen logp shift",
+                   "rejected logp shift", "logp accuracy 95% CI", "pick-the-shorter baseline", "train steps",
+                   "wall time (s)", "run time (s)", "evaluating (s)", "pairs/s", "error"):
         assert header in col, header
     ids = [ws.cell(r, 1).value for r in range(2, ws.max_row + 1)]
     assert ids[:len(records) + 1] == [BASELINE_LABEL] + [r["run_id"] for r in records]
@@ -102,11 +74,14 @@ def test_sheets_and_runs_rows_match_the_records(sweep):
     baseline = sweep["kwargs"]["baseline"]
     assert ws.cell(2, col["held-out reward accuracy"]).value == pytest.approx(baseline["reward_accuracy"])
     assert ws.cell(2, col["reward ties"]).value == pytest.approx(baseline["reward_ties"])
-    assert ws.cell(2, col["eval loss"]).value is None
-    assert ws.cell(2, 1).font.i and ws.cell(2, 1).font.color.rgb.endswith("808080")
+    lo, hi = baseline["reward_accuracy_ci"]
+    assert ws.cell(2, col["reward accuracy 95% CI"]).value == f"{lo:.2f}-{hi:.2f}"
+    assert ws.cell(2, col["status"]).value == "reference" and ws.cell(2, col["eval loss"]).value is None
+    assert ws.cell(2, 1).font.i and ws.cell(2, 1).font.color.rgb.endswith(GREY)
     for row, rec in enumerate(records, start=3):
         cell = lambda name: ws.cell(row, col[name]).value
         assert cell("status") == rec["status"] and cell("seed") == rec["config"]["seed"]
+        assert cell("search") == "grid" and cell("base model") == rec["config"]["model_name_or_path"]
         assert cell("learning_rate") == pytest.approx(rec["config"]["learning_rate"])
         assert cell("beta") == pytest.approx(rec["config"]["beta"])
         assert cell("wall time (s)") == pytest.approx(rec["wall_time_s"])
@@ -140,6 +115,8 @@ def test_best_row_alone_is_highlighted_and_failed_row_is_red(sweep):
     assert ws.cell(failed_row, col["error"]).value == "ValueError: learning_rate must be positive"
     assert ws.cell(failed_row, 1).font.color.rgb.endswith(RED)
     assert ws.cell(failed_row, col["eval loss"]).value is None
+    plain = ws.cell(3, col["status"]).font  # a finished run that is not the best
+    assert not plain.b and not plain.i and not str(plain.color.rgb).endswith(RED)
 
 
 def test_runs_layout_frozen_filtered_formatted(sweep):
@@ -148,12 +125,21 @@ def test_runs_layout_frozen_filtered_formatted(sweep):
     assert ws.freeze_panes == "B2"
     last = max(col.values())
     assert ws.auto_filter.ref == f"A1:{ws.cell(1, last).column_letter}{n + 2}"  # header, base model, runs
-    assert ws.cell(3, col["learning rate"]).number_format == "0.0E+00"
+    assert ws.cell(3, col["learning_rate"]).number_format == "0.0E+00"
     assert ws.cell(3, col["eval loss"]).number_format == "0.000"
     assert ws.cell(3, col["wall time (s)"]).number_format == "0.0"
+    assert ws.cell(3, col["seed"]).number_format == "0"
+    assert ws.cell(3, col["status"]).alignment.horizontal == "center"
+    assert ws.cell(n + 2, col["error"]).alignment.indent == 1
+    header = ws.cell(1, col["eval loss"])
+    assert header.font.b and header.fill.fgColor.rgb.endswith("DDEBF7") and header.alignment.wrap_text
     width = lambda name: ws.column_dimensions[ws.cell(1, col[name]).column_letter].width
     assert width("run_id") >= max(len(BASELINE_LABEL), *(len(r["run_id"]) for r in sweep["records"]))
     assert width("error") >= len("ValueError: learning_rate must be positive")
+    note = ws.cell(n + 4, 1)
+    assert note.font.i and sweep["ranking"][0]["run_id"] in note.value and "Red: a failed run" in ws.cell(n + 5, 1).value
+    assert ws.print_title_cols == "$A:$A" and ws.print_title_rows == "$1:$1"
+    assert ws.page_setup.orientation == "landscape" and ws.page_setup.fitToWidth == 2
 
 
 def test_charts_have_one_series_per_finished_run(sweep):
@@ -161,40 +147,73 @@ def test_charts_have_one_series_per_finished_run(sweep):
     charts = wb["Charts"]._charts
     assert len(charts) == 4 and all(isinstance(c, ScatterChart) for c in charts)
     assert all(len(c.series) == len(finished) for c in charts)
+    assert [c.title.tx.rich.p[0].r[0].t for c in charts] == ["train loss", "eval loss", "train reward margin",
+                                                              "eval reward margin"]
     # The first chart (train loss) draws ChartData numbers that are the runs' logged train losses.
     data = wb["ChartData"]
+    assert data.cell(1, 1).value == "train loss" and data.cell(2, 1).value == "step"
     assert [data.cell(2, j).value for j in range(2, 5)] == [r["run_id"] for r in finished]
     steps = [data.cell(i, 1).value for i in range(3, data.max_row + 1) if data.cell(i, 1).value is not None]
     first = {e["step"]: e["loss"] for e in finished[0]["log_history"] if "loss" in e}
     assert steps == sorted(first) and [data.cell(3 + k, 2).value for k in range(len(steps))] == [
         pytest.approx(first[s]) for s in steps]
-    assert "ChartData" in charts[0].series[0].yVal.numRef.f
+    evals = {e["step"]: e["eval_loss"] for e in finished[0]["log_history"] if "eval_loss" in e}
+    assert data.cell(1, 6).value == "eval loss" and [data.cell(3 + k, 6).value for k in range(len(evals))] == sorted(
+        evals)  # the next block, after a blank column
+    assert [data.cell(3 + k, 7).value for k in range(len(evals))] == [pytest.approx(evals[s]) for s in sorted(evals)]
+    for chart in charts:  # every line reads ChartData, its name from the run id in the header row
+        for series in chart.series:
+            assert all(ref.startswith("'ChartData'!") for ref in (series.yVal.numRef.f, series.xVal.numRef.f))
+            assert re.fullmatch(r"'ChartData'!\$?[A-Z]+\$?2", series.tx.strRef.f)
+    best = [r["run_id"] for r in finished].index(sweep["ranking"][0]["run_id"])
+    assert [s.graphicalProperties.line.width for s in charts[0].series] == [
+        38100 if j == best else 19050 for j in range(len(finished))]  # the best run drawn thicker
 
 
 def test_history_has_every_logged_step(sweep):
     ws, records = sweep["wb"]["History"], sweep["records"]
     logged = [(r["run_id"], e) for r in records for e in r["log_history"] if "loss" in e or "eval_loss" in e]
     assert ws.max_row - 1 == len(logged) and ws.freeze_panes == "A2"
-    assert ws.auto_filter.ref.startswith("A1:") and ws.auto_filter.ref.endswith(str(len(logged) + 1))
+    assert ws.auto_filter.ref == f"A1:M{len(logged) + 1}"
     col = columns(ws)
+    assert list(col) == ["run_id", "step", "split", "loss", "reward accuracy", "reward margin", "chosen reward",
+                         "rejected reward", "chosen logp", "rejected logp", "learning rate", "grad norm", "epoch"]
     for row, (run_id, entry) in enumerate(logged, start=2):
         split = "eval" if "eval_loss" in entry else "train"
         assert (ws.cell(row, 1).value, ws.cell(row, col["step"]).value, ws.cell(row, col["split"]).value) == (
             run_id, entry["step"], split)
         assert ws.cell(row, col["loss"]).value == pytest.approx(entry["eval_loss" if split == "eval" else "loss"])
+        if split == "eval":  # no learning rate or grad norm is logged with an evaluation: blank, not zero or NaN
+            assert ws.cell(row, col["learning rate"]).value is None and ws.cell(row, col["grad norm"]).value is None
+        else:
+            assert ws.cell(row, col["learning rate"]).value == pytest.approx(entry["learning_rate"])
+    assert ws.cell(2, col["learning rate"]).number_format == "0.0E+00" and ws.cell(2, col["loss"]).number_format == "0.000"
 
 
 def test_summary_names_best_runner_up_data_and_model(sweep):
-    ws, ranking = sweep["wb"]["Summary"], sweep["ranking"]
+    ws, ranking, kwargs = sweep["wb"]["Summary"], sweep["ranking"], sweep["kwargs"]
     rows = {ws.cell(r, 1).value: ws.cell(r, 2).value for r in range(1, ws.max_row + 1)}
+    assert ws.cell(1, 1).value == "DPO sweep summary" and rows["runs"] == "4 (3 finished, 1 failed)"
     assert rows["best run"] == ranking[0]["run_id"] and rows["runner-up"] == ranking[1]["run_id"]
-    assert rows["rule"] == RULE and f"{ranking[0]['final_eval']['loss']:.3f}" in rows["why"]
-    report = sweep["kwargs"]["summary"]["data"]
+    assert rows["rule"] == kwargs["best_rule"] and f"{ranking[0]['final_eval']['loss']:.3f}" in rows["why"]
+    report = kwargs["summary"]["data"]
     assert rows["rows_read"] == report["rows_read"] and rows["kept"] == report["kept"]
     assert rows["  duplicate_pair"] == report["dropped"]["duplicate_pair"]
     assert rows["trainable_params"] == ranking[0]["model_info"]["trainable_params"]
+    assert rows["grid"] is None and rows["  learning_rate"] == "[0.001, 0.0002]"  # a nested dict: a small table
     assert rows["generated at"].endswith("UTC")
     assert rows["eval loss"] == pytest.approx(ranking[0]["final_eval"]["loss"])  # the transposed comparison
+    titles = [ws.cell(r, 1).value for r in range(1, ws.max_row + 1) if ws.cell(r, 1).font.sz == 12]
+    assert titles == ["Best configuration and why", "Data (cleaning report)", "Model", "Sweep"]
+    top = next(r for r in range(1, ws.max_row + 1) if ws.cell(r, 1).value == "quantity")
+    assert [ws.cell(top, c).value for c in range(1, 5)] == [
+        "quantity", f"best: {ranking[0]['run_id']}", f"runner-up: {ranking[1]['run_id']}", BASELINE_LABEL]
+    by_name = {ws.cell(r, 1).value: r for r in range(top, ws.max_row + 1)}
+    accuracy = by_name["held-out reward accuracy"]
+    assert ws.cell(accuracy, 4).value == pytest.approx(kwargs["baseline"]["reward_accuracy"])
+    assert ws.cell(accuracy, 2).fill.fgColor.rgb.endswith(GREEN) and ws.cell(accuracy, 2).number_format == "0.000"
+    why = next(r for r in range(1, ws.max_row + 1) if ws.cell(r, 1).value == "why")
+    assert ws.row_dimensions[why].height >= 30 and ws.cell(why, 2).alignment.wrap_text  # best and runner-up lines
 
 
 def test_samples_keep_every_text_safely(sweep):
@@ -206,7 +225,9 @@ def test_samples_keep_every_text_safely(sweep):
                    for k, v in sample.items() if v)
     edge = ws.cell(4, col["adapter (greedy)"])
     assert edge.data_type == "s" and edge.value.startswith("=1+1") and "\x07" not in edge.value  # text, not formula
+    assert ws.cell(4, col["base (greedy)"]).value is None  # a key the edge case lacks: blank
     assert ws.cell(2, 1).alignment.wrap_text and ws.column_dimensions["B"].width >= 40
+    assert ws.freeze_panes == "B2" and ws.row_dimensions[2].height >= 45  # the prompt's blank lines
 
 
 def test_rebuild_is_deterministic_and_atomic(sweep, tmp_path):
@@ -219,6 +240,58 @@ def test_rebuild_is_deterministic_and_atomic(sweep, tmp_path):
         values = lambda sheet: [[c.value for c in row] for row in sheet.iter_rows()
                                 if sheet.title != "Summary" or row[0].value != "generated at"]
         assert values(ws) == values(again[ws.title]), ws.title
+
+
+def test_tpe_search_adds_a_trials_sheet(sweep, tmp_path):
+    records = copy.deepcopy(sweep["records"])
+    for trial, (rec, accuracy) in enumerate(zip(records[::-1], [None, 0.5, 0.75, 0.25])):  # the failed run first
+        rec["search"] = {"method": "tpe", "study": "tpe", "trial": trial}
+        if accuracy is not None:
+            rec["final_eval"]["rewards/accuracies"] = accuracy
+    wb = load_workbook(build_workbook(records, tmp_path / "tpe.xlsx", **sweep["kwargs"]))
+    assert wb.sheetnames == SHEETS[:-1] + ["Trials", "ChartData"]
+    runs = wb["Runs"]
+    assert [runs.cell(r, 3).value for r in range(3, 7)] == ["tpe #3", "tpe #2", "tpe #1", "tpe #0"]
+    ws = wb["Trials"]
+    assert [[c.value for c in row] for row in ws.iter_rows()] == [
+        ["trial", "run_id", "status", "reward accuracy", "best so far"],
+        [0, "run3-failed", "failed", None, None], [1, records[2]["run_id"], "finished", 0.5, 0.5],
+        [2, records[1]["run_id"], "finished", 0.75, 0.75], [3, records[0]["run_id"], "finished", 0.25, 0.75]]
+    assert ws.cell(3, 4).number_format == "0.000" and ws.cell(1, 1).fill.fgColor.rgb.endswith("DDEBF7")
+    (chart,) = ws._charts
+    assert isinstance(chart, ScatterChart) and [s.yVal.numRef.f for s in chart.series] == [
+        "'Trials'!$D$2:$D$5", "'Trials'!$E$2:$E$5"] and chart.series[0].xVal.numRef.f == "'Trials'!$A$2:$A$5"
+
+
+def test_judged_runs_and_values_excel_cannot_hold(sweep, tmp_path):
+    records = copy.deepcopy(sweep["records"])
+    records[0]["judged"] = {"n": 8, "win_rate": 0.625, "win_rate_ci": [0.3, 0.9], "wins": 5, "ties": 0, "losses": 3,
+                            "length_matched": {"win_rate": 0.5}, "mean_length_policy": 41.2,
+                            "mean_length_base": 38.9, "judge_accuracy": 0.7}
+    records[1]["final_train_loss"] = math.nan
+    records[2]["final_train_loss"] = math.inf
+    records[3]["error"] = "E" * 40_000 + "\x00"
+    wb = load_workbook(build_workbook(records, tmp_path / "judged.xlsx", **sweep["kwargs"]))
+    ws = wb["Runs"]
+    col = columns(ws)
+    assert list(col) == [c[0] for c in RUN_COLUMNS + EVAL_COLUMNS + JUDGED_COLUMNS + COST_COLUMNS]
+    cell = lambda row, name: ws.cell(row, col[name]).value
+    assert (cell(3, "judged prompts"), cell(3, "win rate vs base"), cell(3, "win rate 95% CI")) == (8, 0.625,
+                                                                                                    "0.30-0.90")
+    assert cell(3, "wins / ties / losses") == "5/0/3" and cell(3, "answer length policy / base") == "41 / 39"
+    assert cell(4, "judged prompts") is None and cell(4, "wins / ties / losses") is None  # not judged: blank
+    assert cell(4, "final train loss") is None and cell(5, "final train loss") == "inf"  # NaN would corrupt the file
+    assert cell(6, "error") == "E" * 32_000  # Excel's cell limit
+    assert wb["Summary"].cell(1, 1).value == "DPO sweep summary"
+
+
+def test_runs_frame_is_the_runs_sheet(sweep):
+    frame = runs_frame(sweep["records"], sweep["kwargs"]["baseline"])
+    assert list(frame.index) == [BASELINE_LABEL] + [r["run_id"] for r in sweep["records"]]
+    assert list(frame.columns) == [c[0] for c in RUN_COLUMNS + EVAL_COLUMNS + JUDGED_COLUMNS + COST_COLUMNS][1:]
+    assert frame.loc[sweep["ranking"][0]["run_id"], "eval loss"] == pytest.approx(
+        sweep["ranking"][0]["final_eval"]["loss"])
+    assert list(runs_frame(sweep["records"]).index)[0] == sweep["records"][0]["run_id"]  # no baseline, no row
 
 
 def test_plots_are_real_pngs(sweep, tmp_path):
@@ -249,3 +322,29 @@ def test_render_to_pdf_and_png(sweep, tmp_path):
     pages = printed[1:]
     assert len(pages) >= 5 and all(p.suffix == ".png" and p.exists() for p in pages)  # every sheet printed
     assert mpimg.imread(pages[0]).shape[1] > 600  # an A4 landscape page at 80 dpi is ~935 px wide
+
+
+def shape(value):
+    """The keys and kinds of value in a record, not its numbers."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+@pytest.mark.slow
+def test_checked_in_records_are_what_runs_write_today(tmp_path):
+    """Trains the three tiny runs again (20-50 s on a busy CPU): the checked-in records must have the shape a run writes now,
+    or the fast tests above check a workbook no sweep makes. On failure: python tests/data/make_workbook_records.py"""
+    spec = importlib.util.spec_from_file_location("make_workbook_records", RECORDS.with_name("make_workbook_records.py"))
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    fresh = maker.make(tmp_path)
+    records, kwargs = load_records()
+    for old, new in zip(records, fresh["records"], strict=True):
+        assert shape({**old, "log_history": None}) == shape({**new, "log_history": None}), old["run_id"]
+        assert set().union(*old["log_history"] or [{}]) == set().union(*new["log_history"] or [{}])
+    assert shape(kwargs["summary"]) == shape(fresh["summary"]) and shape(kwargs["baseline"]) == shape(fresh["baseline"])
+    assert [sorted(s) for s in kwargs["samples"]] == [sorted(s) for s in fresh["samples"]]
+    made = load_workbook(build_workbook(fresh.pop("records"), tmp_path / "fresh.xlsx", **fresh))
+    assert made.sheetnames == SHEETS and list(columns(made["Runs"])) == [c[0] for c in RUN_COLUMNS + EVAL_COLUMNS
+                                                                          + COST_COLUMNS]
