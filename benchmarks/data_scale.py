@@ -10,7 +10,8 @@ duplicate. The file is written by a child process, so neither its time nor its m
 process, it times the path users run:
 
     load      data.load_preferences(path): read + parse + clean + seeded split
-    tokens    data.drop_truncation_ties(data, gpt2_tokenizer(), max_length): TRL's token-level checks
+    tokens    prepare.clean_tokens(data, GPT-2 tokenizer, DPOConfig(max_length)): TRL's own tokenization of the pairs
+              (DPOTrainer._prepare_dataset, its chat template) and the checks on its token ids
 
 and prints seconds and pairs/s per stage, the cleaning report, and the process's peak RSS (getrusage ru_maxrss:
 the kernel's high-water mark for this process, imports included; the target is < 60 s and < 4 GB in all).
@@ -82,15 +83,19 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--write-only", str(path), "--pairs", str(args.pairs)], check=True)
         make_s = time.perf_counter() - t0
 
-        from dpo_pipeline import data
-        from dpo_pipeline.model import gpt2_tokenizer
+        from trl import DPOConfig
 
-        tokenizer = gpt2_tokenizer()
+        from dpo_pipeline import data
+        from dpo_pipeline.model import load_tokenizer
+        from dpo_pipeline.prepare import clean_tokens
+
+        tokenizer = load_tokenizer("offline:gpt2-tiny")  # the real GPT-2 tokenizer, with its Human/Assistant template
+        dpo_args = DPOConfig(output_dir=tmp, max_length=args.max_length, report_to="none", use_cpu=True)
         rss_start = peak_rss_mb()  # imports (torch, transformers, datasets) and the tokenizer
         (t0, c0) = time.perf_counter(), time.process_time()
         prefs = data.load_preferences(str(path))
         (t1, c1) = time.perf_counter(), time.process_time()
-        checked = data.drop_truncation_ties(prefs, tokenizer, args.max_length)
+        checked = clean_tokens(prefs, tokenizer, dpo_args)
         (t2, c2) = time.perf_counter(), time.process_time()
         rss_peak = peak_rss_mb()
         file_mb = path.stat().st_size / 2**20

@@ -116,7 +116,7 @@ def main() -> None:
     data = prepare_data(settings, tokenizer)
     base = model_lib.load_base_model(settings.model)
     model = model_lib.add_lora(base, model_lib.lora_config(base, settings.model))
-    tokenized = evaluate._tokenize_pairs(tokenizer, data.test)
+    tokenized = evaluate.token_ids(tokenizer, data.test, settings.dpo.max_length)
     length, batch = settings.dpo.max_length, settings.dpo.per_device_eval_batch_size
 
     def run_padded():

@@ -10,8 +10,12 @@ COMMANDS = {"train": "cli", "sweep": "sweep", "evaluate": "evaluate", "export": 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m dpo_pipeline {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+        usage = f"python -m dpo_pipeline {{{','.join(COMMANDS)}}} ... (each with --help)"
+        if argv[:1] in (["-h"], ["--help"]):
+            print(f"usage: {usage}")
+            return 0
+        print(f"error: {'unknown command ' + repr(argv[0]) if argv else 'no command'}; usage: {usage}", file=sys.stderr)
+        return 2
     import importlib
 
     module = importlib.import_module(f"dpo_pipeline.{COMMANDS[argv[0]]}")

@@ -8,7 +8,7 @@ its DPOConfig is what TRL trains with and what the evaluation reads beta and max
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import gc
 import json
 import math
@@ -41,10 +41,11 @@ EVAL_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", 
 def training_args(settings: Settings) -> DPOConfig:
     """The run's DPOConfig as TRL gets it: the settings' own, with the reference precompute batched like the
     evaluations and the trackers that are installed."""
-    dpo = copy.copy(settings.dpo)
-    dpo.precompute_ref_batch_size = dpo.precompute_ref_batch_size or dpo.per_device_eval_batch_size
-    dpo.report_to = report_to(dpo.report_to)
-    return dpo
+    dpo = settings.dpo
+    # A new DPOConfig, not the parsed one: building it sets up the devices and resets accelerate's process-wide
+    # state, which the previous run of this process (another precision, say) left behind.
+    return dataclasses.replace(dpo, report_to=report_to(dpo.report_to),
+                               precompute_ref_batch_size=dpo.precompute_ref_batch_size or dpo.per_device_eval_batch_size)
 
 
 def pairs_to_train(train, args: DPOConfig, split_seed: int):

@@ -10,6 +10,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dpo_pipeline import chat
+from dpo_pipeline.chat_template import with_prompt_format
 from dpo_pipeline.hf import hub_reachable
 from dpo_pipeline.model import gpt2_tokenizer
 from hub_double import make_tiny_adapter
@@ -152,7 +153,7 @@ def test_default_source_is_env_then_best_then_the_newest_run(monkeypatch, tmp_pa
 
 
 def test_prompt_building_keeps_the_newest_turns():
-    tok = gpt2_tokenizer()
+    tok = with_prompt_format(gpt2_tokenizer())  # GPT-2's Human/Assistant chat template
     turns = [(f"question {i} " + "word " * 40, f"answer {i}") for i in range(6)]
     prompt, notes = chat.build_prompt(tok, turns, "last one?", max_tokens=120)
     assert prompt.startswith("\n\nHuman: question ") and prompt.endswith("\n\nHuman: last one?\n\nAssistant:")
@@ -162,12 +163,34 @@ def test_prompt_building_keeps_the_newest_turns():
     assert len(tok(alone)["input_ids"]) <= 51 and alone.endswith("\n\nAssistant:")
 
 
+TAGS = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
 def test_a_chat_template_model_is_prompted_with_its_template():
     tok = gpt2_tokenizer()
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
-    prompt, _ = chat.build_prompt(tok, [("Hi", "Hello")], "A color?", prompt_format="chat")
+    tok.chat_template = TAGS
+    prompt, _ = chat.build_prompt(tok, [("Hi", "Hello")], "A color?")
     assert prompt == "<user>Hi</user><assistant>Hello</assistant><user>A color?</user><assistant>"
+
+
+def test_an_adapter_from_another_trainer_is_prompted_with_the_template_in_its_folder(tmp_path):
+    # a plain TRL run's folder: the adapter and its tokenizer with chat_template.jinja, no run_config.json
+    folder = make_tiny_adapter(tmp_path / "elsewhere")
+    for name in ("run_config.json", "record.json"):
+        (folder / name).unlink()
+    tok = gpt2_tokenizer()
+    tok.chat_template = TAGS
+    tok.save_pretrained(folder)
+    assert (folder / "chat_template.jinja").exists()
+    loaded = chat.load_adapter(str(folder))
+    prompt, _ = chat.build_prompt(loaded.tokenizer, [], "A color?")
+    assert prompt == "<user>A color?</user><assistant>" and loaded.prompt_format == "chat"
+    from dpo_pipeline.card import build_model_card
+
+    card = build_model_card(folder, "me/elsewhere").content
+    assert "the model's own chat template" in card and "Human: <message>" not in card
+    assert "apply_chat_template(messages" in card
 
 
 def test_streams_stop_at_the_next_human_turn():

@@ -10,13 +10,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from trl import DPOConfig
+
 from dpo_pipeline.data import (
-    PROMPT_FORMAT, CleaningReport, DataError, PreferenceData, detect_schema, drop_truncation_ties, format_prompt,
-    get_hh_rlhf, get_ultrafeedback, load_preferences, load_rows, split_hh_transcript,
+    CleaningReport, DataError, PreferenceData, detect_schema, get_hh_rlhf, get_ultrafeedback, load_preferences,
+    load_rows, split_hh_transcript,
 )
 from dpo_pipeline.args import shared_data_dir
 from dpo_pipeline import data
+from dpo_pipeline.chat_template import HUMAN_ASSISTANT, as_text, format_name, with_prompt_format
 from dpo_pipeline.model import gpt2_tokenizer
+from dpo_pipeline.prepare import clean_tokens, tokenize_pairs
 
 HERE = Path(__file__).parent / "data"
 HH = shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"
@@ -26,8 +30,23 @@ REASONS = ["history_mismatch", "empty_completion", "identical_pair", "duplicate_
            "identical_after_truncation"]
 
 
+GPT2 = with_prompt_format(gpt2_tokenizer())  # the Human/Assistant chat template
+EOS = GPT2.eos_token
+
+
 def pairs(data: PreferenceData) -> list[dict]:
-    return data.train.to_list() + data.test.to_list()
+    """The pairs as GPT-2 reads them: the conversational rows rendered with the Human/Assistant template (the
+    answer's eos left off), so a transcript's text can be compared with the source's."""
+    out = []
+    for split in (data.train, data.test):
+        text = as_text(split, GPT2)
+        out += [{"prompt": p, "chosen": c.removesuffix(EOS), "rejected": r.removesuffix(EOS)}
+                for p, c, r in zip(text["prompt"], text["chosen"], text["rejected"])]
+    return out
+
+
+def args(max_length: int) -> DPOConfig:
+    return DPOConfig(output_dir="unused", max_length=max_length, report_to="none", use_cpu=True)
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +61,23 @@ def uf() -> PreferenceData:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return gpt2_tokenizer()
+    return GPT2
 
 
-# ---------------------------------------------------------------- formatting helpers
+# ---------------------------------------------------------------- the Human/Assistant template
 
 
-def test_format_prompt():
-    assert format_prompt([], "Hi") == PROMPT_FORMAT.format(user="Hi")
-    text = format_prompt([("Hi", "Hello."), ("Age?", "Old.")], "Why?", system="Be brief.")
-    assert text == ("Be brief.\n\nHuman: Hi\n\nAssistant: Hello."
-                    "\n\nHuman: Age?\n\nAssistant: Old.\n\nHuman: Why?\n\nAssistant:")
+def test_human_assistant_template_renders_the_hh_format():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Age?"},
+                {"role": "assistant", "content": "Old."}, {"role": "user", "content": "Why?"}]
+    assert GPT2.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        "Be brief.\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Age?\n\nAssistant: Old.\n\nHuman: Why?\n\nAssistant:")
+    # the answer ends with eos (what TRL appends to a text completion); an empty turn is its marker alone
+    assert GPT2.apply_chat_template(messages[1:2] + [{"role": "assistant", "content": ""}], tokenize=False) == \
+        f"\n\nHuman: Hi\n\nAssistant:{EOS}"
+    assert data.parse_transcript("Be brief.\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Why?\n\nAssistant:") == \
+        messages[:3] + messages[-1:]
 
 
 def test_split_hh_transcript_keeps_leading_space_and_splits_at_last_turn():
@@ -82,6 +107,7 @@ def test_hh_cleaning_counts(hh):
     assert r.splits == {"train": 1442, "test": 361}
     assert (len(hh.train), len(hh.test)) == (1442, 361)
     assert hh.train.column_names == ["prompt", "chosen", "rejected"]
+    assert hh.train[0]["chosen"][0]["role"] == "assistant" and hh.train[0]["prompt"][-1]["role"] == "user"
     d = r.as_dict()
     assert json.loads(json.dumps(d))["kept"] == 1803
     assert all(reason in str(r) for reason in REASONS) and "1803" in str(r)
@@ -109,7 +135,7 @@ def test_hh_multi_turn_prompt_is_everything_up_to_last_assistant_turn(hh):
             continue  # a dropped pair
         prompt = by_completion[(completion, rejected)]
         assert prompt == expected_prompt
-        assert prompt.count(A) == len(pieces) - 1 and prompt + completion == row["chosen"]
+        assert prompt.count(A) == len(pieces) - 1 and prompt + completion == row["chosen"]  # lossless
         checked += 1
         if checked == 20:
             break
@@ -120,7 +146,8 @@ def test_hh_split_is_seeded(hh):
     again = load_preferences(str(HH))
     assert again.test["chosen"][:] == hh.test["chosen"][:]
     other = load_preferences(str(HH), split_seed=7)
-    assert sorted(other.test["chosen"][:]) != sorted(hh.test["chosen"][:])
+    answers = lambda d: sorted(c[0]["content"] for c in d.test["chosen"])
+    assert answers(other) != answers(hh)
     assert len(other.test) == 361
     small = load_preferences(str(HH), max_pairs=100, test_fraction=0.1)
     assert (len(small.train), len(small.test), small.report.kept) == (90, 10, 1803)
@@ -140,19 +167,21 @@ def test_a_sources_own_split_is_kept_in_a_seeded_order_so_any_slice_mixes_its_su
 
     def rows_of(ds):  # back to the raw rows' subset labels: cleaning keeps the text, so match on the transcripts
         by_chosen = {r["chosen"]: subset[json.dumps(r, sort_keys=True)] for r in rows}
-        return [by_chosen[p + c] for p, c in zip(ds["prompt"], ds["chosen"])]
+        text = pairs(PreferenceData(ds, ds.select([]), None))
+        return [by_chosen[p["prompt"] + p["chosen"]] for p in text]
 
     first = split(42)
     assert first.report.splits == {"train": len(first.train), "test": len(first.test)} and len(first.test) > 150
     # the source's split is kept: every test pair is one of the source's test rows, every train pair a train row
     for ds, raw in ((first.test, test), (first.train, train)):
-        assert {p + c for p, c in zip(ds["prompt"], ds["chosen"])} <= {r["chosen"] for r in raw}
+        text = pairs(PreferenceData(ds, ds.select([]), None))
+        assert {p["prompt"] + p["chosen"] for p in text} <= {r["chosen"] for r in raw}
     for ds in (first.test.select(range(40)), first.train.select(range(len(first.train) - 40, len(first.train)))):
         labels = rows_of(ds)  # the first 40 test pairs (max_eval_pairs), the last 40 train pairs (validation)
         assert 8 <= labels.count("a") <= 32, labels
     assert split(42).test["chosen"] == first.test["chosen"]  # seeded: every run evaluates the same pairs
     assert split(7).test["chosen"] != first.test["chosen"]
-    assert sorted(split(7).test["chosen"]) == sorted(first.test["chosen"])
+    assert sorted(map(json.dumps, split(7).test["chosen"])) == sorted(map(json.dumps, first.test["chosen"]))
     small = split(42, max_pairs=100)
     assert (len(small.train), len(small.test)) == (90, 10) and set(rows_of(small.test)) == {"a", "b"}
 
@@ -167,42 +196,37 @@ def test_ultrafeedback_cleaning_counts(uf):
     assert r.kept == 295 and r.splits == {"train": 236, "test": 59}
 
 
-def test_ultrafeedback_rendering(uf):
+def test_ultrafeedback_messages_are_kept_exactly(uf):
     raw = load_rows(UF)
-    by_completion = {}
-    for p in pairs(uf):
-        by_completion[(p["chosen"], p["rejected"])] = p["prompt"]
+    rows = uf.train.to_list() + uf.test.to_list()
+    by_answers = {(p["chosen"][0]["content"], p["rejected"][0]["content"]): p["prompt"] for p in rows}
     systems = multi = 0
     for row in raw:
-        answers = (" " + row["chosen"][-1]["content"].strip(), " " + row["rejected"][-1]["content"].strip())
-        prompt = by_completion[answers]
-        assert prompt.endswith(A)
-        history = row["chosen"][:-1]
-        if history[0]["role"] == "system":
-            systems += 1
-            human = prompt.index("\n\nHuman:")
-            assert human > 0 and prompt[:human] == history[0]["content"].strip()
-        else:
-            assert prompt.startswith("\n\nHuman:")
-        earlier_answers = [m["content"].strip() for m in history if m["role"] == "assistant"]
-        multi += bool(earlier_answers)
-        for answer in earlier_answers:
-            assert f"{A} {answer}" in prompt
-        assert prompt.count(A) == len(earlier_answers) + 1
-        assert prompt.endswith(f"\n\nHuman: {row['prompt'].strip()}{A}")  # `prompt` is the last user message
+        prompt = by_answers[(row["chosen"][-1]["content"], row["rejected"][-1]["content"])]  # not stripped
+        assert prompt == row["chosen"][:-1]  # the conversation as it is: no text round trip, nothing stripped
+        systems += prompt[0]["role"] == "system"
+        multi += any(m["role"] == "assistant" for m in prompt)
     assert (systems, multi) == (80, 106)
-    assert sum(not p["prompt"].startswith("\n\nHuman:") for p in pairs(uf)) == 80
 
 
-# ---------------------------------------------------------------- token-level cleaning (real GPT-2 tokenizer)
+def test_a_message_that_looks_like_a_transcript_stays_one_message(tmp_path):
+    tricky = "Quote this:\n\nHuman: hi\n\nAssistant: hello  "  # markers inside a message, trailing spaces
+    row = {"chosen": [_u(tricky), _a(" Sure. ")], "rejected": [_u(tricky), _a("No.")]}
+    path = tmp_path / "tricky.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "rejected": [_u(tricky), _a("Never.")]}) + "\n")
+    got = load_preferences(str(path), test_fraction=0.5)
+    pair = (got.train.to_list() + got.test.to_list())[0]
+    assert pair["prompt"] == [_u(tricky)] and pair["chosen"] == [_a(" Sure. ")]
+
+
+# ---------------------------------------------------------------- token-level cleaning on TRL's token ids
 
 
 def brute_force_verdict(tokenizer, p: dict, max_length: int) -> str | None:
-    """One pair at a time, written out independently of data.py: TRL 1.16's view of it."""
-    eos = tokenizer.eos_token
+    """One pair at a time, written out independently of TRL and prepare.py, from the rendered text."""
     prompt = tokenizer.encode(p["prompt"])
-    chosen = tokenizer.encode(p["prompt"] + p["chosen"] + eos)
-    rejected = tokenizer.encode(p["prompt"] + p["rejected"] + eos)
+    chosen = tokenizer.encode(p["prompt"] + p["chosen"] + EOS)
+    rejected = tokenizer.encode(p["prompt"] + p["rejected"] + EOS)
     prompt_len = 0
     while (prompt_len < len(prompt) and prompt[prompt_len] == chosen[prompt_len] == rejected[prompt_len]):
         prompt_len += 1
@@ -211,36 +235,32 @@ def brute_force_verdict(tokenizer, p: dict, max_length: int) -> str | None:
     return "identical_after_truncation" if chosen[:max_length] == rejected[:max_length] else None
 
 
-@pytest.mark.parametrize("max_length, too_long, ties", [(64, 1162, 3), (256, 223, 0), (512, 24, 0)])
+@pytest.mark.parametrize("max_length, too_long, ties", [
+    (64, 1162, 3), pytest.param(256, 223, 0, marks=pytest.mark.slow), pytest.param(512, 24, 0, marks=pytest.mark.slow)])
 def test_hh_truncation_counts(hh, tokenizer, max_length, too_long, ties):
-    out = drop_truncation_ties(hh, tokenizer, max_length)
+    out = clean_tokens(hh, tokenizer, args(max_length))
     assert out.report.dropped == dict(zip(REASONS, [5, 4, 0, 0, too_long, ties]))
     assert out.report.kept == 1803 - too_long - ties == len(out.train) + len(out.test)
     assert out.report.splits == {"train": len(out.train), "test": len(out.test)}
     assert hh.report.dropped["prompt_too_long"] == 0  # the input report is left alone
+    assert out.train.column_names == ["prompt", "chosen", "rejected", "prompt_ids", "chosen_ids", "rejected_ids"]
     if max_length == 64:
         kept = {(p["prompt"], p["chosen"], p["rejected"]) for p in pairs(out)}
-        everything = pairs(hh)
-        sample = everything[::97]
+        sample = pairs(hh)[::97]
         assert len(sample) >= 15
         for p in sample:
             verdict = brute_force_verdict(tokenizer, p, 64)
             assert ((p["prompt"], p["chosen"], p["rejected"]) in kept) == (verdict is None)
-
-
-def test_hh_truncation_ties_match_brute_force(hh, tokenizer):
-    """The three ties at 64 tokens: prompts of 62-63 tokens whose answers start with the same token."""
-    out = drop_truncation_ties(hh, tokenizer, 64)
-    kept = {(p["prompt"], p["chosen"], p["rejected"]) for p in pairs(out)}
-    near_limit = [p for p in pairs(hh) if 60 <= len(tokenizer.encode(p["prompt"])) < 64]
-    verdicts = [brute_force_verdict(tokenizer, p, 64) for p in near_limit]
-    assert verdicts.count("identical_after_truncation") == 3
-    for p, verdict in zip(near_limit, verdicts):
-        assert ((p["prompt"], p["chosen"], p["rejected"]) in kept) == (verdict is None)
+        # the three ties: prompts of 62-63 tokens whose answers start with the same token
+        near_limit = [p for p in pairs(hh) if 60 <= len(tokenizer.encode(p["prompt"])) < 64]
+        verdicts = [brute_force_verdict(tokenizer, p, 64) for p in near_limit]
+        assert verdicts.count("identical_after_truncation") == 3
+        for p, verdict in zip(near_limit, verdicts):
+            assert ((p["prompt"], p["chosen"], p["rejected"]) in kept) == (verdict is None)
 
 
 def test_ultrafeedback_truncation_counts(uf, tokenizer):
-    out = drop_truncation_ties(uf, tokenizer, 1024)
+    out = clean_tokens(uf, tokenizer, args(1024))
     assert (out.report.dropped["prompt_too_long"], out.report.dropped["identical_after_truncation"]) == (39, 1)
     assert out.report.kept == 255
 
@@ -309,11 +329,11 @@ def test_plain_schema_file():
     assert r.dropped == dict(zip(REASONS, [0, 1, 1, 1, 0, 0]))
     assert (len(data.train), len(data.test)) == (3, 1)
     got = {p["chosen"]: p for p in pairs(data)}
-    assert got[" They weigh the same."]["prompt"] == PROMPT_FORMAT.format(
-        user="Which is heavier, a kilo of iron or a kilo of feathers?")
+    assert got[" They weigh the same."]["prompt"] == \
+        "\n\nHuman: Which is heavier, a kilo of iron or a kilo of feathers?\n\nAssistant:"
     assert got[" Green."]["rejected"] == " Purple."  # the repeated ("implicit") prompt is stripped
-    assert got[" Octopuses have three hearts."]["prompt"] == format_prompt([("Hi there.", "Hello! How can I help?")],
-                                                                           "Tell me a fun fact.")
+    assert got[" Octopuses have three hearts."]["prompt"] == \
+        "\n\nHuman: Hi there.\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a fun fact.\n\nAssistant:"
 
 
 def _u(text):
@@ -343,11 +363,11 @@ def _check_good_messages(data: PreferenceData):
     assert (r.schema, r.rows_read, r.kept) == ("messages", 5, 4)
     assert r.dropped["history_mismatch"] == 1
     got = {p["chosen"]: p["prompt"] for p in pairs(data)}
-    assert got[" The Nile."] == PROMPT_FORMAT.format(user="Name a river.")
-    assert got[" The Amazon."] == format_prompt([("Name a river.", "The Nile.")], "And a long one?",
-                                                system="You are terse.")
-    assert got[" Everest."] == PROMPT_FORMAT.format(user="Name a mountain.")
-    assert got[" The Gobi."] == PROMPT_FORMAT.format(user="Name a desert.")
+    assert got[" The Nile."] == "\n\nHuman: Name a river.\n\nAssistant:"
+    assert got[" The Amazon."] == ("You are terse.\n\nHuman: Name a river.\n\nAssistant: The Nile.\n\nHuman: And a "
+                                   "long one?\n\nAssistant:")
+    assert got[" Everest."] == "\n\nHuman: Name a mountain.\n\nAssistant:"
+    assert got[" The Gobi."] == "\n\nHuman: Name a desert.\n\nAssistant:"
 
 
 def test_good_json_array(tmp_path):
@@ -405,118 +425,21 @@ def chat_tokenizer():
     return tok
 
 
-def test_parse_prompt_inverts_format_prompt():
-    text = data.format_prompt([("Hi", "Hello there")], "Name a color.", system="Be brief.")
-    assert data.parse_prompt(text) == [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello there"),
-                                       ("user", "Name a color.")]
+def test_prompt_format_follows_the_tokenizer(chat_tokenizer):
+    assert format_name(with_prompt_format(gpt2_tokenizer())) == "text"  # no template of its own: Human/Assistant
+    assert format_name(with_prompt_format(chat_tokenizer)) == "chat"
+    with pytest.raises(ValueError, match="prompt_format 'chat' needs a model with its own chat template"):
+        with_prompt_format(gpt2_tokenizer(), "chat")
+    forced = with_prompt_format(gpt2_tokenizer(), "text")
+    assert forced.chat_template == HUMAN_ASSISTANT
 
 
-def test_prompt_format_auto_follows_the_tokenizer(chat_tokenizer):
-    assert data.resolve_prompt_format("auto", gpt2_tokenizer()) == "text"
-    assert data.resolve_prompt_format("auto", chat_tokenizer) == "chat"
-    with pytest.raises(ValueError, match="prompt_format"):
-        data.resolve_prompt_format("markdown", chat_tokenizer)
-
-
-def test_to_chat_template_renders_pairs_with_the_models_template(hh, chat_tokenizer):
-    small = data.PreferenceData(hh.train.select(range(20)), hh.test.select(range(5)), hh.report)
-    chat = data.to_chat_template(small, chat_tokenizer)
-    assert chat.prompt_format == "chat" and len(chat.train) == 20 and len(chat.test) == 5
-    for before, after in zip(small.train, chat.train):
-        messages = [{"role": r, "content": c} for r, c in data.parse_prompt(before["prompt"])]
-        assert after["prompt"] == chat_tokenizer.apply_chat_template(messages, tokenize=False,
-                                                                     add_generation_prompt=True)
-        assert after["prompt"].endswith("<|im_start|>assistant\n")
-        for side in ("chosen", "rejected"):
-            assert after[side] == before[side].strip() + "<|im_end|>"  # ends with eos: TRL adds no second one
-    # The truncation check works on the rendered text and keeps the format.
-    assert data.drop_truncation_ties(chat, chat_tokenizer, 512).prompt_format == "chat"
-
-
-# ---------------------------------------------------------------- token-level checks at scale: the fast path
-
-
-def whole_tokens(tokenizer, p: dict) -> tuple[list[int], list[int], list[int]]:
-    """The reference: prompt, prompt+chosen+eos and prompt+rejected+eos, each tokenized whole, one call per text
-    (TRL adds no second eos to a completion that already ends with one)."""
-    eos = tokenizer.eos_token
-    chosen, rejected = (p[side] if p[side].endswith(eos) else p[side] + eos for side in ("chosen", "rejected"))
-    return tuple(tokenizer.encode(text) for text in (p["prompt"], p["prompt"] + chosen, p["prompt"] + rejected))
-
-
-def reference_verdict(tokens: tuple, max_length: int) -> str | None:
-    prompt, chosen, rejected = tokens
-    prompt_len = 0
-    while prompt_len < len(prompt) and prompt[prompt_len] == chosen[prompt_len] == rejected[prompt_len]:
-        prompt_len += 1
-    if prompt_len >= max_length:
-        return "prompt_too_long"
-    return "identical_after_truncation" if chosen[:max_length] == rejected[:max_length] else None
-
-
-def all_verdicts(d: PreferenceData, tokenizer, max_length: int) -> list:
-    return data.truncation_verdicts(d.train, tokenizer, max_length) + data.truncation_verdicts(d.test, tokenizer,
-                                                                                                 max_length)
-
-
-@pytest.fixture(scope="module")
-def hh_tokens(hh, tokenizer):
-    return [whole_tokens(tokenizer, p) for p in pairs(hh)]
-
-
-def test_fast_truncation_verdicts_match_the_reference_on_the_real_file(hh, hh_tokens, tokenizer, monkeypatch):
-    """GPT-2 takes the split path (each prompt's head tokenized once, threads, chunks); every verdict on every real
-    pair at every max_length is the whole-sequence reference's."""
-    assert data._splits_like_gpt2(tokenizer)
-    monkeypatch.setattr(data, "_CHUNK", 97)  # many chunks, uneven last one: order is kept across chunks and threads
-    for max_length in (1, 16, 63, 64, 65, 100, 256, 512, 1024):
-        expected = [reference_verdict(t, max_length) for t in hh_tokens]
-        assert all_verdicts(hh, tokenizer, max_length) == expected, max_length
-    assert [reference_verdict(t, 64) for t in hh_tokens].count("identical_after_truncation") == 3
-
-
-def test_whole_sequence_path_matches_the_reference(hh, hh_tokens, tokenizer, monkeypatch):
-    monkeypatch.setattr(data, "_splits_like_gpt2", lambda tok: False)  # what a non-GPT-2 tokenizer takes
-    for max_length in (64, 512):
-        assert all_verdicts(hh, tokenizer, max_length) == [reference_verdict(t, max_length) for t in hh_tokens]
-
-
-def test_fast_truncation_verdicts_on_awkward_text(tokenizer):
-    """Random text from pieces that stress the cut: every kind of whitespace, contractions, digits, emoji, the eos
-    text itself and the turn markers; the split path must agree with whole-sequence tokenization on all of it."""
-    import random
-
-    import datasets
-
-    rng = random.Random(0)
-    alphabet = list("ab Z1 '\n\t\r\x0b\x0c\x85\xa0\u2028\u3000\x1c:!.é") + [
-        "'s", "'ll", "<|endoftext|>", A, "\n\nHuman:", "  ", "99", "\U0001F600"]
-
-    def text(n):
-        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, n)))
-
-    rows = [{"prompt": text(30), "chosen": text(6), "rejected": text(6)} for _ in range(1500)]
-    ds = datasets.Dataset.from_list(rows)
-    tokens = [whole_tokens(tokenizer, r) for r in rows]
-    for max_length in (1, 4, 16, 40):
-        verdicts = data.truncation_verdicts(ds, tokenizer, max_length)
-        assert verdicts == [reference_verdict(t, max_length) for t in tokens], max_length
-        assert len(set(verdicts)) == 3  # all three outcomes are exercised
-
-
-def test_fast_truncation_verdicts_with_chat_template_tokens(hh, chat_tokenizer):
-    """Added special tokens (<|im_start|>, <|im_end|> as eos) keep the split path exact."""
-    assert data._splits_like_gpt2(chat_tokenizer)
-    small = data.PreferenceData(hh.train.select(range(150)), hh.test.select(range(50)), hh.report)
-    chat = data.to_chat_template(small, chat_tokenizer)
-    tokens = [whole_tokens(chat_tokenizer, p) for p in pairs(chat)]
-    for max_length in (32, 128, 512):
-        assert all_verdicts(chat, chat_tokenizer, max_length) == [reference_verdict(t, max_length) for t in tokens]
-
-
-def test_head_split_cuts_before_the_last_space_run(hh):
-    p = pairs(hh)[0]["prompt"]
-    assert p[data._head_split(p):] == A
-    assert data._head_split("no-space-at-all") == 0 and data._head_split("   lead") == 0
-    assert data._head_split("a b\u2028c") == 1  # \u2028 is not a safe cut, the ASCII space is
-    assert data._head_split("x\n\n\ny \t") == 5  # the last run that follows a non-space character
+def test_trl_tokenizes_conversational_pairs_with_the_models_template(hh, chat_tokenizer):
+    small = hh.train.select(range(20))
+    tokenized = tokenize_pairs(small, chat_tokenizer, args(512))
+    end = chat_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for pair in tokenized:
+        prompt = chat_tokenizer.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+        assert chat_tokenizer.decode(pair["prompt_ids"]) == prompt and prompt.endswith("<|im_start|>assistant\n")
+        assert pair["chosen_ids"][-2] == end  # the answer closes its turn ("<|im_end|>\n"): no eos added on top
+        assert chat_tokenizer.decode(pair["chosen_ids"]).startswith(pair["chosen"][0]["content"])

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
-from dpo_pipeline.evaluate import (BASE_LOGPS, completion_logps, length_baselines, pair_logps, preference_eval,
-                                   tokenize_pair, wilson_interval)
+from dpo_pipeline.chat_template import as_text
+from dpo_pipeline.evaluate import BASE_LOGPS, length_baselines, pair_logps, preference_eval, token_ids, wilson_interval
 from dpo_pipeline.model import add_lora, load_base_model, load_tokenizer, lora_config
 from dpo_pipeline.stats import TIE_TOLERANCE
 from dpo_pipeline.synthetic import get_synthetic
@@ -58,20 +58,20 @@ def tokenizer(tiny_gpt2):
 def mixed_pairs():
     """Synthetic held-out pairs (the calm chosen answer is always the shorter) plus pairs where it is longer, and
     pairs of equal length."""
-    prompt = "\n\nHuman: Say something.\n\nAssistant:"
-    extra = [{"prompt": prompt, "chosen": " hello there, how are you today?", "rejected": " HI!"},
-             {"prompt": prompt, "chosen": " a longer and gentler answer.", "rejected": " NO."},
-             {"prompt": prompt, "chosen": " yes.", "rejected": " no."},
-             {"prompt": prompt, "chosen": " fine", "rejected": " bad"}]
+    pair = lambda chosen, rejected: {"prompt": [{"role": "user", "content": "Say something."}],
+                                     "chosen": [{"role": "assistant", "content": chosen}],
+                                     "rejected": [{"role": "assistant", "content": rejected}]}
+    extra = [pair("hello there, how are you today?", "HI!"), pair("a longer and gentler answer.", "NO."),
+             pair("yes.", "no."), pair("fine", "bad")]
     return datasets.Dataset.from_list(get_synthetic(n_pairs=40, seed=3).test.to_list() + extra)
 
 
 def test_length_baselines_count_completion_tokens(tokenizer, mixed_pairs):
-    # Completion length counted independently: tokens of prompt + completion + eos minus the prompt's (these
-    # completions start with a space, so no token merges across the boundary).
-    length = lambda prompt, answer: (len(tokenizer(prompt + answer + tokenizer.eos_token)["input_ids"])
-                                     - len(tokenizer(prompt)["input_ids"]))
-    sides = [(length(r["prompt"], r["chosen"]), length(r["prompt"], r["rejected"])) for r in mixed_pairs]
+    # Completion length counted independently: tokens of the rendered prompt + completion (which ends with eos) minus
+    # the prompt's (these completions start with a space, so no token merges across the boundary).
+    length = lambda prompt, answer: (len(tokenizer(prompt + answer)["input_ids"]) - len(tokenizer(prompt)["input_ids"]))
+    text = as_text(mixed_pairs, tokenizer)
+    sides = [(length(p, c), length(p, r)) for p, c, r in zip(text["prompt"], text["chosen"], text["rejected"])]
     n = len(sides)
     shorter, longer = sum(c < r for c, r in sides), sum(c > r for c, r in sides)
     ties = n - shorter - longer
@@ -159,9 +159,8 @@ def test_logps_match_trl_dpo_trainer_tokenization_truncation_and_reference(tiny_
     _perturb_lora_b(trainer.model)  # the reference must be the base, not the adapter
     rows = trainer.train_dataset.to_list()
     assert len(rows) == len(pairs)  # TRL dropped nothing, so the rows line up with the text pairs
-    for row, text in zip(rows, pairs):
-        assert tokenize_pair(tokenizer, text["prompt"], text["chosen"], text["rejected"]) == (
-            row["prompt_ids"], row["chosen_ids"], row["rejected_ids"])
+    assert token_ids(tokenizer, pairs, max_length) == [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"])
+                                                       for r in rows]  # the evaluation scores TRL's own tokens
     full_lengths = [len(r["prompt_ids"]) + len(r[side]) for r in rows for side in ("chosen_ids", "rejected_ids")]
     assert min(full_lengths) <= max_length < max(full_lengths)
 
@@ -169,14 +168,10 @@ def test_logps_match_trl_dpo_trainer_tokenization_truncation_and_reference(tiny_
     batch = {k: v.to(trainer.accelerator.device) for k, v in trainer.data_collator(ids_only).items()}
     trl_chosen, trl_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
 
-    prompts = list(pairs["prompt"])
     with trainer.model.disable_adapter():
-        ours_chosen = completion_logps(trainer.model, tokenizer, prompts, list(pairs["chosen"]), max_length, 4)
-        ours_rejected = completion_logps(trainer.model, tokenizer, prompts, list(pairs["rejected"]), max_length, 4)
         pair_chosen, pair_rejected = pair_logps(trainer.model, tokenizer, pairs, max_length, batch_size=3)
-    adapter_chosen = completion_logps(trainer.model, tokenizer, prompts, list(pairs["chosen"]), max_length, 4)
-    for ours, theirs in [(ours_chosen, trl_chosen), (ours_rejected, trl_rejected), (pair_chosen, trl_chosen),
-                         (pair_rejected, trl_rejected)]:
+    adapter_chosen = pair_logps(trainer.model, tokenizer, pairs, max_length, batch_size=4)[0]
+    for ours, theirs in [(pair_chosen, trl_chosen), (pair_rejected, trl_rejected)]:
         torch.testing.assert_close(ours, theirs.float().cpu(), atol=1e-3, rtol=0)
     assert (adapter_chosen - trl_chosen.cpu()).abs().max() > 0.01  # the adapter is not the reference
 

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from dpo_pipeline import model as model_lib
-from dpo_pipeline.evaluate import completion_logps
+from dpo_pipeline.evaluate import pair_logps
 from dpo_pipeline.args import parse
 from dpo_pipeline.pipeline import build_trainer
 from dpo_pipeline.refcache import REF_COLUMNS, CachedRefDPOTrainer, base_model_fingerprint
@@ -78,8 +78,7 @@ def test_miss_then_hit_across_lr_rank_seed_and_targets(tiny_gpt2, pairs, cache, 
     # ... and the base model's own log-probs of the completions, computed independently (evaluate.py).
     model = second.model
     with model.disable_adapter():
-        independent = completion_logps(model, second.processing_class, list(pairs.train["prompt"]),
-                                       list(pairs.train["chosen"]), 48, batch_size=8)
+        independent = pair_logps(model, second.processing_class, pairs.train, 48, batch_size=8)[0]
     assert torch.allclose(loaded_c.double(), independent.double(), atol=1e-3), (loaded_c[:4], independent[:4])
 
     # Training on the cached values works.
