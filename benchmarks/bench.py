@@ -51,8 +51,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from dpo_pipeline import model as model_lib
-from dpo_pipeline.args import HH_SAMPLE, Settings, parse
+from dpo_pipeline.args import HH_SAMPLE, Settings, cpu_has_native_bf16, parse
 from dpo_pipeline.pipeline import free_memory, run
 from dpo_pipeline.prepare import prepare_data
 
@@ -284,7 +283,7 @@ def machine() -> dict:
     return {"cpu": cpu.group(1).strip() if cpu else platform.processor(), "usable_cpus": len(os.sched_getaffinity(0)),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "trl": trl.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "bf16_cpu_isa": model_lib.cpu_has_native_bf16()}
+            "bf16_cpu_isa": cpu_has_native_bf16()}
 
 
 def markdown(report: dict) -> str:
