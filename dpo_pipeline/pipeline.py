@@ -69,26 +69,6 @@ class StopOnNonFiniteLoss(TrainerCallback):
             raise FloatingPointError(f"non-finite training loss ({loss}) at step {state.global_step}")
 
 
-class CompileTransformerStack(TrainerCallback):
-    """`compile_model`: the base model's transformer stack (GPT2Model, LlamaModel: embeddings, blocks with their LoRA
-    layers, final norm) runs torch.compile'd, with dynamic shapes, inside training steps; evaluations and answers
-    between steps, and everything after training, run eagerly (generation would compile graphs of its own).
-    Not Trainer's `torch_compile`, which compiles the whole PEFT model: peft's forward hooks and TRL's LM head (a
-    data-dependent mask) cut it into 15 graphs, and packed rows of new shapes recompile it twice before it turns
-    dynamic. Measured on this CPU (tiny GPT-2, 4 packed pairs a forward, 8 steps): one graph, no recompiles, 10 s
-    to compile against 130 s, the same losses."""
-
-    def __init__(self, model):
-        self.stack = model.get_base_model().base_model
-        self.compiled = torch.compile(self.stack.forward, dynamic=True)  # compiles at its first call
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.stack.forward = self.compiled
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.stack.__dict__.pop("forward", None)  # the class's eager forward again
-
-
 def build_trainer(settings: Settings, data: PreferenceData, tokenizer=None) -> DPOTrainer:
     """A DPOTrainer for these settings: the base model (4-bit when asked), LoRA from a peft_config (TRL's reference
     is then the same model with the adapter disabled: one copy of the weights)."""
@@ -102,8 +82,6 @@ def build_trainer(settings: Settings, data: PreferenceData, tokenizer=None) -> D
         eval_dataset=data.monitor, processing_class=tokenizer, callbacks=[StopOnNonFiniteLoss()],
         peft_config=model_lib.lora_config(base, model_args), **tuned,
     )
-    if run.compile_model:
-        trainer.add_callback(CompileTransformerStack(trainer.model))
     if run.log_completions > 0:
         trainer.add_callback(CompletionsCallback(trainer, data.monitor["prompt"][:run.log_completions],
                                                  max_new_tokens=48, run_config=settings.to_dict()))
