@@ -76,7 +76,7 @@ class RunArguments:
     judge_prompts: int = field(default=32, metadata={"help": "judged prompts (validation, else test split)"})
     log_completions: int = field(default=2, metadata={
         "help": "answers to this many fixed validation prompts at every evaluation (0: none)"})
-    # speed levers (speed.py): opt-in
+    # speed levers (speed/): opt-in
     trainer: str = field(default="tuned", metadata={
         "help": "tuned: reference log-probs cached on disk across runs + the levers below | trl: TRL's DPOTrainer"})
     packing: bool = field(default=True, metadata={

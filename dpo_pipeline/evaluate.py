@@ -18,7 +18,7 @@ import xxhash  # comes with datasets
 from trl.data_utils import common_prefix_length
 
 from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judge
-from .packing import attention_mask, pack_batch, pack_rows, pair_segment
+from .speed.packing import attention_mask, pack_batch, pack_rows, pair_segment
 from .refcache import base_model_fingerprint  # the hash the reference cache keys on
 from .stats import TIE_TOLERANCE, _share, length_shares, wilson_interval
 

@@ -23,12 +23,12 @@ from transformers import TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer
 
 from . import model as model_lib
+from . import speed
 from .args import Settings
 from .data import PreferenceData
 from .evaluate import preference_eval
 from .judge import JudgeError, judged_generations, load_judge, pairwise_accuracy, proxy_judge
 from .prepare import prepare_data
-from .refcache import CachedRefDPOTrainer
 from .runs import RunRecord, write_json_atomic, write_run_start
 from .tracking import CompletionsCallback, report_to
 
@@ -71,25 +71,21 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
 def build_trainer(settings: Settings, data: PreferenceData, tokenizer=None) -> DPOTrainer:
     """A DPOTrainer for these settings: the base model (4-bit when asked), LoRA from a peft_config (TRL's reference
-    is then the same model with the adapter disabled: one copy of the weights)."""
+    is then the same model with the adapter disabled: one copy of the weights); `trainer: tuned` adds the reference
+    cache and the speed levers the settings ask for (speed/)."""
     run, args, model_args = settings.run, training_args(settings), settings.model
     set_seed(args.seed)
     tokenizer = tokenizer or model_lib.load_tokenizer(model_args.model_name_or_path)
     base = model_lib.prepare_for_training(model_lib.load_base_model(model_args), args.gradient_checkpointing)
-    tuned = dict(packing=run.packing, micro_batch_tokens=run.micro_batch_tokens) if run.trainer == "tuned" else {}
-    trainer = (CachedRefDPOTrainer if tuned else DPOTrainer)(
+    trainer_class, levers = speed.trainer_for(run)
+    trainer = trainer_class(
         model=base, ref_model=None, args=args, train_dataset=pairs_to_train(data.train, args, run.split_seed),
         eval_dataset=data.monitor, processing_class=tokenizer, callbacks=[StopOnNonFiniteLoss()],
-        peft_config=model_lib.lora_config(base, model_args), **tuned,
+        peft_config=model_lib.lora_config(base, model_args), **levers,
     )
     if run.log_completions > 0:
         trainer.add_callback(CompletionsCallback(trainer, data.monitor["prompt"][:run.log_completions],
                                                  max_new_tokens=48, run_config=settings.to_dict()))
-    if run.trainer == "tuned" and not torch.cuda.is_available():
-        # TRL casts 4-bit (QLoRA) adapters to bf16, the GPU recipe; a CPU without native bf16 runs it ~3x slower.
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
     return trainer
 
 

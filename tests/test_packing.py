@@ -1,4 +1,4 @@
-"""Shared-prompt packing (packing.py): the packed rows give TRL the same labels, log-probs and losses as TRL's own
+"""Shared-prompt packing (speed/packing.py): the packed rows give TRL the same labels, log-probs and losses as TRL's own
 padded [chosen; rejected] batches, for GPT-2 (learned positions) and Llama (rotary positions), sdpa and eager."""
 
 import random
@@ -10,8 +10,8 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
 from dpo_pipeline.args import ConfigError, parse
-from dpo_pipeline.packing import IGNORE, PackingCollator, add_packed_forward, forward_groups
 from dpo_pipeline.pipeline import build_trainer
+from dpo_pipeline.speed.packing import IGNORE, PackingCollator, add_packed_forward, forward_groups
 from dpo_pipeline.synthetic import get_synthetic
 
 # (prompt, chosen, rejected) lengths: ordinary pairs, no prompt, no rejected, no chosen, and pairs cut by max_length

@@ -16,6 +16,7 @@ from dpo_pipeline.evaluate import completion_logps
 from dpo_pipeline.args import parse
 from dpo_pipeline.pipeline import build_trainer
 from dpo_pipeline.refcache import REF_COLUMNS, CachedRefDPOTrainer, base_model_fingerprint
+from dpo_pipeline.speed.trainer import SpeedDPOTrainer
 from dpo_pipeline.sweep import run_sweep
 from dpo_pipeline.synthetic import get_synthetic
 
@@ -46,7 +47,8 @@ def _events(trainer):
 @pytest.mark.slow  # builds trainers (reference precompute), trains
 def test_miss_then_hit_across_lr_rank_seed_and_targets(tiny_gpt2, pairs, cache, tmp_path):
     first = build_trainer(_config(tiny_gpt2, tmp_path), pairs)
-    assert isinstance(first, CachedRefDPOTrainer) and first.args.precompute_ref_log_probs
+    assert isinstance(first, SpeedDPOTrainer) and isinstance(first, CachedRefDPOTrainer)
+    assert first.args.precompute_ref_log_probs
     misses = _events(first)
     assert set(misses) == {"train", "eval"} and not any(e["hit"] for e in misses.values())
     files = sorted(p.name for p in cache.iterdir())
@@ -88,7 +90,7 @@ def test_miss_then_hit_across_lr_rank_seed_and_targets(tiny_gpt2, pairs, cache, 
 
 
 def test_trl_internals_that_refcache_relies_on_are_there():
-    """Fails when the pinned TRL changes what refcache overrides or patches (update refcache.py then)."""
+    """Fails when the pinned TRL changes what refcache overrides or speed.trainer patches (update them then)."""
     import trl
     import trl.trainer.utils as trl_utils
     from trl import DPOTrainer
