@@ -7,8 +7,8 @@ precomputes them (`precompute_ref_log_probs=True`) but keys its cache by a hash 
 included, in a temporary folder: no two sweep runs share it. `CachedRefDPOTrainer` keeps them in
 ``<DPO_REF_CACHE or cache_dir()/ref_logps>/<key>.safetensors``, written atomically (by rank 0 under data parallelism).
 
-It overrides one private TRL method, `_precompute_ref_logps(dataset, name, batch_size)`; tests/test_refcache.py
-fails when the pinned TRL changes it.
+It overrides one private TRL method, `_precompute_ref_logps(dataset, name, batch_size)` (trl_private.py names it;
+tests/test_trl_private.py fails when the pinned TRL changes it).
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def lean_vocab_tile(n_tokens: int | None) -> int:
 def lean_lm_head(device: torch.device, n_tokens: int | None = None):
     """TRL's fused LM head as it runs on GPUs, on a CPU: only the completion positions are projected (TRL 1.16 does
     that with Triton; elsewhere it projects every position in 32768-wide vocabulary tiles). Measured on the 2-core
-    CPU: 1.36x faster, 44% less memory. A no-op off the CPU or where TRL's globals are gone."""
+    CPU: 1.36x faster, 44% less memory. A no-op off the CPU or where TRL's globals (trl_private.py) are gone."""
     import trl.trainer.utils as trl_utils
 
     if device.type != "cpu" or not all(hasattr(trl_utils, n) for n in ("_use_triton", "_CHUNKED_LOGPROB_CHUNK_SIZE")):
