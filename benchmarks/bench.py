@@ -51,8 +51,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from dpo_pipeline import model as model_lib
-from dpo_pipeline.args import HH_SAMPLE, Settings, parse
+from dpo_pipeline.args import HH_SAMPLE, Settings, cpu_has_native_bf16, parse
 from dpo_pipeline.pipeline import free_memory, run
 from dpo_pipeline.prepare import prepare_data
 
@@ -69,14 +68,14 @@ SETUPS = {  # every key a setting by its own name, except pairs_per_forward and 
                         pairs_per_forward=WHOLE),
     "tuned": dict(trainer="tuned"),
 }
-LEVERS = {  # tuned with one lever switched off (or on)
+# tuned with one lever switched off (or on). Only levers with a measured gain on some machine (benchmarks/README.md);
+# compile_model, Trainer's torch_compile, data-loading workers and fused AdamW had none and were removed.
+LEVERS = {
     "tuned, no packing": dict(packing=False),
     "tuned, no reference cache": dict(precompute_ref_log_probs=False),
     "tuned, gradient checkpointing": dict(gradient_checkpointing=True),
-    "tuned + compiled transformer stack": dict(compile_model=True),
     # any budget under a row: each row alone
     "tuned, one packed row a forward": dict(micro_batch_tokens=1, pairs_per_forward=WHOLE),
-    "tuned + 2 data-loading workers": dict(dataloader_num_workers=2, dataloader_persistent_workers=True),
 }
 CPU_LEVERS = {
     "tuned, fp32": dict(bf16=False, fp16=False),
@@ -84,11 +83,9 @@ CPU_LEVERS = {
     "tuned, whole batch per forward, no packing": dict(pairs_per_forward=WHOLE, packing=False),
     "tuned, TRL's CPU LM head": dict(lean_lm_head=False),
 }
-GPU_LEVERS = {  # candidates that only a GPU can judge
-    "tuned + Trainer's torch_compile": dict(torch_compile=True),  # the whole PEFT model
+GPU_LEVERS = {  # the GPU's sizes of the kept levers
     "tuned, 4 pairs per forward": dict(pairs_per_forward=4),
     "tuned, forwards of at most 2,048 tokens": dict(micro_batch_tokens=2048, pairs_per_forward=WHOLE),
-    "tuned, fused AdamW": dict(optim="adamw_torch_fused"),  # one kernel set for all LoRA tensors a step
 }
 # (direction, bound) per target: the CPU set of the first speed issue, the GPU set of issue 12 (an H100, `full`)
 TARGETS = {"tuned_vs_seed": (">=", 4.0), "tuned_vs_trl": (">=", 1.5), "sweep_vs_4_trl_runs": ("<=", 0.75),
@@ -284,7 +281,7 @@ def machine() -> dict:
     return {"cpu": cpu.group(1).strip() if cpu else platform.processor(), "usable_cpus": len(os.sched_getaffinity(0)),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "trl": trl.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "bf16_cpu_isa": model_lib.cpu_has_native_bf16()}
+            "bf16_cpu_isa": cpu_has_native_bf16()}
 
 
 def markdown(report: dict) -> str:
@@ -389,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     def lever_row(name: str, settings: dict, **measure) -> None:
         try:
             levers[name] = run_setup(name, config(name, **settings), data, peak_tflops=peak, **measure)
-        except Exception as err:  # a lever that fails (a compile error, out of memory) is a row, not the end
+        except Exception as err:  # a lever that fails (out of memory, say) is a row, not the end
             print(f"{name}: failed: {type(err).__name__}: {err}", flush=True)
             if measure.get("profiler"):
                 measure["profiler"].close()  # its run ended without on_train_end: stop recording
@@ -397,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             levers[name] = {"setup": name, "error": f"{type(err).__name__}: {err}"[:300]}
         checkpoint()
 
-    for name in sorted(chosen, key=lambda name: "compile" in name):  # compiling rows last: the slowest to start
+    for name in chosen:
         settings = dict(table[name])
         lean = settings.pop("lean_lm_head", True)
         lever_row(name, settings, lean_lm_head=lean)

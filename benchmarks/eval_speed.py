@@ -14,7 +14,7 @@ adapter), the same tokenized pairs and the same batch size, in one process:
 
     padded   what evaluate.py did until 2026-12: prompt+chosen and prompt+rejected as separate rows, right-padded to
              the longest in each batch of `batch_size` rows, log-softmax over the vocabulary at every position
-    packed   evaluate._pair_logps: packing.py's shared-prompt layout (each prompt once, no padding between pairs,
+    packed   evaluate._pair_logps: speed/packing.py's shared-prompt layout (each prompt once, no padding between pairs,
              rows of up to 2 x max_length tokens, batch_size / 2 rows a forward), LM head on the scored tokens only
 
 Prints seconds, pairs/s, the tokens each forward ran on (padding included), the largest difference between the two
@@ -43,7 +43,7 @@ from dpo_pipeline.generation import generate_answer, generate_answers  # noqa: E
 from dpo_pipeline import model as model_lib  # noqa: E402
 from dpo_pipeline.args import HH_SAMPLE, resolve  # noqa: E402
 from dpo_pipeline.judge import judge_decoding  # noqa: E402
-from dpo_pipeline.packing import pack_batch, pack_rows, pair_segment  # noqa: E402
+from dpo_pipeline.speed.packing import pack_batch, pack_rows, pair_segment  # noqa: E402
 from dpo_pipeline.prepare import prepare_data  # noqa: E402
 
 

@@ -5,6 +5,7 @@ data      load and clean preference pairs (hh-rlhf, UltraFeedback, local files);
 prepare   the data a run uses, in the model's prompt format; model: tokenizer, offline checkpoints, 4-bit, LoRA
 pipeline  run(config): one DPO run with TRL's DPOTrainer, evaluated, written to its run folder (runs)
 refcache  reference log-probs cached on disk across runs; evaluate, judge, stats: what DPO changed, with intervals
+speed     the speed levers, opt-in (packing, token-sized forwards, the CPU LM head); trl_private: TRL privates used
 generation  answers to prompts, the same draws for any model (for the judge and a sweep's samples)
 sweep     grids of runs, resume after a crash, the best run; workbook, report: the Excel workbook and plots
 hub, card, chat  push an adapter with its model card; load one for the Streamlit app

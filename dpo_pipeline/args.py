@@ -76,15 +76,13 @@ class RunArguments:
     judge_prompts: int = field(default=32, metadata={"help": "judged prompts (validation, else test split)"})
     log_completions: int = field(default=2, metadata={
         "help": "answers to this many fixed validation prompts at every evaluation (0: none)"})
-    # speed levers (speed.py): opt-in
+    # speed levers (speed/): opt-in
     trainer: str = field(default="tuned", metadata={
         "help": "tuned: reference log-probs cached on disk across runs + the levers below | trl: TRL's DPOTrainer"})
     packing: bool = field(default=True, metadata={
         "help": "tuned: each pair one sequence with its prompt once; pairs share rows, no padding"})
     micro_batch_tokens: int = field(default=0, metadata={
         "help": "tuned + packing: > 0 splits each step into forwards of at most this many packed positions"})
-    compile_model: bool = field(default=False, metadata={
-        "help": "torch.compile the transformer stack inside training steps (one graph for all shapes)"})
 
 
 def _classes():
@@ -107,7 +105,7 @@ PROJECT_DEFAULTS = {
     "ddp_find_unused_parameters": False,  # every LoRA weight is used each step: skip DDP's extra graph walk
     "num_train_epochs": 1.0,
     "learning_rate": 5e-5,
-    "optim": "adamw_torch",  # TRL's fused AdamW is a GPU lever (bench.py measures it); plain AdamW everywhere else
+    "optim": "adamw_torch",  # plain AdamW: fused AdamW has no measured gain (benchmarks/README.md)
 }
 # Old names (before the settings were TRL's own) and what replaced them, for "did you mean".
 RENAMED = {

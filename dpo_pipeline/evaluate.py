@@ -24,7 +24,7 @@ from .chat import load_adapter, resolve_adapter
 from .chat_template import as_text
 from .model import load_tokenizer
 from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judge
-from .packing import attention_mask, pack_batch, pack_rows, pair_segment
+from .speed.packing import attention_mask, pack_batch, pack_rows, pair_segment
 from .refcache import base_model_fingerprint  # the hash the reference cache keys on
 from .prepare import prepare_data, tokenize_pairs
 from .runs import read_run

@@ -182,8 +182,10 @@ def lora_config(model, model_args: ModelConfig | None = None, **lora) -> LoraCon
     targets) builds a ModelConfig for tests and inspection."""
     model_args = model_args or ModelConfig(use_peft=True, **{LORA_ALIASES.get(k, k): v for k, v in lora.items()})
     targets = model_args.lora_target_modules or LORA_TARGETS.get(model.config.model_type, "all-linear")
+    if isinstance(targets, str) and targets != "all-linear":
+        # ModelConfig turns a one-name list into a string, which peft would read as a regex over whole module paths
+        targets = [targets]
     config = get_peft_config(dataclasses.replace(model_args, lora_target_modules=targets))
-    # ModelConfig turns a one-name list into a string, which peft reads as a regex over whole module paths.
     config.target_modules = targets
     # GPT-2 stores weights as Conv1D (in x out); peft needs fan_in_fan_out for those, not for Linear/Linear4bit.
     config.fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in model.modules())

@@ -24,13 +24,13 @@ from transformers import TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer
 
 from . import model as model_lib
+from . import speed
 from .args import Settings
 from .chat_template import as_text, with_prompt_format
 from .data import PreferenceData
 from .evaluate import preference_eval
 from .judge import JudgeError, judged_generations, load_judge, pairwise_accuracy, proxy_judge
 from .prepare import prepare_data
-from .refcache import CachedRefDPOTrainer
 from .runs import RunRecord, write_json_atomic, write_run_start
 from .tracking import CompletionsCallback, report_to
 
@@ -72,49 +72,23 @@ class StopOnNonFiniteLoss(TrainerCallback):
             raise FloatingPointError(f"non-finite training loss ({loss}) at step {state.global_step}")
 
 
-class CompileTransformerStack(TrainerCallback):
-    """`compile_model`: the base model's transformer stack (GPT2Model, LlamaModel: embeddings, blocks with their LoRA
-    layers, final norm) runs torch.compile'd, with dynamic shapes, inside training steps; evaluations and answers
-    between steps, and everything after training, run eagerly (generation would compile graphs of its own).
-    Not Trainer's `torch_compile`, which compiles the whole PEFT model: peft's forward hooks and TRL's LM head (a
-    data-dependent mask) cut it into 15 graphs, and packed rows of new shapes recompile it twice before it turns
-    dynamic. Measured on this CPU (tiny GPT-2, 4 packed pairs a forward, 8 steps): one graph, no recompiles, 10 s
-    to compile against 130 s, the same losses."""
-
-    def __init__(self, model):
-        self.stack = model.get_base_model().base_model
-        self.compiled = torch.compile(self.stack.forward, dynamic=True)  # compiles at its first call
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.stack.forward = self.compiled
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.stack.__dict__.pop("forward", None)  # the class's eager forward again
-
-
 def build_trainer(settings: Settings, data: PreferenceData, tokenizer=None) -> DPOTrainer:
     """A DPOTrainer for these settings: the base model (4-bit when asked), LoRA from a peft_config (TRL's reference
-    is then the same model with the adapter disabled: one copy of the weights)."""
+    is then the same model with the adapter disabled: one copy of the weights); `trainer: tuned` adds the reference
+    cache and the speed levers the settings ask for (speed/)."""
     run, args, model_args = settings.run, training_args(settings), settings.model
     set_seed(args.seed)
     tokenizer = tokenizer or model_lib.load_tokenizer(model_args.model_name_or_path)
     base = model_lib.prepare_for_training(model_lib.load_base_model(model_args), args.gradient_checkpointing)
-    tuned = dict(packing=run.packing, micro_batch_tokens=run.micro_batch_tokens) if run.trainer == "tuned" else {}
-    trainer = (CachedRefDPOTrainer if tuned else DPOTrainer)(
+    trainer_class, levers = speed.trainer_for(run)
+    trainer = trainer_class(
         model=base, ref_model=None, args=args, train_dataset=pairs_to_train(data.train, args, run.split_seed),
         eval_dataset=data.monitor, processing_class=tokenizer, callbacks=[StopOnNonFiniteLoss()],
-        peft_config=model_lib.lora_config(base, model_args), **tuned,
+        peft_config=model_lib.lora_config(base, model_args), **levers,
     )
-    if run.compile_model:
-        trainer.add_callback(CompileTransformerStack(trainer.model))
     if run.log_completions > 0:
         trainer.add_callback(CompletionsCallback(trainer, data.monitor["prompt"][:run.log_completions],
                                                  max_new_tokens=48, run_config=settings.to_dict()))
-    if run.trainer == "tuned" and not torch.cuda.is_available():
-        # TRL casts 4-bit (QLoRA) adapters to bf16, the GPU recipe; a CPU without native bf16 runs it ~3x slower.
-        for param in trainer.model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
     return trainer
 
 

@@ -7,14 +7,13 @@ precomputes them (`precompute_ref_log_probs=True`) but keys its cache by a hash 
 included, in a temporary folder: no two sweep runs share it. `CachedRefDPOTrainer` keeps them in
 ``<DPO_REF_CACHE or cache_dir()/ref_logps>/<key>.safetensors``, written atomically (by rank 0 under data parallelism).
 
-It overrides one private TRL method, `_precompute_ref_logps(dataset, name, batch_size)`, and `lean_lm_head` (CPU
-only) patches two TRL globals; tests/test_refcache.py fails when the pinned TRL changes either.
+It overrides one private TRL method, `_precompute_ref_logps(dataset, name, batch_size)` (trl_private.py names it;
+tests/test_trl_private.py fails when the pinned TRL changes it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -29,7 +28,6 @@ from datasets import Dataset
 from trl import DPOTrainer
 
 from .args import cache_dir
-from .packing import PackingCollator, add_packed_forward
 
 CACHE_FORMAT = 2  # bump when what is stored, or how it is computed, changes
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -119,24 +117,14 @@ def preserved_rng():
 class CachedRefDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer whose precomputed reference log-probs are kept on disk and shared between runs.
 
-    `ref_cache_events`: per split, its key, pairs, whether it was a hit, seconds. Also on a CPU, the LM head scores
-    only the completion tokens (`lean_lm_head`), as TRL does on GPUs; `packing=True` trains and precomputes on
-    shared-prompt packed rows (packing.py), and `micro_batch_tokens` sizes the training forwards by packed tokens.
-    """
+    `ref_cache_events`: per split, its key, pairs, whether it was a hit, seconds. The speed levers are a subclass of
+    this one (speed/trainer.py)."""
 
-    LEAN_LM_HEAD = True  # a class switch, for measuring (benchmarks/bench.py)
-
-    def __init__(self, *args, ref_cache_dir: str | Path | None = None, packing: bool = False,
-                 micro_batch_tokens: int = 0, **kwargs):
+    def __init__(self, *args, ref_cache_dir: str | Path | None = None, **kwargs):
         self.ref_cache_path = Path(ref_cache_dir or os.environ.get("DPO_REF_CACHE", cache_dir() / "ref_logps"))
         self.ref_cache_events: list[dict] = []
         self._base_fingerprint: str | None = None
-        self.packing, self.micro_batch_tokens = packing, micro_batch_tokens
         super().__init__(*args, **kwargs)
-        if micro_batch_tokens and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            # their backward steps the optimizer (DeepSpeed) or reduces gradients on every chunk of a step
-            raise ValueError("micro_batch_tokens trains without DeepSpeed or FSDP; use micro_batch_size")
-        self._use_packing()
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """Pairs prepare.py already tokenized with this same TRL code (trl_private.prepare_dpo_dataset) are taken as
@@ -144,64 +132,6 @@ class CachedRefDPOTrainer(DPOTrainer):
         if all(c in dataset.column_names for c in TOKEN_COLUMNS):
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-    def _use_packing(self) -> None:
-        """Packed batches from the collator, and a model forward that takes them; once, before the first forward
-        (TRL's __init__ precomputes the reference log-probs after it has given the model its fused LM head)."""
-        if not self.packing or isinstance(self.data_collator, PackingCollator):
-            return
-        if self.args.truncation_mode != "keep_start":
-            raise ValueError("packing keeps the start of long pairs: set truncation_mode='keep_start' or packing=False")
-        model = self.accelerator.unwrap_model(self.model)
-        for lm in (model.get_base_model() if hasattr(model, "get_base_model") else model, self.ref_model):
-            if lm is not None:
-                add_packed_forward(lm)
-        self.data_collator = PackingCollator(self.data_collator, self.args.max_length)
-
-    def get_train_dataloader(self):
-        """With `micro_batch_tokens`, the training batches (not the evaluations' or the reference's, which run
-        without gradients) come split into forwards of at most that many packed positions."""
-        if not self.micro_batch_tokens:
-            return super().get_train_dataloader()
-        whole = self.data_collator
-        self.data_collator = functools.partial(whole, token_budget=self.micro_batch_tokens)
-        try:
-            return super().get_train_dataloader()
-        finally:
-            self.data_collator = whole
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """A batch split by tokens runs one forward and backward per chunk, each loss weighted by its share of the
-        batch's pairs (Trainer divides by `current_gradient_accumulation_steps`): the step's gradient and logged
-        loss are the whole batch's, for the loss types that average over pairs (all but sft's token mean and aot's
-        sort across the batch, as with micro_batch_size). TRL's metrics of the chunks are merged the same way.
-        Written here because Trainer accumulates over a fixed number of equal micro-batches."""
-        if "chunks" not in inputs:
-            return super().training_step(model, inputs, num_items_in_batch)
-        chunks, steps = inputs["chunks"], self.current_gradient_accumulation_steps
-        pairs = [len(chunk["input_ids"]) // 2 for chunk in chunks]
-        metrics = self._metrics["train"]
-        logged = {key: len(values) for key, values in metrics.items()}
-        loss = 0.0
-        try:
-            for chunk, n in zip(chunks, pairs):
-                self.current_gradient_accumulation_steps = steps * sum(pairs) / n
-                loss = loss + super().training_step(model, chunk, num_items_in_batch)
-        finally:
-            self.current_gradient_accumulation_steps = steps
-        for key, values in metrics.items():  # one entry a chunk -> one for the batch, weighted by pairs
-            start = logged.get(key, 0)
-            if len(values) - start == len(chunks):
-                values[start:] = [sum(v * n for v, n in zip(values[start:], pairs)) / sum(pairs)]
-        return loss
-
-    def _track_num_input_tokens(self, inputs):
-        for chunk in inputs.get("chunks", [inputs]):
-            super()._track_num_input_tokens(chunk)
-
-    def floating_point_ops(self, inputs) -> int:  # Trainer's `total_flos`, over a split batch's chunks too
-        flops = super().floating_point_ops
-        return sum(flops(chunk) for chunk in inputs.get("chunks", [inputs]))
 
     def _key_parts(self, dataset: Dataset) -> dict:
         import trl
@@ -218,13 +148,12 @@ class CachedRefDPOTrainer(DPOTrainer):
             "data": token_fingerprint(dataset), "max_length": self.args.max_length,
             "truncation_mode": self.args.truncation_mode, "ld_alpha": self.ld_alpha,
             "precision": [str(param.dtype), self.args.bf16, self.args.fp16, json.dumps(quant, default=str)],
-            "device": self.accelerator.device.type, "packing": self.packing,  # the same values, other rounding
+            "device": self.accelerator.device.type,
         }
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         from accelerate.utils import broadcast_object_list
 
-        self._use_packing()
         start = time.perf_counter()
         parts = self._key_parts(dataset)
         key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -262,57 +191,10 @@ class CachedRefDPOTrainer(DPOTrainer):
         model, values = self.ref_model or self.model, []
         for batch in tqdm(loader, desc=f"Reference log-probs ({name})",
                           disable=not self.accelerator.is_local_main_process):
-            with torch.no_grad(), self._lm_head_context(batch):
+            with torch.no_grad():
                 values.append(torch.stack(self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch)))
                               .float().cpu())
         chosen, rejected = torch.empty(len(dataset)), torch.empty(len(dataset))
         index = torch.from_numpy(order)
         chosen[index], rejected[index] = torch.cat(values, dim=1)
         return chosen, rejected
-
-    def _lm_head_context(self, inputs):
-        if not self.LEAN_LM_HEAD or self.accelerator.device.type != "cpu":  # (counting a CUDA mask would sync)
-            return contextlib.nullcontext()
-        mask = inputs.get("completion_mask") if isinstance(inputs, dict) else None
-        return lean_lm_head(self.accelerator.device, int(mask.sum()) if mask is not None else None)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        with self._lm_head_context(inputs):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-
-LEAN_TILE_ELEMENTS = 2**24  # tokens x vocabulary columns per tile: 64 MB per fp32 temporary
-LEAN_VOCAB_TILE_RANGE = (4096, 32768)  # narrower tiles cost per-tile overhead (4 s vs 1.4 s on the tiny model)
-
-
-def lean_vocab_tile(n_tokens: int | None) -> int:
-    """The widest power-of-two vocabulary tile whose temporaries stay within LEAN_TILE_ELEMENTS."""
-    low, high = LEAN_VOCAB_TILE_RANGE
-    tile = low
-    while n_tokens and tile * 2 <= high and tile * 2 * n_tokens <= LEAN_TILE_ELEMENTS:
-        tile *= 2
-    return tile if n_tokens else high
-
-
-@contextlib.contextmanager
-def lean_lm_head(device: torch.device, n_tokens: int | None = None):
-    """TRL's fused LM head as it runs on GPUs, on a CPU: only the completion positions are projected.
-
-    TRL 1.16 computes per-token log-probs in vocabulary tiles. With Triton (CUDA, XPU) it projects only the positions
-    that have a label; elsewhere every position, prompt and padding included, in 32768-wide tiles. Measured on the
-    2-core CPU: 1.36x faster, 44% less memory. A no-op off the CPU or if TRL's globals are not where 1.16 has them.
-    """
-
-    import trl.trainer.utils as trl_utils
-
-    if device.type != "cpu" or not hasattr(trl_utils, "_use_triton") \
-            or not hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
-        yield
-        return
-    saved = trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
-    trl_utils._use_triton = lambda d: d.type == "cpu" or saved[0](d)  # in trl.trainer.utils: "score compactly"
-    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(saved[1], lean_vocab_tile(n_tokens))
-    try:
-        yield
-    finally:
-        trl_utils._use_triton, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = saved

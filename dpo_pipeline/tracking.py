@@ -23,13 +23,14 @@ from trl.trainer.callbacks import LogCompletionsCallback
 def report_to(setting: str | list[str] | None) -> list[str]:
     """The trackers TRL should report to (DPOConfig's report_to: a name, names joined by commas, or a list). The
     default TensorBoard is dropped, with one line saying so, when the tensorboard package is missing (training must
-    not fail for want of a log viewer)."""
+    not fail for want of a log viewer). No tracker is an empty list, what TrainingArguments makes of "none" (set after
+    it, as pipeline.training_args does, a ["none"] is refused by transformers)."""
     setting = ",".join(setting) if isinstance(setting, list) else setting or "none"
     names = [n.strip() for n in setting.split(",") if n.strip() and n.strip() != "none"]
     if "tensorboard" in names and not is_tensorboard_available():
         print("tracking: tensorboard is not installed (pip install tensorboard): not logging to it", flush=True)
         names.remove("tensorboard")
-    return names or ["none"]
+    return names
 
 
 def tensorboard_writer(trainer):

@@ -1,4 +1,4 @@
-"""Shared-prompt packing (packing.py): the packed rows give TRL the same labels, log-probs and losses as TRL's own
+"""Shared-prompt packing (speed/packing.py): the packed rows give TRL the same labels, log-probs and losses as TRL's own
 padded [chosen; rejected] batches, for GPT-2 (learned positions) and Llama (rotary positions), sdpa and eager."""
 
 import random
@@ -10,8 +10,8 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
 from dpo_pipeline.args import ConfigError, parse
-from dpo_pipeline.packing import IGNORE, PackingCollator, add_packed_forward, forward_groups
-from dpo_pipeline.pipeline import build_trainer, run
+from dpo_pipeline.pipeline import build_trainer
+from dpo_pipeline.speed.packing import IGNORE, PackingCollator, add_packed_forward, forward_groups
 from dpo_pipeline.synthetic import get_synthetic
 
 # (prompt, chosen, rejected) lengths: ordinary pairs, no prompt, no rejected, no chosen, and pairs cut by max_length
@@ -170,36 +170,3 @@ def test_micro_batch_tokens_needs_packing_one_process_and_no_accumulation(tiny_g
 def test_packing_refuses_keep_end_truncation(tiny_gpt2):
     with pytest.raises(ConfigError, match="truncation_mode keep_start or packing false"):
         parse(dict(model_name_or_path=tiny_gpt2, truncation_mode="keep_end"))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("load_in_4bit", [False, True])  # 4-bit: the base a GPU user compiles (bitsandbytes' ops)
-def test_compile_model_trains_packed_rows_of_every_shape_in_one_graph(tiny_gpt2, tmp_path, load_in_4bit):
-    from torch._dynamo.utils import counters
-
-    synthetic = get_synthetic(n_pairs=60, seed=0)
-    losses, shapes = {}, []
-
-    def record_shapes(trainer):
-        collate = trainer.data_collator
-
-        def collator(examples):
-            batch = collate(examples)
-            shapes.append(tuple(batch["packed"]["input_ids"].shape))
-            return batch
-
-        trainer.data_collator = collator
-
-    torch._dynamo.reset()
-    counters.clear()  # reset() keeps them: the graphs of an earlier test would count here
-    for compiled in (False, True):
-        config = parse(dict(model_name_or_path=tiny_gpt2, load_in_4bit=load_in_4bit, learning_rate=1e-3,
-                            per_device_train_batch_size=4, max_steps=4, max_length=48, logging_steps=1, eval_steps=2,
-                            bf16=False, compile_model=compiled, output_dir=str(tmp_path / f"c{compiled}"),
-                            report_to="none", log_completions=1))
-        record = run(config, synthetic, setup=record_shapes if compiled else None)
-        losses[compiled] = [e["loss"] for e in record.log_history if "loss" in e]
-    assert len(set(shapes)) >= 3, shapes  # the packed rows changed shape from step to step ...
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # ... and one graph trained them all
-    assert losses[True] == pytest.approx(losses[False], abs=1e-4), losses
-    assert record.completions and record.evaluation  # answers while training and the evaluation after it ran too

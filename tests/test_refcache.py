@@ -1,10 +1,9 @@
 """Reference log-probs cached on disk (refcache.py): miss then hit across runs that differ only in LoRA/optimizer
 settings, values equal to TRL's own computation, invalidation when a key part changes, atomic files, a sweep whose
-second run reuses the first run's reference, and a guard on the TRL internals refcache relies on. Real tiny GPT-2,
-real TRL trainer, no mocks."""
+second run reuses the first run's reference (the TRL internals it relies on: tests/test_trl_private.py). Real tiny
+GPT-2, real TRL trainer, no mocks."""
 
 import dataclasses
-import inspect
 import json
 
 import pytest
@@ -16,6 +15,7 @@ from dpo_pipeline.evaluate import pair_logps
 from dpo_pipeline.args import parse
 from dpo_pipeline.pipeline import build_trainer
 from dpo_pipeline.refcache import REF_COLUMNS, CachedRefDPOTrainer, base_model_fingerprint
+from dpo_pipeline.speed.trainer import SpeedDPOTrainer
 from dpo_pipeline.sweep import run_sweep
 from dpo_pipeline.synthetic import get_synthetic
 
@@ -46,7 +46,8 @@ def _events(trainer):
 @pytest.mark.slow  # builds trainers (reference precompute), trains
 def test_miss_then_hit_across_lr_rank_seed_and_targets(tiny_gpt2, pairs, cache, tmp_path):
     first = build_trainer(_config(tiny_gpt2, tmp_path), pairs)
-    assert isinstance(first, CachedRefDPOTrainer) and first.args.precompute_ref_log_probs
+    assert isinstance(first, SpeedDPOTrainer) and isinstance(first, CachedRefDPOTrainer)
+    assert first.args.precompute_ref_log_probs
     misses = _events(first)
     assert set(misses) == {"train", "eval"} and not any(e["hit"] for e in misses.values())
     files = sorted(p.name for p in cache.iterdir())
@@ -84,19 +85,6 @@ def test_miss_then_hit_across_lr_rank_seed_and_targets(tiny_gpt2, pairs, cache, 
     # Training on the cached values works.
     second.train()
     assert second.state.global_step == 2 and "loss" in second.state.log_history[0]
-
-
-def test_trl_internals_that_refcache_relies_on_are_there():
-    """Fails when the pinned TRL changes what refcache overrides or patches (update refcache.py then)."""
-    import trl
-    import trl.trainer.utils as trl_utils
-    from trl import DPOTrainer
-
-    assert list(inspect.signature(DPOTrainer._precompute_ref_logps).parameters) == [
-        "self", "dataset", "name", "batch_size"]
-    assert "_precompute_ref_logps(" in inspect.getsource(DPOTrainer.__init__)  # TRL still calls it at construction
-    assert callable(trl_utils._use_triton) and isinstance(trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, int)
-    assert trl.__version__ == "1.16.0"
 
 
 @pytest.mark.slow  # builds trainers (reference precompute), trains
