@@ -83,9 +83,11 @@ CPU_LEVERS = {
     "tuned, whole batch per forward, no packing": dict(pairs_per_forward=WHOLE, packing=False),
     "tuned, TRL's CPU LM head": dict(lean_lm_head=False),
 }
-GPU_LEVERS = {  # the GPU's sizes of the kept levers
+GPU_LEVERS = {  # the GPU's sizes of the kept levers, and two DPOConfig settings only a GPU can judge (no code here)
     "tuned, 4 pairs per forward": dict(pairs_per_forward=4),
     "tuned, forwards of at most 2,048 tokens": dict(micro_batch_tokens=2048, pairs_per_forward=WHOLE),
+    "tuned + Trainer's torch_compile": dict(torch_compile=True),  # the whole PEFT model
+    "tuned, fused AdamW": dict(optim="adamw_torch_fused"),  # TRL's default optimizer
 }
 # (direction, bound) per target: the CPU set of the first speed issue, the GPU set of issue 12 (an H100, `full`)
 TARGETS = {"tuned_vs_seed": (">=", 4.0), "tuned_vs_trl": (">=", 1.5), "sweep_vs_4_trl_runs": ("<=", 0.75),

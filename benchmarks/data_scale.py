@@ -83,14 +83,12 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--write-only", str(path), "--pairs", str(args.pairs)], check=True)
         make_s = time.perf_counter() - t0
 
-        from trl import DPOConfig
-
         from dpo_pipeline import data
         from dpo_pipeline.model import load_tokenizer
-        from dpo_pipeline.prepare import clean_tokens
+        from dpo_pipeline.prepare import clean_tokens, tokenization_args
 
         tokenizer = load_tokenizer("offline:gpt2-tiny")  # the real GPT-2 tokenizer, with its Human/Assistant template
-        dpo_args = DPOConfig(output_dir=tmp, max_length=args.max_length, report_to="none", use_cpu=True)
+        dpo_args = tokenization_args(args.max_length)
         rss_start = peak_rss_mb()  # imports (torch, transformers, datasets) and the tokenizer
         (t0, c0) = time.perf_counter(), time.process_time()
         prefs = data.load_preferences(str(path))

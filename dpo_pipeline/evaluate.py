@@ -16,7 +16,6 @@ from collections import OrderedDict
 import torch
 import xxhash  # comes with datasets
 from datasets import concatenate_datasets
-from trl import DPOConfig
 
 from .args import field_names, parse
 from .card import base_model_of
@@ -26,7 +25,7 @@ from .model import load_tokenizer
 from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judge
 from .speed.packing import attention_mask, pack_batch, pack_rows, pair_segment
 from .refcache import base_model_fingerprint  # the hash the reference cache keys on
-from .prepare import prepare_data, tokenize_pairs
+from .prepare import prepare_data, tokenization_args, tokenize_pairs
 from .runs import read_run
 from .stats import TIE_TOLERANCE, _share, length_shares, wilson_interval
 
@@ -35,8 +34,7 @@ def token_ids(tokenizer, pairs, max_length: int | None) -> list[tuple[list[int],
     """(prompt ids, chosen ids, rejected ids) of each pair as TRL's DPOTrainer tokenizes it: the pairs' own token
     columns (prepared data), else TRL's tokenization of them now (which drops a pair whose prompt fills max_length)."""
     if "prompt_ids" not in pairs.column_names:
-        pairs = tokenize_pairs(pairs, tokenizer, DPOConfig(output_dir="unused", max_length=max_length,
-                                                           report_to="none", use_cpu=not torch.cuda.is_available()))
+        pairs = tokenize_pairs(pairs, tokenizer, tokenization_args(max_length))
     return list(zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"]))
 
 

@@ -21,6 +21,12 @@ TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _PREPARED: "OrderedDict[tuple, PreferenceData]" = OrderedDict()  # a sweep prepares each distinct data once
 
 
+def tokenization_args(max_length: int | None, truncation_mode: str = "keep_start") -> SimpleNamespace:
+    """What DPOTrainer._prepare_dataset reads of its DPOConfig (trl_private.py), without building one: a new
+    DPOConfig resets accelerate's process-wide state, which a trainer alive in this process still uses."""
+    return SimpleNamespace(max_length=max_length, truncation_mode=truncation_mode, dataset_num_proc=None)
+
+
 def tokenize_pairs(pairs, tokenizer, args, name: str = "pairs"):
     """The pairs as TRL's DPOTrainer tokenizes them for `args` (DPOConfig: max_length, truncation_mode), pairs whose
     prompt alone fills max_length dropped by TRL itself: its own prompt_ids / chosen_ids / rejected_ids, added to

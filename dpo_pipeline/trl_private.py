@@ -29,7 +29,9 @@ TABLE = (
     Private("trl.DPOTrainer", "_prepare_dataset", "prepare.tokenize_pairs (calls, through prepare_dpo_dataset), "
             "refcache.CachedRefDPOTrainer (overrides: tokenized pairs are not tokenized again)",
             "TRL's own tokenization of preference pairs (chat template, where the completion starts, the "
-            "prompt_too_long filter): cleaning counts are taken on its token ids, not on a second implementation",
+            "prompt_too_long filter): cleaning counts are taken on its token ids, not on a second implementation; "
+            "of `self` it reads only _tokenizer, of `args` max_length, truncation_mode and dataset_num_proc "
+            "(prepare.tokenization_args)",
             params=("self", "dataset", "processing_class", "args", "dataset_name"),
             source=("trl.DPOTrainer._prepare_dataset", "self._tokenizer.eos_token")),
     Private("trl.DPOTrainer", "_precompute_ref_logps", "refcache.CachedRefDPOTrainer, speed.trainer (overrides)",

@@ -10,8 +10,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from trl import DPOConfig
-
 from dpo_pipeline.data import (
     CleaningReport, DataError, PreferenceData, detect_schema, get_hh_rlhf, get_ultrafeedback, load_preferences,
     load_rows, split_hh_transcript,
@@ -20,7 +18,7 @@ from dpo_pipeline.args import shared_data_dir
 from dpo_pipeline import data
 from dpo_pipeline.chat_template import HUMAN_ASSISTANT, as_text, format_name, with_prompt_format
 from dpo_pipeline.model import gpt2_tokenizer
-from dpo_pipeline.prepare import clean_tokens, tokenize_pairs
+from dpo_pipeline.prepare import clean_tokens, tokenization_args, tokenize_pairs
 
 HERE = Path(__file__).parent / "data"
 HH = shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"
@@ -45,8 +43,8 @@ def pairs(data: PreferenceData) -> list[dict]:
     return out
 
 
-def args(max_length: int) -> DPOConfig:
-    return DPOConfig(output_dir="unused", max_length=max_length, report_to="none", use_cpu=True)
+def args(max_length: int):
+    return tokenization_args(max_length)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 from dpo_pipeline.judge import (JudgeError, judged_generations, load_judge, pairwise_accuracy, score,
                                 train_proxy_reward_model)
 from dpo_pipeline.model import add_lora, load_base_model, load_tokenizer, lora_config
+from dpo_pipeline.chat_template import as_text
 from dpo_pipeline.synthetic import get_synthetic
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,19 +30,21 @@ def _length_balanced(split):
     Here every other rejected answer keeps only its first three words (still shouted), which makes it the shorter."""
     def shorten(row, index):
         if index % 2:
-            row["rejected"] = " " + " ".join(row["rejected"].split()[:3]) + "!!!"
+            row["rejected"] = [{"role": "assistant", "content": " ".join(row["rejected"][0]["content"].split()[:3])
+                                + "!!!"}]
         return row
     return split.map(shorten, with_indices=True)
 
 
+@pytest.mark.slow  # trains a reward model
 def test_proxy_reward_model_learns_the_rule_not_the_length(tiny_gpt2, tmp_path):
     data = get_synthetic(n_pairs=300, seed=0)
     folder = train_proxy_reward_model(data.train, tiny_gpt2, tmp_path / "rm", max_length=64, max_steps=60,
                                       learning_rate=1e-3, seed=0)  # trained on the train split, where shorter wins
     assert (folder / "config.json").exists() and (folder / "tokenizer_config.json").exists()
-    held_out = _length_balanced(data.test)
+    held_out = as_text(_length_balanced(data.test), load_tokenizer(tiny_gpt2))  # as the model reads them
     result = pairwise_accuracy(load_judge(folder), held_out)
-    n = len(held_out)
+    n = len(held_out["prompt"])
     assert result["pairs"] == n and result["accuracy"] == result["wins"] / n
     length_heuristic = max(result["shorter_accuracy"], result["longer_accuracy"])
     assert length_heuristic < 0.65  # near chance on these pairs ...
