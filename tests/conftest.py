@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_pipeline.config import shared_data_dir
+from dpo_pipeline.args import shared_data_dir
 
 HH_FILE = shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"
 UF_FILE = shared_data_dir() / "ultrafeedback-style" / "dpo-en-demo.jsonl"
