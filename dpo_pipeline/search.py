@@ -1,18 +1,8 @@
-"""Model-based sweep search: Optuna's TPE sampler, with median pruning, over a sweep file's `space:`.
-
-    search: tpe
-    trials: 24                      # finished (or pruned) trials the study should reach
-    space:
-      learning_rate: {low: 1.0e-5, high: 1.0e-3, log: true}
-      beta: {low: 0.05, high: 0.5}
-      loss_type: [sigmoid, ipo]     # a list: a choice
-
-The study lives in a database: SQLite under results/ by default, or any SQLAlchemy URL (`storage:`, e.g.
-postgresql://host/db) so several processes, GPUs and machines share one study; start the same sweep command in each.
-A trial is an ordinary sweep run (sweep.run_tpe runs it with sweep.run_sweep: its folder, lock and record), so a
-study's runs are read, plotted and published like a grid's. Optuna's heartbeat marks the trial of a worker that died
-(SIGKILL, preemption) as failed and queues its settings again; they resolve to the same run folder, so the cut-off
-run is redone, never duplicated. The workbook is rebuilt from the run records, never from the database.
+"""The sweep's Optuna study, which sweep.run_spec drives: a GridSampler over a grid's runs (or its random draws) or
+TPE over `space:` (suggest), median pruning (PruneLaggingRun), and the database the study lives in: SQLite under
+results/ (a study per sweep file) or any SQLAlchemy URL (`storage:`), so several processes, GPUs and machines share
+one study. Optuna's heartbeat fails the trial of a worker that died (SIGKILL, preemption) and queues its settings
+again: the same run folder, so the cut-off run is redone, never duplicated.
 """
 
 from __future__ import annotations
@@ -67,8 +57,9 @@ def shown_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True) if "://" in url else url
 
 
-def open_study(spec, results_dir: Path) -> optuna.Study:
-    """The sweep's study, created on first use; every worker that opens it shares its trials."""
+def open_study(spec, results_dir: Path, runs: list[str] = ()) -> optuna.Study:
+    """The sweep's study, created on first use; every worker that opens it shares its trials. `runs`: the run ids
+    of a grid or random sweep, which its GridSampler picks from."""
     results_dir.mkdir(parents=True, exist_ok=True)
     url = spec.storage or f"sqlite:///{(results_dir / 'optuna.db').resolve()}"
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the heartbeat's notice
@@ -80,10 +71,15 @@ def open_study(spec, results_dir: Path) -> optuna.Study:
         )
     except (ImportError, ValueError, SQLAlchemyError) as err:  # no driver, a bad URL, no server
         raise ConfigError(f"cannot open the study storage {shown_url(url)}: {str(err).splitlines()[0]}") from None
-    # Each worker its own seed: two workers with one seed would propose the same settings. TPE's default of 10
-    # random trials would be all of a small study; it models the results after a third of the trials (at least 2).
-    sampler = optuna.samplers.TPESampler(seed=(spec.sample_seed * 1_000_003 + os.getpid()) % 2**32,
-                                         n_startup_trials=max(2, spec.trials // 3))
+    if spec.search == "tpe":
+        # Each worker its own seed: two workers with one seed would propose the same settings. TPE's default of 10
+        # random trials would be all of a small study; it models the results after a third of the trials (at least 2).
+        sampler = optuna.samplers.TPESampler(seed=(spec.sample_seed * 1_000_003 + os.getpid()) % 2**32,
+                                             n_startup_trials=max(2, spec.trials // 3))
+    else:  # Its choices are run ids, not values: random draws are no product of values, and the study's grid is
+        # exactly the runs these settings (overrides included) make. Every worker one seed: trial n makes run n of
+        # the shuffled grid, the same run in each of them.
+        sampler = optuna.samplers.GridSampler({"run": list(runs)}, seed=spec.sample_seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if spec.prune else optuna.pruners.NopPruner()
     return optuna.create_study(study_name=spec.study, storage=storage, sampler=sampler, pruner=pruner,
                                direction="maximize", load_if_exists=True)

@@ -1,16 +1,15 @@
-"""Sweep stage: a grid (or random draws from it, or Optuna's TPE search) of run configs, each run once, with a
-durable record per run.
+"""Sweep stage: the runs of a sweep file, each trained once with a durable record, picked by one Optuna study.
 
     python -m dpo_pipeline sweep configs/sweeps/smoke.yaml      # run or resume a sweep, then rebuild the report
-    python -m dpo_pipeline sweep configs/sweeps/tpe_smoke.yaml  # a TPE study; start it in several shells to share it
+    python -m dpo_pipeline sweep configs/sweeps/tpe_smoke.yaml  # start it in several shells: they share the study
 
-A sweep file names the profile it starts from, `base:` settings every run shares and a `grid:` of values (any
-setting, by its DPOConfig / ModelConfig / RunArguments name), or `search: tpe` with `trials:` and a `space:` of
-ranges (search.py). Each run lives in
-`results/runs/<run-id>/`, the id a hash of its config. Its `record.json` is written atomically when the run ends,
-finished or failed, so a sweep killed at any moment and started again skips the runs that have a record and redoes
-the one that was cut off. A lock file per run lets several sweep processes
-share one results folder: a run locked by a live process is waited for, a dead process's lock is taken over.
+A sweep file names the profile it starts from, `base:` settings every run shares, and a `grid:` of values (any
+setting by its DPOConfig / ModelConfig / RunArguments name: every combination, or `random_samples:` of them) or
+`search: tpe`, `trials:` and a `space:` of ranges. Each is a sampler of one study (search.py) that drives one
+objective (run_spec). A run lives in `results/runs/<run-id>/` (a hash of its settings); its `record.json`, written
+atomically when it ends, is the truth: a run with a record is never trained again (a sweep killed at any moment and
+started again redoes only the run cut off), and the workbook is rebuilt from the records. A lock file per run lets
+several sweep processes share one results folder: a run a live process holds is waited for, a dead one's taken over.
 """
 
 from __future__ import annotations
@@ -39,13 +38,20 @@ class SweepSpec:
     profile: str = "auto"  # the profile the sweep starts from (data, model, defaults)
     control: bool = False  # also train the best run's settings on the random-weight twin of its base model
     best_by: str = "reward_accuracy"  # or "win_rate": the judged win rate (runs need a `judge`), runs.BEST_RULES
-    search: str = "grid"  # grid (random draws when random_samples > 0) | tpe: Optuna's TPE over `space`
+    search: str = "grid"  # grid | random (when random_samples > 0) | tpe: Optuna's TPE over `space`
     trials: int = 0  # tpe: finished or pruned trials to reach, all workers together
     space: dict = field(default_factory=dict)  # tpe: field -> [choices] or {low, high, log}
-    prune: bool = True  # tpe: stop a run whose validation reward accuracy lags the median at an evaluation
-    storage: str | None = None  # tpe: SQLAlchemy URL of the study; None: sqlite in the results folder
-    study: str | None = None  # tpe: the study's name; None: the sweep file's name
-    heartbeat_seconds: int = 60  # tpe: a trial silent for twice this is a dead worker's, and is run again
+    # Stop a run whose validation reward accuracy lags the median of the study's runs at an evaluation. Unset: on
+    # for tpe; off for grid and random, whose runs (and so results) would otherwise change.
+    prune: bool | None = None
+    storage: str | None = None  # SQLAlchemy URL of the study; None: sqlite in the results folder (optuna.db)
+    study: str = "sweep"  # the study's name; from a file: the file's name
+    heartbeat_seconds: int = 60  # a trial silent for twice this is a dead worker's, and is run again
+
+    def __post_init__(self):  # `search` names the sampler; `search: random` without draws is the whole grid, as before
+        if self.search in ("grid", "random"):
+            self.search = "random" if self.random_samples else "grid"
+        self.prune = self.search == "tpe" if self.prune is None else self.prune
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SweepSpec":
@@ -75,17 +81,16 @@ class SweepSpec:
             raise ConfigError(f"{where}: search must be grid, random or tpe, got {self.search!r}")
         if self.search == "tpe" and (not self.space or self.trials < 1 or self.grid):
             raise ConfigError(f"{where}: search tpe needs 'trials' (> 0) and a 'space' of ranges, and no 'grid'")
-        values = {name: v for name, v in self.grid.items()}
+        values = dict(self.grid)
         for name, v in self.space.items():
             if not (isinstance(v, list) and v or isinstance(v, dict) and {"low", "high"} <= set(v)):
                 raise ConfigError(f"{where}: space field '{name}' needs a list of choices or {{low: .., high: ..}}")
             values[name] = v if isinstance(v, list) else [v["low"], v["high"]]
-        for name, choices in values.items():
-            if not isinstance(choices, list) or not choices:
-                raise ConfigError(f"{where}: grid field '{name}' needs a non-empty list of values")
         # Every value parsed once with the sweep's base, so a mistake names the sweep file before any run starts.
         base = self.base_config(where=where)[0]
         for name, choices in values.items():
+            if not isinstance(choices, list) or not choices:
+                raise ConfigError(f"{where}: grid field '{name}' needs a non-empty list of values")
             for value in choices:
                 parse({**base.values, name: value}, where)
 
@@ -120,28 +125,22 @@ def run_one(settings: Settings, data=None, **run_kwargs) -> RunRecord:
     return record
 
 
-def run_sweep(configs: list[Settings], data=None, poll_seconds: float = 2.0, search: dict | None = None,
-              **run_kwargs) -> list[dict]:
-    """Run every config that has no record yet; wait for runs other processes hold. Returns all their records.
-    `data` defaults to each config's own prepared data (prepared once per distinct data settings); `search` says
-    which search made the runs (kept in each record; a pruned run's record has status "pruned")."""
-    search = search or {"method": "grid"}
-    pending = list(configs)
-    while pending:
-        waiting = []
-        for i, config in enumerate(pending, 1):
-            folder = Path(config.dpo.output_dir)
-            label = f"[{folder.name}] {i}/{len(pending)}"
-            if (folder / "record.json").exists():
-                print(f"{label} already done: skipped")
-                continue
-            lock = RunLock(folder)
-            if not lock.acquire():
-                waiting.append(config)
-                continue
-            try:
-                if (folder / "record.json").exists():  # finished by another process since we looked
-                    continue
+def make_run(config: Settings, data=None, search: dict | None = None, number: tuple[int, int] = (1, 1),
+             poll_seconds: float = 2.0, **run_kwargs) -> dict:
+    """The run's record: read when it has one, else trained (on `data`, default its own) and saved; a run a live
+    process holds is waited for. `search` goes in the record; `number`: (i, n), its place in the printed lines."""
+    folder, search, waited = Path(config.dpo.output_dir), search or {"method": "grid"}, False
+    lock = RunLock(folder)
+    while not (folder / "record.json").exists():
+        if not lock.acquire():  # another sweep process trains it: its record will come
+            if not waited:
+                print(f"[{folder.name}] held by another sweep process: waiting for its record", flush=True)
+            waited = True
+            time.sleep(poll_seconds)
+            continue
+        try:
+            if not (folder / "record.json").exists():  # (it may have been made since we looked)
+                label = f"[{folder.name}] {number[0]}/{number[1]}"
                 print(f"{label} training: {describe(config)}", flush=True)
                 record = run_one(config, data, **run_kwargs)
                 record.search = dict(search)
@@ -149,71 +148,77 @@ def run_sweep(configs: list[Settings], data=None, poll_seconds: float = 2.0, sea
                     record.status = "pruned"
                 record.save(folder / "record.json")
                 print(f"{label} {record.status}" + (f": {record.error}" if record.error else "")
-                      + time_spent(record.timings_s, left=len(pending) - i), flush=True)
-            finally:
-                lock.release()
-        if waiting:
-            print(f"waiting for {len(waiting)} run(s) held by another sweep process ...")
-            time.sleep(poll_seconds)
-        pending = waiting
-    return load_records([Path(c.dpo.output_dir) for c in configs])
+                      + time_spent(record.timings_s, left=number[1] - number[0]), flush=True)
+        finally:
+            lock.release()
+    return load_records([folder])[0]
 
 
-def run_tpe(spec: SweepSpec, base: Settings, runs_dir: Path, results_dir: Path) -> list[dict]:
-    """Trials until the study has `spec.trials` finished or pruned ones (other workers' count too); returns the
-    records of every run the study made, whichever worker ran it."""
+def run_sweep(configs: list[Settings], data=None, **kwargs) -> list[dict]:
+    """make_run for each config in turn; their records."""
+    return [make_run(c, data, number=(i, len(configs)), **kwargs) for i, c in enumerate(configs, 1)]
+
+
+def run_spec(spec: SweepSpec, results_dir: str | Path, *overrides: dict) -> list[dict]:
+    """Run (or resume, or join) the sweep a spec describes, plus its control; return the records of its runs.
+    The sweep command and the notebook both call this. Its study makes every run of a grid (or of the draws), or
+    `trials` finished or pruned TPE trials, all workers together."""
     import optuna
 
     from .search import COUNTED, PruneLaggingRun, open_study, suggest
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own lines per run
-    study = open_study(spec, results_dir)
+    runs_dir = Path(results_dir) / "runs"
+    base = spec.base_config(*overrides)[0]
+    grid = {} if spec.search == "tpe" else {Path(c.dpo.output_dir).name: c for c in spec.configs(runs_dir, *overrides)}
+    study, total = open_study(spec, Path(results_dir), list(grid)), len(grid) or spec.trials
+
+    def made() -> int:  # the sweep's runs made so far, all workers together
+        if grid:
+            return sum((runs_dir / i / "record.json").exists() for i in grid)
+        return len(study.get_trials(deepcopy=False, states=COUNTED))
 
     def objective(trial: optuna.Trial) -> float:
-        config = base.replace(**suggest(trial, spec.space))
-        config = config.replace(output_dir=str(runs_dir / run_id(config)))
+        if grid:
+            config = grid[trial.suggest_categorical("run", list(grid))]
+        else:
+            config = base.replace(**suggest(trial, spec.space))
+            config = config.replace(output_dir=str(runs_dir / run_id(config)))
         trial.set_user_attr("run_id", run_id(config))
-        search = {"method": "tpe", "study": spec.study, "trial": trial.number}
-        print(f"trial {trial.number}:", flush=True)
-        [record] = run_sweep([config], search=search, setup=lambda t: t.add_callback(PruneLaggingRun(trial, search)))
+        search = {"method": spec.search, "study": spec.study, "trial": trial.number}
+        # A run with a record (another trial's, another worker's, an earlier sweep's) is read, not trained again.
+        record = make_run(config, search=search, number=(made() + 1, total),
+                          setup=lambda trainer: trainer.add_callback(PruneLaggingRun(trial, search)))
         if record["status"] == "pruned":
             raise optuna.TrialPruned(f"lagging at step {record['search'].get('pruned_at_step')}")
         return rule_value(record, spec.best_by)  # NaN (a failed run) makes a failed trial
 
-    left = spec.trials - len(study.get_trials(deepcopy=False, states=COUNTED))
-    if left > 0:  # MaxTrialsCallback: stop when the workers together reach `trials`
-        study.optimize(objective, n_trials=left, callbacks=[optuna.study.MaxTrialsCallback(spec.trials, COUNTED)])
-    ids = dict.fromkeys(t.user_attrs["run_id"] for t in study.get_trials(deepcopy=False) if "run_id" in t.user_attrs)
-    return load_records([runs_dir / i for i in ids])
-
-
-def run_spec(spec: SweepSpec, results_dir: str | Path, *overrides: dict) -> list[dict]:
-    """Run (or resume, or join) the sweep a spec describes, plus its control; return the records of its runs.
-    The sweep command and the notebook both call this."""
-    results_dir = Path(results_dir)
-    if spec.search == "tpe":
-        base = spec.base_config(*overrides)[0]
-        records = run_tpe(spec, base, results_dir / "runs", results_dir)
-        configs = {r["run_id"]: parse(r["config"]) for r in records}
+    if made():
+        print(f"{made()} of the sweep's {total} runs are made already (they are not trained again)")
+    if made() < total and not (grid and study.sampler.is_exhausted(study)):
+        # A GridSampler stops the study when each run has had a trial; TPE stops when the workers reach `trials`.
+        study.optimize(objective, n_trials=None if grid else total - made(),
+                       callbacks=None if grid else [optuna.study.MaxTrialsCallback(spec.trials, COUNTED)])
+    if grid:  # A run whose trial ended with no record (stopped by Ctrl-C, its folder deleted since) is made here,
+        # outside the study; one another worker still trains is waited for: each worker reports the whole grid.
+        records = run_sweep(list(grid.values()), search={"method": spec.search})
     else:
-        method = "random" if spec.random_samples else "grid"
-        configs = {run_id(c): c for c in spec.configs(results_dir / "runs", *overrides)}
-        records = run_sweep(list(configs.values()), search={"method": method})
+        trials = study.get_trials(deepcopy=False)
+        records = load_records([runs_dir / i for i in dict.fromkeys(t.user_attrs.get("run_id") for t in trials) if i])
     best = pick_best(records, spec.best_by)
     if spec.control and best:  # the control: the best settings on a random-weight model, beside it in the workbook
-        records += run_sweep([control_of(configs[best["run_id"]])], search={"method": "control"})
+        records += run_sweep([control_of(parse(best["config"]))], search={"method": "control"})
     return records
 
 
 def search_info(spec: SweepSpec) -> dict:
     """How the sweep searched, for the workbook's Summary (a database password never reaches the file)."""
-    if spec.search != "tpe":
-        return {"search": "random" if spec.random_samples else "grid", "grid": spec.grid}
     from .search import shown_url
 
-    storage = shown_url(spec.storage) if spec.storage else "sqlite (results)"
-    return {"search": "tpe (Optuna)" + (", median pruning" if spec.prune else ""), "study": spec.study,
-            "storage": storage, "trials": spec.trials, "space": spec.space}
+    tpe = spec.search == "tpe"
+    return {"search": ("tpe (Optuna)" if tpe else spec.search) + (", median pruning" if spec.prune else ""),
+            "study": spec.study, "storage": shown_url(spec.storage) if spec.storage else "sqlite (results)",
+            **({"trials": spec.trials, "space": spec.space} if tpe else {"grid": spec.grid})}
 
 
 def time_spent(timings: dict, left: int) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import openpyxl
+import optuna
 import pytest
 import torch
 import yaml
@@ -16,6 +18,7 @@ import yaml
 from dpo_pipeline import args as settings_lib, runs, sweep
 from dpo_pipeline.synthetic import get_synthetic
 from dpo_pipeline.args import ConfigError, parse
+from dpo_pipeline.prepare import prepare_data
 
 TINY_RUN = dict(max_steps=3, eval_steps=3, logging_steps=1, per_device_train_batch_size=4, max_length=48,
                 load_in_4bit=False)
@@ -107,28 +110,85 @@ def test_sweep_file_values_take_their_settings_types(tmp_path):
         assert str(err.value).startswith(f"{path}: ") and wanted in str(err.value), str(err.value)
 
 
+def fake_training(monkeypatch, interrupt_at: int = 0) -> list[str]:
+    """sweep.run_one without training: a finished record whose reward accuracy is the run's beta. Returns the ids
+    of the runs it was asked for, in order; the `interrupt_at`-th is stopped by Ctrl-C."""
+    asked = []
+
+    def run_one(settings, data=None, **run_kwargs):
+        asked.append(Path(settings.dpo.output_dir).name)
+        if len(asked) == interrupt_at:
+            raise KeyboardInterrupt
+        return runs.RunRecord(config=settings.to_dict(), status="finished", run_id=asked[-1],
+                              final_eval={"rewards/accuracies": settings.dpo.beta, "loss": 0.5})
+    monkeypatch.setattr(sweep, "run_one", run_one)
+    return asked
+
+
+def trials(results: Path, study: str = "sweep") -> list:
+    return optuna.load_study(study_name=study, storage=f"sqlite:///{results / 'optuna.db'}").trials
+
+
+def test_grid_and_random_are_one_study_that_makes_each_run_once(tmp_path, monkeypatch, capsys):
+    asked = fake_training(monkeypatch)
+    spec = sweep.SweepSpec(grid={"learning_rate": [1e-3, 1e-4], "beta": [0.1, 0.5]}, base={"max_steps": 5},
+                           profile="smoke", control=True)
+    assert spec.prune is False and sweep.SweepSpec(search="tpe").prune is True  # pruning would change grid results
+    ids = sorted(Path(c.dpo.output_dir).name for c in spec.configs(tmp_path))
+    records = sweep.run_spec(spec, tmp_path / "grid")
+    out = capsys.readouterr().out
+    assert sorted(asked[:4]) == ids and sorted(re.findall(r"\] (\d)/4 training: ", out)) == ["1", "2", "3", "4"]
+    assert [t.params["run"] for t in trials(tmp_path / "grid")] == asked[:4]  # a trial a run
+    best = max(records[:4], key=lambda r: r["final_eval"]["rewards/accuracies"])
+    assert records[4]["run_id"] == best["run_id"] + "-control" and records[4]["search"] == {"method": "control"}
+    assert {r["search"]["method"] for r in records[:4]} == {"grid"}
+
+    assert len(sweep.run_spec(spec, tmp_path / "grid")) == 5  # run again: nothing trained, the study left as it was
+    assert len(asked) == 5 and len(trials(tmp_path / "grid")) == 4
+    assert "4 of the sweep's 4 runs are made already (they are not trained again)" in capsys.readouterr().out
+
+    drawn = sweep.SweepSpec(grid=spec.grid, base=spec.base, random_samples=3, sample_seed=1, profile="smoke")
+    asked.clear()
+    records = sweep.run_spec(drawn, tmp_path / "random")
+    assert sorted(asked) == sorted(Path(c.dpo.output_dir).name for c in drawn.configs(tmp_path))  # today's draws
+    assert len(records) == 3 and {r["search"]["method"] for r in records} == {"random"}
+
+
+def test_a_run_stopped_by_ctrl_c_is_redone_and_only_it(tmp_path, monkeypatch):
+    spec = sweep.SweepSpec(grid={"learning_rate": [1e-3, 5e-4, 2e-4]}, profile="smoke")
+    asked = fake_training(monkeypatch, interrupt_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_spec(spec, tmp_path)
+    first, stopped = asked
+    assert not list((tmp_path / "runs").glob("*/.lock"))  # the lock is given back
+    asked = fake_training(monkeypatch)
+    records = sweep.run_spec(spec, tmp_path)  # the study has counted the stopped trial as done: it is made anyway
+    assert stopped in asked and first not in asked and len(asked) == 2 and len(records) == 3
+
+
 @pytest.mark.slow
 def test_sweep_records_failures_and_goes_on_then_skips_on_restart(tiny_gpt2, tmp_path, capsys):
-    data = get_synthetic(n_pairs=100, seed=0)
-    # a learning rate of 1e30 is a valid setting that fails while training (a non-finite loss)
-    spec = sweep.SweepSpec(grid={"learning_rate": [1e-3, 1e30], "beta": [0.1, 0.2]},
-                           base={**TINY_RUN, "model_name_or_path": tiny_gpt2}, profile="smoke")
-    configs = spec.configs(tmp_path / "runs")
-    records = sweep.run_sweep(configs, data)
+    # a learning rate of 1e30 is a valid setting that fails while training (a non-finite loss). No judge: a proxy
+    # judge trained in this process (this model's is never cached) leaves accelerate's state without bf16, and on a
+    # CPU with native bf16 the next run then fails ("AcceleratorState has already been initialized"), a bug apart.
+    spec = sweep.SweepSpec(grid={"learning_rate": [1e-3, 1e30], "beta": [0.1, 0.2]}, profile="smoke",
+                           base={**TINY_RUN, "model_name_or_path": tiny_gpt2, "max_pairs": 100, "judge": "none"})
+    records = sweep.run_spec(spec, tmp_path)
     assert len(records) == 4
     by_status = {s: [r for r in records if r["status"] == s] for s in ("finished", "failed")}
     assert len(by_status["finished"]) == 2 and len(by_status["failed"]) == 2
     for failed in by_status["failed"]:
         assert "non-finite" in failed["error"] and "\n" not in failed["error"]
+    test_pairs = len(prepare_data(spec.base_config()[0]).test)
     for done in by_status["finished"]:
-        assert done["train_steps"] == 3 and done["evaluation"]["pairs"] == len(data.test)
+        assert done["train_steps"] == 3 and done["evaluation"]["pairs"] == test_pairs
         assert 0 <= done["evaluation"]["reward_accuracy"] + done["evaluation"]["reward_ties"] <= 1
         assert done["base_evaluation"]["reward_ties"] == 1.0  # the base is its own reference
 
     mtimes = {d: (d / "record.json").stat().st_mtime_ns for d in run_dirs(tmp_path)}
     capsys.readouterr()
-    sweep.run_sweep(configs, data)  # a restart: everything has a record, nothing is trained again
-    assert "training" not in capsys.readouterr().out
+    sweep.run_spec(spec, tmp_path)  # a restart: everything has a record, nothing is trained again
+    assert "training" not in capsys.readouterr().out and len(trials(tmp_path)) == 4  # no trial added either
     assert {d: (d / "record.json").stat().st_mtime_ns for d in run_dirs(tmp_path)} == mtimes
 
     best = runs.pick_best(records)
@@ -174,7 +234,7 @@ def test_a_failed_run_hands_its_gpu_memory_back_before_the_next(tiny_gpt2, tmp_p
 @pytest.mark.slow
 def test_sigkill_mid_run_then_restart_gives_exactly_one_row_per_config(tmp_path):
     steps = 300 if torch.cuda.is_available() else 8  # a run on a GPU must last long enough to be killed mid-way
-    spec = write_spec(tmp_path / "sweep.yaml", {"learning_rate": [1e-3, 5e-4, 2e-4]}, steps=steps)
+    spec = write_spec(tmp_path / "sweep.yaml", {"learning_rate": [1e-3, 5e-4, 2e-4]}, steps=steps, heartbeat_seconds=1)
     results = tmp_path / "results"
     # Kill it while a run is in progress after at least one finished: a lock and no record in some run folder.
     done, running = kill_while_a_run_trains(sweep_cmd(spec, results), results, after_one_finished=True)
@@ -189,6 +249,8 @@ def test_sigkill_mid_run_then_restart_gives_exactly_one_row_per_config(tmp_path)
     assert sorted(r["config"]["learning_rate"] for r in records) == [2e-4, 5e-4, 1e-3]
     assert all(r["status"] == "finished" and r["train_steps"] == steps for r in records)
     assert {d: (d / "record.json").read_bytes() for d in done} == first_done  # finished runs were not redone
+    # the study's heartbeat failed the dead worker's trial and queued its run again (the same folder)
+    assert any(t.state == optuna.trial.TrialState.FAIL and t.params["run"] == killed_run.name for t in trials(results))
 
     sheet = openpyxl.load_workbook(results / "sweep_results.xlsx")["Runs"]
     ids = [row[0] for row in sheet.iter_rows(min_row=2, values_only=True) if row[0] in {r["run_id"] for r in records}]
