@@ -168,11 +168,11 @@ def test_a_run_stopped_by_ctrl_c_is_redone_and_only_it(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_sweep_records_failures_and_goes_on_then_skips_on_restart(tiny_gpt2, tmp_path, capsys):
-    # a learning rate of 1e30 is a valid setting that fails while training (a non-finite loss). No judge: a proxy
-    # judge trained in this process (this model's is never cached) leaves accelerate's state without bf16, and on a
-    # CPU with native bf16 the next run then fails ("AcceleratorState has already been initialized"), a bug apart.
+    # a learning rate of 1e30 is a valid setting that fails while training (a non-finite loss). The smoke profile's
+    # proxy judge is trained in this process (fp32 on a CPU) between DPO runs that autocast to bf16 where the CPU
+    # has it natively: each run builds its own DPOConfig, which resets accelerate's process-wide state.
     spec = sweep.SweepSpec(grid={"learning_rate": [1e-3, 1e30], "beta": [0.1, 0.2]}, profile="smoke",
-                           base={**TINY_RUN, "model_name_or_path": tiny_gpt2, "max_pairs": 100, "judge": "none"})
+                           base={**TINY_RUN, "model_name_or_path": tiny_gpt2, "max_pairs": 100, "judge_prompts": 2})
     records = sweep.run_spec(spec, tmp_path)
     assert len(records) == 4
     by_status = {s: [r for r in records if r["status"] == s] for s in ("finished", "failed")}
