@@ -118,6 +118,7 @@ def export_command(*args) -> subprocess.CompletedProcess:
                           text=True, cwd=ROOT, timeout=300)
 
 
+@pytest.mark.slow  # starts a process
 def test_command_exits_2_with_one_line_for_a_bad_adapter_and_merges_a_good_one(run, tmp_path):
     for args in ([tmp_path / "missing"], [run, "--dtype", "int8"]):  # a mistake in the folder, then in a flag
         proc = export_command(*args)
@@ -131,6 +132,7 @@ def test_command_exits_2_with_one_line_for_a_bad_adapter_and_merges_a_good_one(r
     assert (tmp_path / "merged" / "model.safetensors").exists()
 
 
+@pytest.mark.slow  # starts a process
 def test_push_sends_the_merged_model_to_its_own_repo_that_transformers_loads(run, merged, tmp_path):
     code = ("import sys; from dpo_pipeline.hub import push_adapter; "
             "print(push_adapter(sys.argv[1], sys.argv[2], merged_dir=sys.argv[3]))")

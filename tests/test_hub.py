@@ -71,6 +71,7 @@ def one_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # starts a process
 def test_push_then_download_by_repo_id_loads_the_same_adapter(hub, adapter, tmp_path):
     before = folder_hash(adapter)
     pushed = run_client(PUSH.format(kw=", private=False"), adapter, f"{USER}/tiny-dpo", endpoint=hub.url,
@@ -127,6 +128,7 @@ print(f"loaded {len(pushed)} tensors, identical to the pushed ones")
     assert written and not [p for p in written if TOKEN.encode() in p.read_bytes()]
 
 
+@pytest.mark.slow  # starts a process
 def test_private_push_of_a_bare_name_goes_to_the_token_owner(hub, adapter, tmp_path):
     line = one_line(run_client(PUSH.format(kw=", private=True"), adapter, "tiny-private", endpoint=hub.url,
                                home=tmp_path / "hf", token=TOKEN))
@@ -140,6 +142,7 @@ def test_private_push_of_a_bare_name_goes_to_the_token_owner(hub, adapter, tmp_p
     assert json.loads(urllib.request.urlopen(request, timeout=5).read())["peft_type"] == "LORA"
 
 
+@pytest.mark.slow  # starts a process
 def test_missing_token_is_skipped_in_one_line_and_leaves_the_adapter_untouched(hub, adapter, tmp_path):
     before, served = folder_hash(adapter), len(hub.log)
     line = one_line(run_client(PUSH.format(kw=""), adapter, f"{USER}/no-token", endpoint=hub.url,
@@ -148,6 +151,7 @@ def test_missing_token_is_skipped_in_one_line_and_leaves_the_adapter_untouched(h
     assert folder_hash(adapter) == before and f"{USER}/no-token" not in hub.repos and len(hub.log) == served
 
 
+@pytest.mark.slow  # starts a process
 def test_unreachable_hub_is_skipped_in_one_line(adapter, tmp_path):
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
@@ -159,6 +163,7 @@ def test_unreachable_hub_is_skipped_in_one_line(adapter, tmp_path):
     assert TOKEN not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow  # starts a process
 def test_rejected_token_or_namespace_fails_in_one_line_without_echoing_it(hub, adapter, tmp_path):
     wrong = "hf_" + secrets.token_hex(17)  # not the double's token
     proc = run_client(PUSH.format(kw=""), adapter, f"{USER}/wrong-token", endpoint=hub.url, home=tmp_path / "hf",
@@ -172,6 +177,7 @@ def test_rejected_token_or_namespace_fails_in_one_line_without_echoing_it(hub, a
     assert line.startswith("Push to someone-else/adapter failed: the token has no write access")
 
 
+@pytest.mark.slow  # starts a process
 def test_run_files_holding_the_token_are_not_pushed(hub, adapter, tmp_path):
     folder = tmp_path / "leaky"
     shutil.copytree(adapter, folder)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "dpo_pipeline"
 NAME = PACKAGE.name
 
@@ -112,6 +114,7 @@ def test_no_import_cycles():
     assert not cycles, "import cycles in dpo_pipeline: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+@pytest.mark.slow  # starts a process
 def test_card_and_hub_import_without_torch():
     """Writing a model card or checking the Hub must not pay for torch's import."""
     code = ("import sys; import dpo_pipeline.card, dpo_pipeline.hub, dpo_pipeline.hf; "

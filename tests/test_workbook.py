@@ -305,6 +305,7 @@ def test_plots_are_real_pngs(sweep, tmp_path):
     assert len(plot_history(records[0]["log_history"]).axes) == 3  # the notebook's inline figure still works
 
 
+@pytest.mark.slow  # starts a process
 def test_render_script_reports_missing_tools(sweep, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_workbook.py"), str(sweep["path"]),
                            str(tmp_path)], capture_output=True, text=True, env={**os.environ, "PATH": str(tmp_path)})
@@ -313,6 +314,7 @@ def test_render_script_reports_missing_tools(sweep, tmp_path):
 
 @pytest.mark.skipif(shutil.which("soffice") is None or shutil.which("pdftoppm") is None,
                     reason="needs LibreOffice and poppler: apt-get install -y libreoffice-calc poppler-utils")
+@pytest.mark.slow  # starts a process
 def test_render_to_pdf_and_png(sweep, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_workbook.py"), str(sweep["path"]),
                            str(tmp_path)], capture_output=True, text=True, timeout=300)
