@@ -26,7 +26,7 @@ class Private(NamedTuple):
 
 
 TABLE = (
-    Private("trl.DPOTrainer", "_prepare_dataset", "prepare.tokenize_pairs (calls, through prepare_dpo_dataset), "
+    Private("trl.DPOTrainer", "_prepare_dataset", "trl_private.prepare_dpo_dataset (calls it for prepare.py), "
             "refcache.CachedRefDPOTrainer (overrides: tokenized pairs are not tokenized again)",
             "TRL's own tokenization of preference pairs (chat template, where the completion starts, the "
             "prompt_too_long filter): cleaning counts are taken on its token ids, not on a second implementation; "

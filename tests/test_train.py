@@ -147,17 +147,14 @@ def test_a_max_steps_run_tokenizes_and_scores_only_the_pairs_it_trains_on(tiny_g
     train = trainer.train_dataset
     assert len(train) == 3 * 4 < len(synthetic.train)  # 3 steps x 4 pairs, not the 320-pair split
     assert trainer.ref_cache_events[0] == {**trainer.ref_cache_events[0], "split": "train", "pairs": 12, "hit": False}
-    known = {tuple(r) for r in zip(synthetic.train["prompt"], synthetic.train["chosen"], synthetic.train["rejected"])}
-    eos = trainer.processing_class.eos_token  # TRL ends each completion with it
-    drawn = [(p, c.removesuffix(eos), r.removesuffix(eos)) for p, c, r in zip(train["prompt"], train["chosen"],
-                                                                              train["rejected"])]
+    rows = lambda split: [json.dumps(r) for r in zip(split["prompt"], split["chosen"], split["rejected"])]
+    known, drawn = set(rows(synthetic.train)), rows(train)  # the conversational pairs, as given
     assert len(set(drawn)) == 12 and set(drawn) <= known
-    head = list(zip(*(synthetic.train[c][:12] for c in ("prompt", "chosen", "rejected"))))
-    assert drawn != head  # drawn at random, not the first 12
+    assert drawn != rows(synthetic.train)[:12]  # drawn at random, not the first 12
     # Another seed and learning rate: the same pairs, so the reference cached by the first run is found.
     other = build_trainer(parse({**settings, "seed": 7, "learning_rate": 1e-3, "output_dir": str(tmp_path / "b")}),
                           synthetic)
-    assert other.train_dataset["prompt"] == [d[0] for d in drawn]
+    assert rows(other.train_dataset) == drawn
     assert other.ref_cache_events[0]["hit"]
     trainer.train()
     assert trainer.state.global_step == 3 and trainer.state.epoch == pytest.approx(1.0)  # each pair once
