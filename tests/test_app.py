@@ -45,6 +45,7 @@ def assert_healthy(at: AppTest):
     assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
 
 
+@pytest.mark.slow  # loads a model into the app and generates
 def test_chat_turns_stream_answers_in_the_training_format(monkeypatch, adapter, loaded):
     at = start(monkeypatch, adapter)
     assert_healthy(at)
@@ -67,6 +68,7 @@ def test_chat_turns_stream_answers_in_the_training_format(monkeypatch, adapter, 
     assert [m.name for m in at.chat_message] == ["user", "assistant"] * 2
 
 
+@pytest.mark.slow  # loads a model into the app and generates
 def test_side_by_side_base_and_adapter_answer_the_same_prompt(monkeypatch, adapter, loaded):
     at = start(monkeypatch, adapter)
     at.chat_input[0].set_value("Give me one fact about the moon.").run()
@@ -80,6 +82,7 @@ def test_side_by_side_base_and_adapter_answer_the_same_prompt(monkeypatch, adapt
     assert captions[2].startswith("Answered in ")
 
 
+@pytest.mark.slow  # loads a model into the app and generates
 def test_generate_button_answers_a_single_prompt_with_the_controls(monkeypatch, adapter, loaded):
     at = start(monkeypatch, adapter)
     at.sidebar.slider[1].set_value(0.0)  # temperature 0: greedy
@@ -94,6 +97,7 @@ def test_generate_button_answers_a_single_prompt_with_the_controls(monkeypatch, 
     assert at.session_state.history == []  # a single prompt is not part of the chat
 
 
+@pytest.mark.slow  # loads a model into the app and generates
 def test_long_input_is_limited_and_old_turns_go_first(monkeypatch, adapter):
     at = start(monkeypatch, adapter)
     at.toggle(key="compare").set_value(False)

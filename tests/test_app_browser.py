@@ -80,6 +80,7 @@ def app_url(tmp_path_factory):
             log.close()
 
 
+@pytest.mark.slow  # starts the app and Chromium
 def test_chat_in_a_real_browser(app_url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
