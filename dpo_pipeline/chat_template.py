@@ -20,7 +20,6 @@ HUMAN_ASSISTANT = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
 )
-PROMPT_FORMATS = ("auto", "text", "chat")
 
 
 def with_prompt_format(tokenizer, prompt_format: str = "auto"):

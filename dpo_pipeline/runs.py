@@ -37,7 +37,6 @@ BEST_RULES = {
     "win_rate": f"highest judged win rate against the base model on prompts from {EVALUATED_SPLIT}, then highest "
                 "reward accuracy there",
 }
-BEST_RULE = BEST_RULES["reward_accuracy"]
 
 
 @dataclass
