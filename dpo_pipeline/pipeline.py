@@ -50,11 +50,11 @@ def training_args(settings: Settings) -> DPOConfig:
 
 def pairs_to_train(train, args: DPOConfig, split_seed: int):
     """The pairs a `max_steps` run trains on: max_steps x pairs per step (all processes) drawn from `train` with the
-    split's seed, or all of `train` when the run needs them all. TRL tokenizes and the reference precompute scores
-    every pair it is given, and its sampler then draws the run's pairs at random: the `cpu` profile trains on 48 of
-    1,262 pairs and spent 781 s scoring all of them (33 s for the 48) against 112 s of training; `sweep_full.yaml`
-    trains on 16,000 of hh-rlhf's 160,800. Drawn with the split's seed, not the training seed, so runs that differ in seed, learning
-    rate or beta train on the same pairs and share one cached reference."""
+    split's seed, or all of `train` when the run needs them all. The reference precompute scores every pair the
+    trainer is given, and its sampler then draws the run's pairs at random: the `cpu` profile trains on 48 of 1,262
+    pairs and spent 781 s scoring all of them (33 s for the 48) against 112 s of training; `configs/sweeps/full.yaml`
+    trains on 16,000 of hh-rlhf's 160,800. Drawn with the split's seed, not the training seed, so runs that differ in
+    seed, learning rate or beta train on the same pairs and share one cached reference."""
     if args.max_steps <= 0:
         return train
     needed = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
