@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
           f"lora_checksum={float(torch.stack(lora).sum()) if lora else 0.0:.6f}", flush=True)
     if trainer.is_world_process_zero():
         print(json.dumps(record.to_dict(), default=str) if as_json else summary(record, trainer), flush=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank leaves together and shuts its process group down, rather than at interpreter exit, where a
+        # rank still holding the group's threads can abort ("terminate called without an active exception")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 
