@@ -17,7 +17,6 @@ Every value is checked here, before a model or a dataset is loaded; a mistake is
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import os
@@ -284,9 +283,10 @@ def check_values(s: Settings, where: str = "settings") -> None:
         (run.packing and run.trainer == "tuned" and dpo.truncation_mode != "keep_start",
          "packing keeps the start of long pairs: set truncation_mode keep_start or packing false"),
     ]
-    unknown = [t for t in dpo.loss_type if t not in loss_types()]
+    known = loss_types()
+    unknown = [t for t in dpo.loss_type if t not in known]
     problems.append((bool(unknown), f"unknown loss_type {unknown[0] if unknown else ''!r}; TRL knows "
-                                    f"{', '.join(sorted(loss_types()))}"))
+                                    f"{', '.join(sorted(known))}"))
     for failed, message in problems:
         if failed:
             _raise(f"{where}: {message}")

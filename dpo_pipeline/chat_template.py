@@ -8,6 +8,8 @@ all render prompts with `tokenizer.apply_chat_template`, and the template is sav
 
 from __future__ import annotations
 
+import os
+
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 # Written by hand because no library ships the hh-rlhf format as a template. A system message is text before the
 # first Human turn (a later one is a Human turn); an empty message is its marker alone.
@@ -46,20 +48,18 @@ def prompt_text(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
 
 
-def completion_text(tokenizer, prompt: list[dict], completion: list[dict]) -> str:
-    """What the template writes for the answer after the prompt (with its end-of-turn token)."""
-    head = prompt_text(tokenizer, prompt)
+def completion_text(tokenizer, prompt: list[dict], completion: list[dict], head: str | None = None) -> str:
+    """What the template writes for the answer after the prompt (with its end-of-turn token); `head` is the prompt
+    already rendered. A template that renders a prompt differently once an answer follows it: from where they part."""
+    head = prompt_text(tokenizer, prompt) if head is None else head
     whole = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
-    # Templates that render a prompt differently once an answer follows it: the answer from where they part
-    cut = len(head) if whole.startswith(head) else next(
-        (i for i, (a, b) in enumerate(zip(head, whole)) if a != b), min(len(head), len(whole)))
-    return whole[cut:]
+    return whole[len(os.path.commonprefix([head, whole])):]
 
 
 def as_text(pairs, tokenizer) -> dict[str, list[str]]:
     """prompt / chosen / rejected columns of conversational pairs as the text the model reads (for reward models and
     reports, which take text)."""
-    prompts, chosen, rejected = list(pairs["prompt"]), list(pairs["chosen"]), list(pairs["rejected"])
-    return {"prompt": [prompt_text(tokenizer, p) for p in prompts],
-            "chosen": [completion_text(tokenizer, p, c) for p, c in zip(prompts, chosen)],
-            "rejected": [completion_text(tokenizer, p, r) for p, r in zip(prompts, rejected)]}
+    prompts = list(pairs["prompt"])
+    heads = [prompt_text(tokenizer, p) for p in prompts]  # each prompt rendered once, for both of its answers
+    answers = lambda side: [completion_text(tokenizer, p, c, h) for p, c, h in zip(prompts, pairs[side], heads)]
+    return {"prompt": heads, "chosen": answers("chosen"), "rejected": answers("rejected")}
