@@ -68,6 +68,9 @@ class RunArguments:
     split_seed: int = field(default=42, metadata={"help": "seed of the train/test split and of the pairs drawn"})
     prompt_format: str = field(default="auto", metadata={
         "help": "auto: the model's chat template if it has one, else Human/Assistant text | text | chat"})
+    shuffled_labels: bool = field(default=False, metadata={
+        "help": "the label control: swap chosen and rejected of each training pair with probability 1/2 (seeded by "
+                "split_seed); validation and test pairs keep their real labels"})
     # after training
     judge: str | None = field(default=None, metadata={
         "help": "judged generations: 'proxy' (a reward model trained on the train split), a Hub reward model id, "

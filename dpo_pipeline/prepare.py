@@ -5,6 +5,7 @@ Shared by the run (pipeline.py), the sweep and the evaluation command (evaluate.
 from __future__ import annotations
 
 import copy
+import random
 from collections import OrderedDict
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from .synthetic import get_synthetic
 from .trl_private import prepare_dpo_dataset
 
 DATA_FIELDS = ("dataset_name", "data_dir", "max_pairs", "max_eval_pairs", "validation_pairs", "test_fraction",
-               "split_seed", "prompt_format")  # what the prepared data depends on, with the model and max_length
+               "split_seed", "prompt_format", "shuffled_labels")  # what the prepared data depends on, with the model and max_length
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _PREPARED: "OrderedDict[tuple, PreferenceData]" = OrderedDict()  # a sweep prepares each distinct data once
 
@@ -57,6 +58,16 @@ def clean_tokens(data: PreferenceData, tokenizer, args) -> PreferenceData:
     return PreferenceData(splits["train"], splits["test"], report, format_name(tokenizer), data.validation)
 
 
+def shuffle_labels(pairs, seed: int):
+    """The pairs with chosen and rejected (text and token ids) swapped in a seeded half of them, at random: the label
+    control. Trained on these, a model learns whatever DPO on its data teaches without the raters' preferences."""
+    flips = random.Random(seed).choices((False, True), k=len(pairs))
+    names = [(a + suffix, b + suffix) for a, b in (("chosen", "rejected"), ("rejected", "chosen"))
+             for suffix in ("", "_ids") if a + suffix in pairs.column_names]
+    swap = lambda pair, i: {a: pair[b] for a, b in names} if flips[i] else {a: pair[a] for a, _ in names}
+    return pairs.map(swap, with_indices=True, desc="Shuffling labels"), sum(flips)
+
+
 def prepare_data(settings: Settings, tokenizer=None) -> PreferenceData:
     """Cleaned train/test (and validation) pairs for these settings, tokenized and cleaned for the model's chat
     template and the max_length TRL trains with. Memoized per distinct data settings in the process."""
@@ -84,6 +95,9 @@ def prepare_data(settings: Settings, tokenizer=None) -> PreferenceData:
                               "lower (0: none)")
         data.validation, data.train = data.train.select(range(n, len(data.train))), data.train.select(range(n))
         data.report.splits.update({"train": len(data.train), "validation": len(data.validation)})
+    if config.shuffled_labels:  # the training pairs only: every evaluation reads the real labels
+        data.train, swapped = shuffle_labels(data.train, config.split_seed)
+        data.report.splits["train (sides swapped)"] = swapped
     _PREPARED[key] = data
     while len(_PREPARED) > 4:
         _PREPARED.popitem(last=False)

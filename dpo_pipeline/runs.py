@@ -174,13 +174,23 @@ def pick_best(records: list[dict], by: str = "reward_accuracy") -> dict | None:
 
 
 def is_control(record: dict) -> bool:
-    return str(record.get("config", {}).get("model_name_or_path", "")).startswith(CONTROL_PREFIX)
+    config = record.get("config", {})
+    return str(config.get("model_name_or_path", "")).startswith(CONTROL_PREFIX) or bool(config.get("shuffled_labels"))
 
 
-def control_of(settings):
-    """The same run on the random-weight twin of its base model (same architecture, tokenizer, data, settings)."""
-    return settings.replace(model_name_or_path=CONTROL_PREFIX + settings.model.model_name_or_path,
-                            output_dir=settings.dpo.output_dir + "-control")
+CONTROLS = ("shuffled", "random")  # the label control; the random-weight twin of the base (implicit rewards only)
+
+
+def control_of(settings, kind: str = "shuffled"):
+    """The same run as a control: "shuffled", the same pairs with their sides swapped at random (what DPO on this
+    data does without the raters' preferences), or "random", the same pairs on the random-weight twin of its base
+    model (what the implicit-reward accuracy reaches with no pretrained knowledge)."""
+    if kind == "shuffled":
+        return settings.replace(shuffled_labels=True, output_dir=settings.dpo.output_dir + "-shuffled")
+    if kind == "random":
+        return settings.replace(model_name_or_path=CONTROL_PREFIX + settings.model.model_name_or_path,
+                                output_dir=settings.dpo.output_dir + "-control")
+    raise ValueError(f"control must be one of {CONTROLS}, got {kind!r}")
 
 
 def replace_folder(folder: str | Path, fill) -> Path:

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from .args import ConfigError, Settings, check_names, parse, resolve
-from .runs import (BEST_RULES, RunLock, RunRecord, control_of, evaluating_seconds, load_records, pick_best,
+from .runs import (BEST_RULES, CONTROLS, RunLock, RunRecord, control_of, evaluating_seconds, load_records, pick_best,
                    publish_best, rule_value, run_id)
 
 
@@ -36,7 +36,9 @@ class SweepSpec:
     random_samples: int = 0  # > 0: draw this many combinations at random instead of taking them all
     sample_seed: int = 0
     profile: str = "auto"  # the profile the sweep starts from (data, model, defaults)
-    control: bool = False  # also train the best run's settings on the random-weight twin of its base model
+    # also train the best run's settings as its controls (runs.control_of): "shuffled" labels, the "random"-weight
+    # twin of the base, a list of both, or true for both
+    control: bool | str | list = False
     best_by: str = "reward_accuracy"  # or "win_rate": the judged win rate (runs need a `judge`), runs.BEST_RULES
     search: str = "grid"  # grid | random (when random_samples > 0) | tpe: Optuna's TPE over `space`
     trials: int = 0  # tpe: finished or pruned trials to reach, all workers together
@@ -52,6 +54,8 @@ class SweepSpec:
         if self.search in ("grid", "random"):
             self.search = "random" if self.random_samples else "grid"
         self.prune = self.search == "tpe" if self.prune is None else self.prune
+        self.control = list(CONTROLS) if self.control is True else [] if not self.control else \
+            [self.control] if isinstance(self.control, str) else list(self.control)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SweepSpec":
@@ -77,6 +81,8 @@ class SweepSpec:
         check_names({**self.base, **self.grid, **self.space}, where)
         if self.best_by not in BEST_RULES:
             raise ConfigError(f"{where}: best_by must be one of {sorted(BEST_RULES)}, got {self.best_by!r}")
+        if unknown := [kind for kind in self.control if kind not in CONTROLS]:
+            raise ConfigError(f"{where}: control must be true, false or some of {list(CONTROLS)}, got {unknown[0]!r}")
         if self.search not in ("grid", "random", "tpe"):
             raise ConfigError(f"{where}: search must be grid, random or tpe, got {self.search!r}")
         if self.search == "tpe" and (not self.space or self.trials < 1 or self.grid):
@@ -206,8 +212,9 @@ def run_spec(spec: SweepSpec, results_dir: str | Path, *overrides: dict) -> list
         trials = study.get_trials(deepcopy=False)
         records = load_records([runs_dir / i for i in dict.fromkeys(t.user_attrs.get("run_id") for t in trials) if i])
     best = pick_best(records, spec.best_by)
-    if spec.control and best:  # the control: the best settings on a random-weight model, beside it in the workbook
-        records += run_sweep([control_of(parse(best["config"]))], search={"method": "control"})
+    if spec.control and best:  # the controls: the best settings with shuffled labels, on a random-weight model
+        records += run_sweep([control_of(parse(best["config"]), kind) for kind in spec.control],
+                             search={"method": "control"})
     return records
 
 
