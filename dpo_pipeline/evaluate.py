@@ -26,6 +26,7 @@ from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judg
 from .speed.packing import attention_mask, pack_batch, pack_rows, pair_segment
 from .refcache import base_model_fingerprint  # the hash the reference cache keys on
 from .prepare import prepare_data, tokenization_args, tokenize_pairs
+from .errors import UsageError
 from .runs import read_run
 from .stats import TIE_TOLERANCE, _share, length_shares, wilson_interval
 
@@ -147,20 +148,24 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
 
 
 def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", prompts: int = 0, judge: str | None = None,
-                     batch_size: int = 8) -> dict:
+                     batch_size: int = 8, behaviour: int = 0, control: str | None = None) -> dict:
     """An adapter (folder or Hub id) on a preference file, in the adapter's own prompt format, max_length and beta:
-    preference_eval of the policy and of its base on the same pairs (with the length baselines), and with `prompts`
-    > 0 judged generations against the base ("proxy": a reward model trained on the file's train split)."""
+    preference_eval of the policy and of its base on the same pairs (with the length baselines); with `behaviour`
+    > 0, behaviour.behaviour_report on that many held-out prompts against the base and, given, the `control` adapter
+    (its shuffled-label run); with `prompts` > 0, generations judged by `judge` against the base ("proxy": a reward
+    model trained on the file's validation pairs, which DPO did not train on)."""
     folder = resolve_adapter(source)
     known, run = field_names(), read_run(folder)
     trained = {k: v for k, v in run["run_config"].items() if k in known}
     trained.setdefault("model_name_or_path", base_model_of(run))  # a folder another trainer wrote: its adapter's base
     settings = parse({**trained, "dataset_name": str(pairs_file), "data_dir": None, "max_pairs": None,
-                      "max_eval_pairs": None, "validation_pairs": None, "output_dir": str(folder)}, str(folder))
+                      "max_eval_pairs": None, "output_dir": str(folder)}, str(folder))
     # the folder's own tokenizer and chat template when it has them: the prompt format the adapter was trained with
     tokenizer = load_tokenizer(str(folder)) if (folder / "tokenizer_config.json").exists() else None
     data = prepare_data(settings, tokenizer)  # data and judge before the model: a bad file or judge fails at once
-    name = judge or settings.run.judge or "proxy"
+    name = judge or settings.run.judge
+    if prompts > 0 and name in (None, "", "none"):
+        raise UsageError("--prompts needs a judge: --judge <reward model id or folder>, or --judge proxy")
     found = load_judge(proxy_judge(settings, data) if name == "proxy" else name) if prompts > 0 else None
     beta, max_length = settings.dpo.beta, settings.dpo.max_length
     loaded = load_adapter(source)
@@ -172,6 +177,12 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
         report["judged"] = judged_generations(loaded.model, loaded.tokenizer, list(pairs["prompt"][:prompts]), found,
                                               seed=settings.dpo.seed)["summary"]
         report["judge_check"] = pairwise_accuracy(found, as_text(pairs, loaded.tokenizer))
+    if behaviour > 0:
+        from .behaviour import behaviour_report
+
+        against = load_adapter(control).model if control else None
+        report["behaviour"] = behaviour_report(loaded.model, against, loaded.tokenizer, data, prompts=behaviour,
+                                               seed=settings.dpo.seed)
     return report
 
 
@@ -194,6 +205,10 @@ def describe_report(report: dict) -> str:
                   f"{j['mean_length_base']:.0f} tokens",
                   f"  the judge on these pairs  {ci(check, 'accuracy')}  (pick the shorter "
                   f"{check['shorter_accuracy']:.3f})"]
+    if "behaviour" in report:
+        from .behaviour import describe
+
+        lines.append(describe(report["behaviour"]))
     return "\n".join(lines)
 
 
@@ -211,9 +226,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the file's held-out split (default; the seeded 80/20 split) or all its pairs")
     parser.add_argument("--prompts", type=int, default=0, help="judge this many generations against the base")
     parser.add_argument("--judge", help="reward model: a Hub id, a folder, or 'proxy' (default: the run's own)")
+    parser.add_argument("--behaviour", type=int, default=0, metavar="N",
+                        help="answer N held-out prompts with base, adapter (and --control): paired behaviour tests")
+    parser.add_argument("--control", help="the adapter's control run (its shuffled-label folder) for --behaviour")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args(argv)
-    report = evaluate_adapter(args.adapter, args.pairs, split=args.split, prompts=args.prompts, judge=args.judge)
+    report = evaluate_adapter(args.adapter, args.pairs, split=args.split, prompts=args.prompts, judge=args.judge,
+                              behaviour=args.behaviour, control=args.control)
     print(json.dumps(report, default=str) if args.json else describe_report(report))
     return 0
 

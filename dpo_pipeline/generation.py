@@ -1,5 +1,6 @@
 """Answers generated from prompts, the same random draws for any model: the side-by-side samples of a sweep's best
-run (base vs adapter), and the answers the judge scores (judge.py).
+run (base vs adapter), the answers the judge scores (judge.py), and sampled answers with their log-ratio to the
+reference, from which KL(policy || base) is estimated (known_answer.py, behaviour.py).
 """
 
 from __future__ import annotations
@@ -58,3 +59,61 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int =
                                                               **sampling)
         rows.append(row)
     return rows
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    configured = model.generation_config.eos_token_id
+    return {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
+
+
+@torch.no_grad()
+def sample_answers(model, tokenizer, prompts: list, *, seed: int, max_new_tokens: int = 32, batch_size: int = 32,
+                   log_ratio: bool = False) -> list[dict]:
+    """One answer per prompt (a user message's text, or messages), sampled at T = 1 from the full distribution (no
+    top-k, no top-p) with set_seed(seed + b) before batch b, so two models given the same prompts and seed draw from
+    the same random stream.
+
+    Each answer: {"answer": text, "tokens": sampled tokens up to the first eos}. With `log_ratio` (a PeftModel),
+    also log pi(y|x) - log pi_ref(y|x) of exactly those tokens (the adapter on, then off): the per-sample term of the
+    Monte-Carlo KL estimate. Written here because generate() gives processed scores, not the reference's."""
+    model.eval()
+    device = next(model.parameters()).device
+    eos = _eos_ids(model, tokenizer)
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    rows = []
+    try:
+        for b, start in enumerate(range(0, len(prompts), batch_size)):
+            texts = [prompt_text(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p)
+                     for p in prompts[start:start + batch_size]]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            set_seed(seed + b)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, pad_token_id=tokenizer.pad_token_id)
+            width = batch["input_ids"].shape[1]
+            generated = out[:, width:]
+            is_eos = torch.isin(generated, torch.tensor(sorted(eos), device=device))
+            keep = (is_eos.cumsum(-1) - is_eos.long()) == 0  # up to and including the first eos
+            ratios = _log_ratios(model, out, torch.cat([batch["attention_mask"], keep.long()], -1), width, keep) \
+                if log_ratio else [None] * len(texts)
+            for tokens, mask, ratio in zip(generated, keep, ratios):
+                answer = tokenizer.decode(tokens[mask], skip_special_tokens=True).split(HUMAN)[0]
+                rows.append({"answer": answer, "tokens": int(mask.sum()), "log_ratio": ratio})
+    finally:
+        tokenizer.padding_side = padding_side
+    return rows
+
+
+def _log_ratios(model, sequences, attention_mask, width: int, keep) -> list[float]:
+    """log pi - log pi_ref summed over the kept sampled tokens of each sequence (left-padded prompt + answer)."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def logps():
+        logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
+        scored = logits[:, width - 1:-1].float().log_softmax(-1)
+        picked = scored.gather(-1, sequences[:, width:, None]).squeeze(-1)
+        return (picked * keep).sum(-1)
+
+    policy = logps()
+    with model.disable_adapter():
+        reference = logps()
+    return (policy - reference).tolist()

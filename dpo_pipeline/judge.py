@@ -2,10 +2,11 @@
 
 TRL 1.16 ships no judges, so a judge here is any one-output sequence-classification reward model: a Hub model
 (e.g. OpenAssistant/reward-model-deberta-v3-large-v2) or a local folder, such as the proxy reward model that
-`train_proxy_reward_model` trains with TRL's RewardTrainer on the training split only. A decoder judge reads
+`train_proxy_reward_model` trains with TRL's RewardTrainer on pairs DPO did not train on (the validation split). A decoder judge reads
 `prompt + answer + eos` as one text, as RewardTrainer does; an encoder (one with a separator token) reads the
 (prompt, answer) pair. Check a judge on held-out pairs first (`pairwise_accuracy`): one that cannot beat the length
-heuristic there says little about generations.
+heuristic there says little about generations. No judge is used unless one is asked for: on hh-rlhf none that runs
+offline settles harmlessness (docs/evaluation.md; behaviour.py measures what can be measured).
 """
 
 from __future__ import annotations
@@ -59,20 +60,24 @@ def train_proxy_reward_model(train_pairs, base_model: str | Path, output_dir: st
 
 
 def proxy_judge(settings, data) -> Path:
-    """The proxy reward model for a run: trained once from the run's base model (a control run's real base, never its
-    random twin) on the run's training split, kept under cache_dir()/judges/ by what it depends on, and reused."""
+    """The proxy reward model for a run: trained from the run's base model (a control run's real base, never its
+    random twin) on the run's validation pairs, which DPO does not train on, kept under cache_dir()/judges/ by what
+    it depends on, and reused. A proxy: check its held-out accuracy (pairwise_accuracy) before reading its verdicts."""
     from .args import cache_dir
     from .refcache import xxhash  # the same fast hash as the reference cache
     from .runs import CONTROL_PREFIX
 
+    if data.validation is None or len(data.validation) < 2:
+        raise JudgeError("the proxy judge trains on the validation pairs, which DPO does not train on: set "
+                         "validation_pairs (e.g. 200)")
     base, max_length, seed = (settings.model.model_name_or_path.removeprefix(CONTROL_PREFIX), settings.dpo.max_length,
                               settings.dpo.seed)
-    table = data.train.select_columns(["prompt", "chosen", "rejected"]).to_pandas().to_json()
+    table = data.validation.select_columns(["prompt", "chosen", "rejected"]).to_pandas().to_json()
     key = xxhash.xxh3_128(f"{base}|{max_length}|{seed}|{table}".encode()).hexdigest()[:16]
     folder = cache_dir() / "judges" / key
     if not (folder / "config.json").exists():
         tmp = folder.with_name(f".{key}.tmp")
-        train_proxy_reward_model(data.train, base, tmp, max_length=max_length, seed=seed)
+        train_proxy_reward_model(data.validation, base, tmp, max_length=max_length, seed=seed)
         tmp.replace(folder)
     return folder
 

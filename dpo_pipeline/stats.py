@@ -34,3 +34,54 @@ def length_shares(lengths: list[tuple[int, int]]) -> dict:
         "longer_accuracy": _share(longer, n), "longer_accuracy_ci": list(wilson_interval(longer, n)),
         "length_ties": _share(n - shorter - longer, n),
     }
+
+
+# ---------------------------------------------------------------- paired comparisons (the same prompts, two models)
+
+
+def paired_bootstrap(differences, *, resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of per-prompt differences (one number per prompt: a model's answers to it averaged first, so the
+    resampling is clustered by prompt) with a 95% percentile bootstrap interval and a two-sided bootstrap p-value
+    (twice the share of resampled means on the other side of 0)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    d = np.asarray(differences, dtype=float)
+    if len(d) < 2 or np.ptp(d) == 0:  # no spread: the interval is the point itself
+        mean = float(d.mean()) if len(d) else float("nan")
+        return {"n": len(d), "mean": mean, "ci": [mean, mean], "p": 1.0 if mean == 0 or len(d) < 2 else 0.0}
+    result = bootstrap((d,), np.mean, n_resamples=resamples, confidence_level=0.95, method="percentile",
+                       rng=np.random.default_rng(seed))
+    means = result.bootstrap_distribution
+    p = min(1.0, 2 * min((means <= 0).mean(), (means >= 0).mean()))
+    return {"n": len(d), "mean": float(d.mean()), "ci": [float(result.confidence_interval.low),
+                                                         float(result.confidence_interval.high)], "p": float(p)}
+
+
+def sign_test(first_only: int, second_only: int) -> float:
+    """Exact two-sided McNemar / sign test p-value from the discordant counts: prompts where only the first model
+    shows a property (refuses, wins) against prompts where only the second does; concordant prompts say nothing."""
+    from scipy.stats import binomtest
+
+    n = first_only + second_only
+    return float(binomtest(first_only, n, 0.5).pvalue) if n else 1.0
+
+
+def wilcoxon_p(first, second) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired values (answer lengths), zero differences dropped."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    d = np.asarray(first, dtype=float) - np.asarray(second, dtype=float)
+    return float(wilcoxon(d, zero_method="wilcox").pvalue) if np.any(d != 0) else 1.0
+
+
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm-adjusted p-values across a family of tests (control of the family-wise error rate at any level). By
+    hand: scipy has only Benjamini-Hochberg, and statsmodels would be a dependency for these five lines."""
+    adjusted, running = {}, 0.0
+    ordered = sorted(p_values.items(), key=lambda item: item[1])
+    for rank, (name, p) in enumerate(ordered):
+        running = max(running, min(1.0, (len(ordered) - rank) * p))
+        adjusted[name] = running
+    return adjusted

@@ -172,3 +172,14 @@ def test_evaluate_command_reports_intervals_and_baselines_and_one_line_errors(tm
     assert_one_line_error(_run(evaluate.main, [str(adapter), "--pairs", "missing.jsonl"], capsys), "missing.jsonl")
     assert_one_line_error(_run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--prompts", "2",
                                                "--judge", str(tmp_path / "no_judge")], capsys), "no_judge")
+    assert_one_line_error(_run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--prompts", "2"], capsys),
+                          "--judge")  # no judge by default: a proxy is asked for by name
+
+    # the behaviour report against a control adapter, in the JSON
+    control = make_tiny_adapter(tmp_path / "control", seed=1)
+    proc = _run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--split", "all", "--behaviour", "1",
+                                "--control", str(control), "--json"], capsys)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])["behaviour"]
+    assert set(found["models"]) == {"base", "policy", "control"} and set(found["tests"]) == {
+        "policy vs base", "policy vs control"}

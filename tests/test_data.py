@@ -18,7 +18,7 @@ from dpo_pipeline.args import shared_data_dir
 from dpo_pipeline import data
 from dpo_pipeline.chat_template import HUMAN_ASSISTANT, as_text, format_name, with_prompt_format
 from dpo_pipeline.model import gpt2_tokenizer
-from dpo_pipeline.prepare import clean_tokens, tokenization_args, tokenize_pairs
+from dpo_pipeline.prepare import clean_tokens, shuffle_labels, tokenization_args, tokenize_pairs
 
 HERE = Path(__file__).parent / "data"
 HH = shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"
@@ -441,3 +441,21 @@ def test_trl_tokenizes_conversational_pairs_with_the_models_template(hh, chat_to
         assert chat_tokenizer.decode(pair["prompt_ids"]) == prompt and prompt.endswith("<|im_start|>assistant\n")
         assert pair["chosen_ids"][-2] == end  # the answer closes its turn ("<|im_end|>\n"): no eos added on top
         assert chat_tokenizer.decode(pair["chosen_ids"]).startswith(pair["chosen"][0]["content"])
+
+
+def test_shuffled_labels_swap_a_seeded_half_of_the_pairs_text_and_token_ids_together():
+    import datasets
+
+    pairs = datasets.Dataset.from_dict({
+        "prompt": [f"p{i}" for i in range(200)], "chosen": [f"c{i}" for i in range(200)],
+        "rejected": [f"r{i}" for i in range(200)], "chosen_ids": [[i, 1] for i in range(200)],
+        "rejected_ids": [[i, 2] for i in range(200)]})
+    shuffled, swapped = shuffle_labels(pairs, seed=7)
+    flipped = [row["chosen"].startswith("r") for row in shuffled]
+    assert sum(flipped) == swapped and 70 < swapped < 130  # about half, at random
+    for i, (row, flip) in enumerate(zip(shuffled, flipped)):
+        assert row["prompt"] == f"p{i}"
+        assert (row["chosen"], row["chosen_ids"], row["rejected"], row["rejected_ids"]) == (
+            (f"r{i}", [i, 2], f"c{i}", [i, 1]) if flip else (f"c{i}", [i, 1], f"r{i}", [i, 2]))
+    assert shuffle_labels(pairs, seed=7)[0]["chosen"] == shuffled["chosen"]  # seeded
+    assert shuffle_labels(pairs, seed=8)[0]["chosen"] != shuffled["chosen"]

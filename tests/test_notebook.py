@@ -34,7 +34,7 @@ def test_every_notebook_parameter_is_a_setting_or_a_notebook_switch():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     names = [line.split("=")[0].strip() for line in cell.source.splitlines() if "=" in line.split("#")[0]]
-    switches = {"profile", "control_run", "run_sweep", "sweep_spec", "hub_repo_id", "hub_private"}
+    switches = {"profile", "control_run", "behaviour_prompts", "run_sweep", "sweep_spec", "hub_repo_id", "hub_private"}
     assert [n for n in names if n not in switches and n not in settings_lib.field_names()] == []
 
 

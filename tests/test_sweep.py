@@ -89,6 +89,20 @@ def test_bad_sweep_file_is_one_line_naming_file_and_field(tmp_path):
     assert "bad.yaml" in str(err.value) and "learning_rte" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_sweep_controls_are_named_kinds_and_a_wrong_one_is_one_line(tmp_path):
+    assert sweep.SweepSpec(control=True).control == ["shuffled", "random"]
+    assert sweep.SweepSpec(control="shuffled").control == ["shuffled"] and sweep.SweepSpec().control == []
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("profile: smoke\ngrid: {learning_rate: [1.0e-3]}\ncontrol: shufled\n")
+    with pytest.raises(ValueError) as err:
+        sweep.SweepSpec.from_file(bad)
+    assert "bad.yaml" in str(err.value) and "shufled" in str(err.value) and "\n" not in str(err.value)
+    settings = settings_lib.resolve("smoke")[0]
+    label = runs.control_of(settings, "shuffled")
+    assert label.run.shuffled_labels and label.model.model_name_or_path == settings.model.model_name_or_path
+    assert runs.control_of(settings, "random").model.model_name_or_path.startswith(runs.CONTROL_PREFIX)
+
+
 def test_sweep_file_values_take_their_settings_types(tmp_path):
     # PyYAML reads YAML 1.1: `5e-5` without a dot is text there, the commonest way to write a learning rate
     path = tmp_path / "plain.yaml"
@@ -275,8 +289,9 @@ def test_best_run_rule_by_win_rate_and_never_a_control():
         return {"run_id": run_id, "status": "finished", "config": {"model_name_or_path": model},
                 "final_eval": {"rewards/accuracies": accuracy, "loss": 0.6}, "judged": {"win_rate": win_rate}}
 
+    shuffled = {**record("shuffled", 1.0, 0.99), "config": {"model_name_or_path": "x", "shuffled_labels": True}}
     records = [record("a", 0.9, 0.40), record("b", 0.6, 0.70), record("c", 0.7, 0.70),
-               record("control", 1.0, 0.99, model="random-twin:offline:gpt2-tiny")]
+               record("control", 1.0, 0.99, model="random-twin:offline:gpt2-tiny"), shuffled]
     assert runs.pick_best(records)["run_id"] == "a"  # reward accuracy, the control left out
     assert runs.pick_best(records, "win_rate")["run_id"] == "c"  # win rate, then reward accuracy
     with pytest.raises(ValueError, match="best_by"):
