@@ -103,6 +103,22 @@ def _eval_section(record: dict, base_eval: dict | None, loss_type: str | None) -
     return text
 
 
+def _behaviour_section(report: dict) -> str:
+    """The paired behaviour tests (behaviour.py), when the folder has them; never the prompts or answers."""
+    if not report.get("tests"):
+        return ""
+    rows = [{"comparison": name, "measure": measure, "difference": result[measure]["difference"],
+             "test": result[measure]["test"], "p": result[measure]["p"], "Holm p": result[measure]["p_holm"]}
+            for name, result in report["tests"].items() for measure in result]
+    judge = report["lexical_judge"]
+    return (f"## Behaviour against the base and a shuffled-label control\n\nOn {report['prompts']} held-out prompts, "
+            "the base model, this adapter and a control trained on the same pairs with their labels shuffled answered "
+            f"with the same seeds ({report['decoding']}).\n\n" + markdown_table(rows) + "\n\nThe lexical score is a "
+            f"bag-of-words preference model fitted on the training pairs; on held-out pairs it agrees with the raters "
+            f"{fmt(judge['accuracy'])} of the time (pick-the-shorter: {fmt(judge['shorter_accuracy'])}). A significant "
+            "difference supports \"answers moved toward features these raters preferred\", not \"more harmless\".\n")
+
+
 def prompt_format_of(adapter_dir: str | Path, run_config: dict) -> str:
     """"text" (the Human/Assistant template) or "chat" (the model's own), from the folder itself: its saved chat
     template, else what its run_config.json says (Human/Assistant for a folder with neither)."""
@@ -193,6 +209,7 @@ def build_model_card(adapter_dir: str | Path, repo_id: str, *, sweep_rows: list[
             f"{j['length_matched']['n']} prompts, mean answer length {fmt(j['mean_length_policy'])} vs "
             f"{fmt(j['mean_length_base'])} tokens. The judge picks the chosen answer of held-out pairs "
             f"{fmt(j.get('judge_accuracy'))} of the time (pick-the-shorter: {fmt(j.get('judge_shorter_accuracy'))}).\n")
+    parts.append(_behaviour_section(run["behaviour"]))
     if sweep_rows:
         shown = list(sweep_rows)[:MAX_SWEEP_ROWS]
         parts.append(f"## Sweep\n\nThe runs this adapter was picked from ({len(sweep_rows)}"

@@ -115,8 +115,9 @@ def read_json(path: Path) -> dict:
 
 
 def read_run(folder: str | Path) -> dict:
-    """The run files of an adapter folder: {"adapter_config", "run_config", "record", "cleaning_report"} dicts."""
-    names = ("adapter_config", "run_config", "record", "cleaning_report")
+    """The run files of an adapter folder: {"adapter_config", "run_config", "record", "cleaning_report",
+    "behaviour"} dicts (behaviour.json: the paired behaviour report against the base and the shuffled control)."""
+    names = ("adapter_config", "run_config", "record", "cleaning_report", "behaviour")
     run = {name: read_json(Path(folder) / f"{name}.json") for name in names}
     if not run["run_config"] and isinstance(run["record"].get("config"), dict):
         run["run_config"] = run["record"]["config"]

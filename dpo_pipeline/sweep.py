@@ -26,7 +26,7 @@ import yaml
 
 from .args import ConfigError, Settings, check_names, parse, resolve
 from .runs import (BEST_RULES, CONTROLS, RunLock, RunRecord, control_of, evaluating_seconds, load_records, pick_best,
-                   publish_best, rule_value, run_id)
+                   publish_best, read_run, rule_value, run_id)
 
 
 @dataclass
@@ -282,6 +282,7 @@ def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info:
         "workbook": str(build_workbook(
             records, results_dir / "sweep_results.xlsx", best_run_id=best_id, best_rule=BEST_RULES[best_by],
             best_by=best_by, summary=summary, samples=samples, baseline=baseline,
+            behaviour=read_run(best["adapter_path"])["behaviour"] if best else None,
         )),
         "best_run_id": best_id,
         "best_rule": BEST_RULES[best_by],

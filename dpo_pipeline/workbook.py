@@ -331,6 +331,27 @@ def _write_samples(writer, sheet: str, samples: list[dict]) -> None:
     _print_setup(ws)
 
 
+def _write_behaviour(writer, report: dict) -> None:
+    """The best run's paired behaviour tests (behaviour.py) and each model's measures, under a one-line note."""
+    tests = pd.DataFrame([{"comparison": name, "measure": measure, "difference": r[measure]["difference"],
+                           "test": r[measure]["test"], "p": r[measure]["p"], "Holm p": r[measure]["p_holm"]}
+                          for name, r in report["tests"].items() for measure in r])
+    models = pd.DataFrame([{"model": name, "prompts": m["prompts"], "refusal rate": m["refusal_rate"],
+                            "refusal 95% CI": _interval_text(m["refusal_rate_ci"]), "lexical score": m["lexical_score"],
+                            "tokens": m["tokens"], "KL to base (nats)": m["kl"]} for name, m in report["models"].items()])
+    judge = report["lexical_judge"]
+    _text(writer, "Behaviour", [f"{report['prompts']} held-out prompts, {report['decoding']}. Lexical judge on held-out "
+                                f"pairs: {judge['accuracy']:.3f} (pick the shorter {judge['shorter_accuracy']:.3f})."],
+          ITALIC)
+    _table(writer, "Behaviour", tests, (20, 14, 12, 22, 10, 10), (None, None, "0.000", None, "0.0000", "0.0000"), row=3)
+    _table(writer, "Behaviour", models, (20, 10, 12, 16, 14, 10, 16), (None, None, "0.000", None, "0.000", "0.0", "0.000"),
+           row=len(tests) + 6)
+
+
+def _interval_text(ci) -> str:
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def _write_trials(writer, records, best_by: str) -> None:
     """A TPE search's runs in trial order: the number the best-run rule ranks by, the best so far, and a chart."""
     trials, label = tpe_trials(records), best_by.replace("_", " ")
@@ -358,11 +379,13 @@ def runs_frame(records: list[dict], baseline: dict | None = None) -> pd.DataFram
 
 
 def build_workbook(records: list[dict], path, *, best_run_id: str | None, best_rule: str, summary: dict,
-                   samples: list[dict], baseline: dict | None = None, best_by: str = "reward_accuracy") -> Path:
+                   samples: list[dict], baseline: dict | None = None, best_by: str = "reward_accuracy",
+                   behaviour: dict | None = None) -> Path:
     """Write the sweep workbook to `path` atomically (temp file in the same folder, then rename); return the path.
 
     records: RunRecord.to_dict() per run; baseline: the held-out evaluation of the base model without adapter;
-    summary: {"data": cleaning report dict, "model": model_info, "sweep": sweep settings}; each optional.
+    summary: {"data": cleaning report dict, "model": model_info, "sweep": sweep settings}; each optional;
+    behaviour: the best run's behaviour report (its behaviour.json), a sheet of its own.
     """
     generated_at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     completions = [{"run_id": r.get("run_id"), **row} for r in records for row in r.get("completions") or []]
@@ -382,6 +405,8 @@ def build_workbook(records: list[dict], path, *, best_run_id: str | None, best_r
                 _write_samples(writer, "Completions", completions)
             if tpe_trials(records):
                 _write_trials(writer, records, best_by)
+            if (behaviour or {}).get("tests"):
+                _write_behaviour(writer, behaviour)
             _write_charts(writer, records, best_run_id)
         os.replace(tmp, path)
     finally:

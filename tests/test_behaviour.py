@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from dpo_pipeline import behaviour
+from dpo_pipeline.card import build_model_card
 from dpo_pipeline.chat import load_adapter
+from dpo_pipeline.runs import write_json_atomic
 from dpo_pipeline.synthetic import get_synthetic
 from hub_double import make_tiny_adapter
 
@@ -65,3 +67,9 @@ def test_report_answers_the_same_prompts_with_the_same_seeds_and_corrects_for_mu
     assert [a["base"] for a in again["answers"]] == [a["base"] for a in report["answers"]]  # the same seeds
     assert set(again["tests"]) == {"policy vs base"}
     assert "policy vs base" in behaviour.describe(report) and "lexical judge" in behaviour.describe(report)
+
+    # kept in the run folder, the report becomes a section of the model card, without any prompt or answer
+    write_json_atomic(tmp_path / "policy" / "behaviour.json", report)
+    card = build_model_card(tmp_path / "policy", "me/policy").content
+    assert "## Behaviour against the base and a shuffled-label control" in card and "McNemar" in card
+    assert not any(a["policy"].strip() and a["policy"] in card for a in report["answers"])

@@ -285,6 +285,22 @@ def test_judged_runs_and_values_excel_cannot_hold(sweep, tmp_path):
     assert wb["Summary"].cell(1, 1).value == "DPO sweep summary"
 
 
+def test_a_behaviour_report_gets_its_own_sheet(sweep, tmp_path):
+    measures = lambda p: {"refusal_rate": {"difference": 0.1, "test": "McNemar (exact)", "p": p, "p_holm": 2 * p},
+                          "tokens": {"difference": -3.0, "test": "Wilcoxon signed-rank", "p": 0.5, "p_holm": 1.0}}
+    model = {"prompts": 8, "refusal_rate": 0.25, "refusal_rate_ci": [0.07, 0.59], "lexical_score": 0.1, "tokens": 30.0,
+             "kl": 1.5, "kl_ci": [1.0, 2.0]}
+    report = {"prompts": 8, "decoding": "sampled", "tests": {"policy vs base": measures(0.01),
+                                                             "policy vs control": measures(0.2)},
+              "models": {"base": model, "policy": model}, "lexical_judge": {"accuracy": 0.6, "shorter_accuracy": 0.55}}
+    wb = load_workbook(build_workbook(sweep["records"], tmp_path / "b.xlsx", **sweep["kwargs"], behaviour=report))
+    rows = list(wb["Behaviour"].iter_rows(values_only=True))
+    assert rows[2][:6] == ("comparison", "measure", "difference", "test", "p", "Holm p")
+    assert rows[3][:6] == ("policy vs base", "refusal_rate", 0.1, "McNemar (exact)", 0.01, 0.02)
+    assert any(row[0] == "policy" and row[3] == "[0.07, 0.59]" for row in rows)
+    assert "Behaviour" not in load_workbook(sweep["path"]).sheetnames  # none without a report
+
+
 def test_runs_frame_is_the_runs_sheet(sweep):
     frame = runs_frame(sweep["records"], sweep["kwargs"]["baseline"])
     assert list(frame.index) == [BASELINE_LABEL] + [r["run_id"] for r in sweep["records"]]
