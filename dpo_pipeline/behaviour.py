@@ -91,14 +91,10 @@ class LexicalJudge:
 
 
 def answers_of(model, tokenizer, prompts: list, judge: LexicalJudge, *, seed: int, max_new_tokens: int,
-               base: bool = False) -> dict[str, list]:
-    """Each measure per prompt for one model (a PeftModel; `base`: with its adapter disabled)."""
-    if base:
-        with model.disable_adapter():
-            rows = sample_answers(model, tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens, batch_size=16)
-    else:
-        rows = sample_answers(model, tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens, batch_size=16,
-                              log_ratio=True)
+               log_ratio: bool = True, reference=None) -> dict[str, list]:
+    """Each measure per prompt for one model; `log_ratio`: against `reference`, else its own adapter switched off."""
+    rows = sample_answers(model, tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens, batch_size=16,
+                          log_ratio=log_ratio, reference=reference)
     texts = [row["answer"] for row in rows]
     return {"answer": texts, "refusal_rate": [refuses(t) for t in texts], "lexical_score": judge.score(texts).tolist(),
             "tokens": [row["tokens"] for row in rows], "kl": [row["log_ratio"] or 0.0 for row in rows]}
@@ -129,18 +125,23 @@ def summary(answers: dict) -> dict:
 
 
 def behaviour_report(policy, control, tokenizer, data, *, prompts: int = 200, seed: int = 0,
-                     max_new_tokens: int = 64) -> dict:
-    """Base, policy and control (PeftModels over the same base; the base is the policy with its adapter off) answer
-    the first `prompts` held-out test prompts with the same seeds; returns each one's measures, the paired tests of
+                     max_new_tokens: int = 64, reference=None) -> dict:
+    """Base, policy and control answer the first `prompts` held-out test prompts with the same seeds; the base is
+    `reference`, or the policy (a PeftModel) with its adapter off. Returns each one's measures, the paired tests of
     the policy against base and control with Holm-adjusted p-values, the lexical judge's and the refusal list's
     agreement with the held-out labels, and the answers themselves."""
     judge = LexicalJudge(data.train)  # fitted on the train split only
     held_out = [prompt_text(tokenizer, p) for p in data.test["prompt"][:prompts]]
-    answers = {"base": answers_of(policy, tokenizer, held_out, judge, seed=seed, max_new_tokens=max_new_tokens,
-                                  base=True),
-               "policy": answers_of(policy, tokenizer, held_out, judge, seed=seed, max_new_tokens=max_new_tokens)}
+    measure = lambda model, **how: answers_of(model, tokenizer, held_out, judge, seed=seed,
+                                              max_new_tokens=max_new_tokens, **how)
+    if reference is None:
+        with policy.disable_adapter():
+            answers = {"base": measure(policy, log_ratio=False)}
+    else:
+        answers = {"base": measure(reference, log_ratio=False)}
+    answers["policy"] = measure(policy, reference=reference)
     if control is not None:
-        answers["control"] = answers_of(control, tokenizer, held_out, judge, seed=seed, max_new_tokens=max_new_tokens)
+        answers["control"] = measure(control, reference=reference)
     tests = {f"policy vs {other}": paired(answers["policy"], answers[other]) for other in ("base", "control")
              if other in answers}
     adjusted = holm({f"{name}: {measure}": result[measure]["p"] for name, result in tests.items()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import xxhash  # comes with datasets
@@ -20,8 +21,8 @@ from datasets import concatenate_datasets
 from .args import field_names, parse
 from .card import base_model_of
 from .chat import load_adapter, resolve_adapter
-from .chat_template import as_text
-from .model import load_tokenizer
+from .chat_template import as_text, with_prompt_format
+from .model import load_base_model, load_tokenizer
 from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judge
 from .speed.packing import attention_mask, pack_batch, pack_rows, pair_segment
 from .refcache import base_model_fingerprint  # the hash the reference cache keys on
@@ -125,8 +126,10 @@ def base_pair_logps(model, tokenized, max_length: int, batch_size: int) -> tuple
     return BASE_LOGPS[key]
 
 
-def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch_size: int = 8) -> dict:
-    """{"adapter": metrics, "base": metrics} on held-out pairs for a PeftModel (adapter on vs disabled).
+def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch_size: int = 8,
+                    reference=None) -> dict:
+    """{"adapter": metrics, "base": metrics} on held-out pairs for a PeftModel (adapter on vs disabled), or for a
+    full model against its `reference` (a merged model and the base it was trained from).
 
     reward_accuracy  share of pairs whose chosen implicit reward beats the rejected one (ties count as misses,
                      and are also shown apart); reward_wins is the count, reward_accuracy_ci its 95% Wilson interval
@@ -138,7 +141,8 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
     """
     tokenized = token_ids(tokenizer, pairs, max_length)
     policy_c, policy_r = _pair_logps(model, tokenized, max_length, batch_size)
-    ref_c, ref_r = base_pair_logps(model, tokenized, max_length, batch_size)
+    ref_c, ref_r = base_pair_logps(model, tokenized, max_length, batch_size) if reference is None else \
+        _pair_logps(reference, tokenized, max_length, batch_size)
     baselines = length_shares([(len(c), len(r)) for _, c, r in tokenized])
     zero = torch.zeros_like(ref_c)
     return {
@@ -148,41 +152,54 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
 
 
 def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", prompts: int = 0, judge: str | None = None,
-                     batch_size: int = 8, behaviour: int = 0, control: str | None = None) -> dict:
-    """An adapter (folder or Hub id) on a preference file, in the adapter's own prompt format, max_length and beta:
-    preference_eval of the policy and of its base on the same pairs (with the length baselines); with `behaviour`
-    > 0, behaviour.behaviour_report on that many held-out prompts against the base and, given, the `control` adapter
-    (its shuffled-label run); with `prompts` > 0, generations judged by `judge` against the base ("proxy": a reward
-    model trained on the file's validation pairs, which DPO did not train on)."""
-    folder = resolve_adapter(source)
+                     batch_size: int = 8, behaviour: int = 0, control: str | None = None, base: str | None = None) -> dict:
+    """An adapter (folder or Hub id), or a merged model folder with the `base` it was trained from, on a preference
+    file, in the model's own prompt format, max_length and beta: preference_eval of the policy and of its base on the
+    same pairs (with the length baselines); with `behaviour` > 0, behaviour.behaviour_report on that many held-out
+    prompts against the base and, given, the `control` (its shuffled-label run); with `prompts` > 0, generations
+    judged by `judge` against the base ("proxy": a reward model trained on the file's validation pairs, which DPO did
+    not train on)."""
+    path = Path(source).expanduser()
+    merged = path.is_dir() and (path / "config.json").exists() and not (path / "adapter_config.json").exists()
+    if merged and not base:
+        raise UsageError(f"{source} is a full model folder (no adapter_config.json): name the model it was trained "
+                         "from with --base, the reference its implicit rewards are measured against")
+    folder = path if merged else resolve_adapter(source)
     known, run = field_names(), read_run(folder)
     trained = {k: v for k, v in run["run_config"].items() if k in known}
-    trained.setdefault("model_name_or_path", base_model_of(run))  # a folder another trainer wrote: its adapter's base
+    # a folder another trainer wrote: its adapter's base; a merged model: the base it names
+    trained["model_name_or_path"] = base or trained.get("model_name_or_path") or base_model_of(run)
     settings = parse({**trained, "dataset_name": str(pairs_file), "data_dir": None, "max_pairs": None,
                       "max_eval_pairs": None, "output_dir": str(folder)}, str(folder))
     # the folder's own tokenizer and chat template when it has them: the prompt format the adapter was trained with
     tokenizer = load_tokenizer(str(folder)) if (folder / "tokenizer_config.json").exists() else None
     data = prepare_data(settings, tokenizer)  # data and judge before the model: a bad file or judge fails at once
     name = judge or settings.run.judge
-    if prompts > 0 and name in (None, "", "none"):
-        raise UsageError("--prompts needs a judge: --judge <reward model id or folder>, or --judge proxy")
+    if prompts > 0 and (merged or name in (None, "", "none")):
+        raise UsageError("--prompts needs an adapter folder and a judge: --judge <reward model id or folder>, or "
+                         "--judge proxy" if not merged else "--prompts needs an adapter folder; use --behaviour")
     found = load_judge(proxy_judge(settings, data) if name == "proxy" else name) if prompts > 0 else None
     beta, max_length = settings.dpo.beta, settings.dpo.max_length
-    loaded = load_adapter(source)
+    if merged:
+        model, reference = load_base_model(str(folder)), load_base_model(base)
+        tokenizer = tokenizer or with_prompt_format(load_tokenizer(base), settings.run.prompt_format)
+    else:
+        loaded = load_adapter(source)
+        model, reference, tokenizer = loaded.model, None, loaded.tokenizer
     pairs = data.test if split == "test" else concatenate_datasets([data.train, data.test])
-    scores = preference_eval(loaded.model, loaded.tokenizer, pairs, beta, max_length, batch_size)
+    scores = preference_eval(model, tokenizer, pairs, beta, max_length, batch_size, reference=reference)
     report = {"adapter": source, "pairs_file": str(pairs_file), "split": split, "prompt_format": data.prompt_format,
               "max_length": max_length, "beta": beta, "policy": scores["adapter"], "base": scores["base"]}
     if found is not None:
-        report["judged"] = judged_generations(loaded.model, loaded.tokenizer, list(pairs["prompt"][:prompts]), found,
+        report["judged"] = judged_generations(model, tokenizer, list(pairs["prompt"][:prompts]), found,
                                               seed=settings.dpo.seed)["summary"]
-        report["judge_check"] = pairwise_accuracy(found, as_text(pairs, loaded.tokenizer))
+        report["judge_check"] = pairwise_accuracy(found, as_text(pairs, tokenizer))
     if behaviour > 0:
         from .behaviour import behaviour_report
 
-        against = load_adapter(control).model if control else None
-        report["behaviour"] = behaviour_report(loaded.model, against, loaded.tokenizer, data, prompts=behaviour,
-                                               seed=settings.dpo.seed)
+        against = (load_base_model(control) if merged else load_adapter(control).model) if control else None
+        report["behaviour"] = behaviour_report(model, against, tokenizer, data, prompts=behaviour,
+                                               seed=settings.dpo.seed, reference=reference)
     return report
 
 
@@ -220,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = one_line_errors(argparse.ArgumentParser(prog="python -m dpo_pipeline evaluate",
                                                      description=evaluate_adapter.__doc__))
-    parser.add_argument("adapter", help="an adapter folder (a run folder, results/best) or a Hub repo id")
+    parser.add_argument("adapter", help="an adapter folder (a run folder, results/best), a Hub repo id, or a merged "
+                                        "model folder (with --base)")
     parser.add_argument("--pairs", required=True, help="a preference file the loader reads (or a Hub dataset id)")
     parser.add_argument("--split", choices=["test", "all"], default="test",
                         help="the file's held-out split (default; the seeded 80/20 split) or all its pairs")
@@ -229,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--behaviour", type=int, default=0, metavar="N",
                         help="answer N held-out prompts with base, adapter (and --control): paired behaviour tests")
     parser.add_argument("--control", help="the adapter's control run (its shuffled-label folder) for --behaviour")
+    parser.add_argument("--base", help="for a merged model folder: the model it was trained from (the reference)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args(argv)
     report = evaluate_adapter(args.adapter, args.pairs, split=args.split, prompts=args.prompts, judge=args.judge,
-                              behaviour=args.behaviour, control=args.control)
+                              behaviour=args.behaviour, control=args.control, base=args.base)
     print(json.dumps(report, default=str) if args.json else describe_report(report))
     return 0
 

@@ -68,14 +68,15 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 @torch.no_grad()
 def sample_answers(model, tokenizer, prompts: list, *, seed: int, max_new_tokens: int = 32, batch_size: int = 32,
-                   log_ratio: bool = False) -> list[dict]:
+                   log_ratio: bool = False, reference=None) -> list[dict]:
     """One answer per prompt (a user message's text, or messages), sampled at T = 1 from the full distribution (no
     top-k, no top-p) with set_seed(seed + b) before batch b, so two models given the same prompts and seed draw from
     the same random stream.
 
-    Each answer: {"answer": text, "tokens": sampled tokens up to the first eos}. With `log_ratio` (a PeftModel),
-    also log pi(y|x) - log pi_ref(y|x) of exactly those tokens (the adapter on, then off): the per-sample term of the
-    Monte-Carlo KL estimate. Written here because generate() gives processed scores, not the reference's."""
+    Each answer: {"answer": text, "tokens": sampled tokens up to the first eos}. With `log_ratio`, also
+    log pi(y|x) - log pi_ref(y|x) of exactly those tokens, pi_ref being `reference` or, for a PeftModel, the model
+    with its adapter off: the per-sample term of the Monte-Carlo KL estimate. Written here because generate() gives
+    processed scores, not the reference's."""
     model.eval()
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
@@ -93,8 +94,8 @@ def sample_answers(model, tokenizer, prompts: list, *, seed: int, max_new_tokens
             generated = out[:, width:]
             is_eos = torch.isin(generated, torch.tensor(sorted(eos), device=device))
             keep = (is_eos.cumsum(-1) - is_eos.long()) == 0  # up to and including the first eos
-            ratios = _log_ratios(model, out, torch.cat([batch["attention_mask"], keep.long()], -1), width, keep) \
-                if log_ratio else [None] * len(texts)
+            mask = torch.cat([batch["attention_mask"], keep.long()], -1)
+            ratios = _log_ratios(model, reference, out, mask, width, keep) if log_ratio else [None] * len(texts)
             for tokens, mask, ratio in zip(generated, keep, ratios):
                 answer = tokenizer.decode(tokens[mask], skip_special_tokens=True).split(HUMAN)[0]
                 rows.append({"answer": answer, "tokens": int(mask.sum()), "log_ratio": ratio})
@@ -103,17 +104,18 @@ def sample_answers(model, tokenizer, prompts: list, *, seed: int, max_new_tokens
     return rows
 
 
-def _log_ratios(model, sequences, attention_mask, width: int, keep) -> list[float]:
+def _log_ratios(model, reference, sequences, attention_mask, width: int, keep) -> list[float]:
     """log pi - log pi_ref summed over the kept sampled tokens of each sequence (left-padded prompt + answer)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
-    def logps():
-        logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
+    def logps(scorer=model):
+        logits = scorer(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
         scored = logits[:, width - 1:-1].float().log_softmax(-1)
         picked = scored.gather(-1, sequences[:, width:, None]).squeeze(-1)
         return (picked * keep).sum(-1)
 
     policy = logps()
+    if reference is not None:
+        return (policy - logps(reference.eval())).tolist()
     with model.disable_adapter():
-        reference = logps()
-    return (policy - reference).tolist()
+        return (policy - logps()).tolist()

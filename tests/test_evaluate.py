@@ -188,3 +188,24 @@ def test_batched_answers_are_the_one_at_a_time_answers(tiny_gpt2, tokenizer):
     assert tokenizer.padding_side == "right"  # left padding was for generating only
     sampled = lambda: generate_answers(model, tokenizer, prompts, 10, seed=3, batch_size=4, do_sample=True)
     assert sampled() == sampled()  # the seed is reset per batch: the same draws again
+
+
+def test_a_merged_model_folder_is_evaluated_against_the_base_it_names_like_its_adapter(tmp_path):
+    from pathlib import Path
+
+    from dpo_pipeline.errors import UsageError
+    from dpo_pipeline.evaluate import evaluate_adapter
+    from dpo_pipeline.export import merge_adapter
+    from hub_double import make_tiny_adapter
+
+    pairs = Path(__file__).parent / "data" / "plain_good.jsonl"
+    adapter = make_tiny_adapter(tmp_path / "adapter")
+    merged = merge_adapter(adapter, tmp_path / "merged")  # a full model folder, as another trainer's export
+    with pytest.raises(UsageError, match="--base"):
+        evaluate_adapter(str(merged), str(pairs), split="all")
+    from_adapter = evaluate_adapter(str(adapter), str(pairs), split="all")
+    from_merged = evaluate_adapter(str(merged), str(pairs), split="all", base="offline:gpt2-tiny", behaviour=2)
+    for key in ("pairs", "reward_wins", "logp_accuracy"):
+        assert from_merged["policy"][key] == from_adapter["policy"][key]
+    assert from_merged["policy"]["reward_margin"] == pytest.approx(from_adapter["policy"]["reward_margin"], abs=1e-4)
+    assert from_merged["behaviour"]["models"]["policy"]["kl"] != 0.0  # measured against the named base
