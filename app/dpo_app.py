@@ -6,12 +6,14 @@ under results/). All logic is in dpo_pipeline.chat; this file is only the page.
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import time
 
 import pandas as pd
 import streamlit as st
 
-from dpo_pipeline import chat
+from dpo_pipeline import chat, votes
 
 st.set_page_config(page_title="DPO chat", page_icon="💬", layout="wide")
 EMPTY = "_(empty answer: the model ended at once)_"
@@ -82,6 +84,8 @@ with st.sidebar:
         seed=int(st.number_input("Seed", min_value=0, max_value=2**31 - 1, value=default.seed, step=1)),
     )
     compare = st.toggle("Side by side with the base model", value=True, key="compare")
+    mode = st.radio("Mode", ["Chat", "Blind A/B vote"], key="mode", horizontal=True,
+                    help="Blind A/B: the base model and the adapter answer in a hidden random order; you pick one")
     if st.button("Clear chat"):
         st.session_state.history = []
 
@@ -117,6 +121,53 @@ with st.expander("What is loaded: training configuration and eval metrics"):
         st.markdown(loaded.card.split("\n---\n", 1)[-1])  # the model card's body, without its YAML header
     else:
         st.write("No run_config.json, record.json or model card in this adapter.")
+
+if mode == "Blind A/B vote":
+    vote_path = votes.votes_file()
+    st.subheader("Blind A/B vote")
+    st.caption(f"The base model and the adapter answer the same prompt as A and B, in a random order you see only "
+               f"after voting. Each vote is appended to `{vote_path}`, a preference file the next round can train "
+               "on (`--dataset_name` that file).")
+    question = st.text_area("Prompt", max_chars=chat.MAX_CHARS, key="vote_prompt")
+    if st.button("Answer both", key="vote_answer", type="primary") and question.strip():
+        prompt, _ = chat.build_prompt(loaded.tokenizer, [], question, max_tokens=chat.prompt_budget(loaded, settings))
+        try:
+            tuned, base = (chat.reply(loaded, prompt, settings, use_adapter=side) for side in (True, False))
+        except chat.ChatError as err:
+            st.error(str(err))
+        else:
+            side = random.SystemRandom().choice("AB")  # hidden: the page shows only A and B
+            st.session_state.pending = {"prompt": [{"role": "user", "content": question.strip()}],
+                                        "answers": {side: tuned, "B" if side == "A" else "A": base},
+                                        "adapter_side": side}
+    pending = st.session_state.get("pending")
+    if pending:
+        left, right = st.columns(2)
+        for column, side in ((left, "A"), (right, "B")):
+            column.caption(f"**{side}**")
+            column.markdown(pending["answers"][side] or EMPTY)
+        buttons = st.columns(3)
+        choice = next((c for c, column, label in zip(votes.CHOICES, buttons, ("A is better", "B is better", "Tie"))
+                       if column.button(label, key=f"vote_{c}")), None)
+        if choice:
+            votes.append_vote(vote_path, votes.vote_row(
+                pending["prompt"], pending["answers"], pending["adapter_side"], choice, adapter=info["source"],
+                base=info["base"], settings=dataclasses.asdict(settings)))
+            st.session_state.pending = None
+            st.session_state.revealed = (f"Saved. A was the {'adapter' if pending['adapter_side'] == 'A' else 'base'}"
+                                         f", B the {'base' if pending['adapter_side'] == 'A' else 'adapter'}.")
+            st.rerun()
+    if st.session_state.get("revealed"):
+        st.success(st.session_state.revealed)
+    count = votes.tally(votes.read_votes(vote_path), adapter=info["source"])
+    if count["n"]:
+        low, high = count["win_rate_ci"]
+        st.markdown(f"**Adapter win rate from human votes: {count['win_rate']:.2f}** (95% CI {low:.2f}-{high:.2f}; "
+                    f"{count['n']} votes: {count['wins']} wins, {count['ties']} ties, {count['losses']} losses; a tie "
+                    "counts half)")
+    else:
+        st.markdown("No votes for this adapter yet.")
+    st.stop()
 
 with st.expander("Single prompt (no chat history)"):
     single = st.text_area("Prompt", max_chars=chat.MAX_CHARS, key="single")

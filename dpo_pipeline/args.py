@@ -101,7 +101,9 @@ PROJECT_DEFAULTS = {
     "gradient_checkpointing": False,  # TRL turns it on; models this small train faster without it
     "precompute_ref_log_probs": True,  # reference log-probs once per (base, data), kept on disk (refcache.py)
     "eval_strategy": "steps", "eval_steps": 50, "logging_steps": 10,
-    "save_strategy": "no",  # the adapter is saved once at the end
+    # a checkpoint (adapter, optimizer, scheduler, RNG states) every 50 steps, the last 2 kept: a killed run goes on
+    # from the last one (pipeline.run); a finished run keeps only its adapter
+    "save_strategy": "steps", "save_steps": 50, "save_total_limit": 2,
     "report_to": "tensorboard",  # event files in the run folder: `tensorboard --logdir results`, no account
     "logging_nan_inf_filter": False,  # let a NaN loss show (pipeline.StopOnNonFiniteLoss fails the run)
     "ddp_find_unused_parameters": False,  # every LoRA weight is used each step: skip DDP's extra graph walk

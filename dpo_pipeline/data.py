@@ -26,7 +26,7 @@ from .chat_template import ASSISTANT, HUMAN
 from .hf import hub_reachable
 
 DROP_REASONS = ("history_mismatch", "empty_completion", "identical_pair", "duplicate_pair",
-                "prompt_too_long", "identical_after_truncation")
+                "prompt_too_long", "identical_after_truncation", "tie_vote")
 FILE_TYPES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 ROLES = ("system", "user", "assistant")
 # Local stand-ins for the Hub datasets, named in the "Hub unreachable" message.
@@ -150,12 +150,16 @@ def _parse_json(text: str, name: str) -> list:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{name}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    rows = []
-    for line in text.splitlines():  # JSON lines; blank lines are skipped and not counted as rows
+    rows, lines = [], text.splitlines()
+    for i, line in enumerate(lines):  # JSON lines; blank lines are skipped and not counted as rows
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
+                if i == len(lines) - 1 and not text.endswith("\n"):  # an append cut mid-line (a killed app)
+                    print(f"{name}: its last line was cut off mid-write; reading the {len(rows)} rows before it",
+                          flush=True)
+                    break
                 raise DataError(f"{name}: row {len(rows) + 1}: not valid JSON ({e.msg} at column {e.colno})") from None
     return rows
 
@@ -303,7 +307,9 @@ def _clean(rows: list[dict], label: str, report: CleaningReport) -> list[dict]:
                                                           for side in ("chosen", "rejected"))
         report.rows_read += 1
         key = (json.dumps(prompt), chosen, rejected)
-        if prompt != rejected_prompt:
+        if row.get("vote") == "tie":  # a blind A/B vote of "neither is better" (votes.py): no preference to learn
+            reason = "tie_vote"
+        elif prompt != rejected_prompt:
             reason = "history_mismatch"
         elif not chosen.strip() or not rejected.strip():
             reason = "empty_completion"

@@ -28,10 +28,11 @@ from . import speed
 from .args import Settings
 from .chat_template import as_text, with_prompt_format
 from .data import PreferenceData
+from .doctor import diagnose
 from .evaluate import preference_eval
 from .judge import JudgeError, judged_generations, load_judge, pairwise_accuracy, proxy_judge
 from .prepare import prepare_data
-from .runs import RunRecord, write_json_atomic, write_run_start
+from .runs import RunRecord, remove_checkpoints, resume_point, write_json_atomic, write_run_start
 from .tracking import CompletionsCallback, report_to
 
 EVAL_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
@@ -141,13 +142,19 @@ def run(settings: Settings, data: PreferenceData | None = None, *,
     data = data or prepare_data(settings, tokenizer)
     # Data-parallel (accelerate launch, torchrun): every rank trains, only rank 0 writes and evaluates.
     main = get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
+    # A run killed part way goes on from its last checkpoint (save_strategy "steps": adapter, optimizer, scheduler,
+    # RNG states, every save_steps) when its folder holds the same settings; the reference log-probs come from the
+    # disk cache. Every entry point (notebook, CLI, sweep, TPE trial) comes through here.
+    checkpoint = resume_point(out, settings.to_dict())
+    if checkpoint:
+        print(f"{out.name}: resuming from {checkpoint.name}", flush=True)
     if main:
         write_run_start(out, settings.to_dict(), data.prompt_format, data.report.as_dict())
     trainer = build_trainer(settings, data, tokenizer)
     if setup:
         setup(trainer)
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - start
     history, steps = trainer.state.log_history, trainer.state.global_step
     answering = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CompletionsCallback)), None)
@@ -166,6 +173,8 @@ def run(settings: Settings, data: PreferenceData | None = None, *,
     with warnings.catch_warnings():  # peft looks for a config.json under that name to check the vocabulary
         warnings.filterwarnings("ignore", message="Could not find a config file")
         trainer.save_model(str(out))  # adapter (safetensors) + tokenizer; the base weights stay where they were
+    if main:
+        remove_checkpoints(out)  # a finished run keeps only its adapter
     train_losses = [e["loss"] for e in history if "loss" in e]
     pairs_seen = steps * trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps \
         * trainer.args.world_size  # all ranks
@@ -197,7 +206,24 @@ def run(settings: Settings, data: PreferenceData | None = None, *,
         adapter_path=str(out.resolve()), model_info=model_lib.describe_model(trainer.model, name),
         run_id=out.name, evaluation=evaluation["adapter"], base_evaluation=evaluation["base"], judged=judged,
         completions=answering.rows() if answering else [], timings_s={k: round(v, 2) for k, v in timings.items()},
+        resumed_from_step=int(checkpoint.name.split("-")[-1]) if checkpoint else None,
     )
+    record.findings = diagnose(record.to_dict())
     if main:
+        report_findings(record.findings, trainer)
         record.save(out / "record.json")
     return record
+
+
+def report_findings(findings: list[str], trainer) -> None:
+    """The doctor's findings printed, and as text in the run's TensorBoard log (its writer closed with training)."""
+    from transformers.integrations import TensorBoardCallback
+
+    for finding in findings:
+        print(f"doctor: {finding}", flush=True)
+    board = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)), None)
+    if findings and board is not None and board.logging_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=board.logging_dir) as writer:
+            writer.add_text("doctor", "\n\n".join(f"- {finding}" for finding in findings))

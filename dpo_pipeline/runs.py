@@ -63,6 +63,8 @@ class RunRecord:
     judged: dict = field(default_factory=dict)  # judged generations against the base model (judge.py), summary
     completions: list[dict] = field(default_factory=list)  # answers to fixed validation prompts while training
     search: dict = field(default_factory=dict)  # which search made the run: grid, random or tpe (study, trial)
+    resumed_from_step: int | None = None  # the checkpoint a killed run went on from (None: trained from step 0)
+    findings: list[str] = field(default_factory=list)  # the DPO doctor's one-line findings (doctor.py)
     # seconds: build (data, model, reference log-probs), of it reference, training, evaluations while training
     # (and after, when the last step had none), answers while training, held_out (evaluate.py), judged, total
     timings_s: dict = field(default_factory=dict)
@@ -79,9 +81,11 @@ class RunRecord:
 
     @classmethod
     def failed(cls, settings, error: BaseException) -> "RunRecord":
+        from .doctor import diagnose
+
         message = " ".join(f"{type(error).__name__}: {error}".split())[:500]  # one line
         return cls(config=settings.to_dict(), status="failed", error=message,
-                   run_id=Path(settings.dpo.output_dir).name)
+                   run_id=Path(settings.dpo.output_dir).name, findings=diagnose({"error": message}))
 
 
 def evaluating_seconds(timings: dict) -> float:
@@ -103,6 +107,37 @@ def write_run_start(folder: str | Path, config: dict, prompt_format: str, cleani
     and the data cleaning report."""
     write_json_atomic(Path(folder) / "run_config.json", {**config, "prompt_format": prompt_format})
     write_json_atomic(Path(folder) / "cleaning_report.json", cleaning_report)
+
+
+def checkpoints(folder: str | Path) -> list[Path]:
+    """The Trainer checkpoints (checkpoint-<step>) in a run folder, oldest step first."""
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def remove_checkpoints(folder: str | Path) -> None:
+    for checkpoint in checkpoints(folder):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def resume_point(folder: str | Path, config: dict) -> Path | None:
+    """The checkpoint this run goes on from: the last complete one in its folder (trainer_state.json, which Trainer
+    writes last, reads back), when the folder's run_config.json holds these same settings. Checkpoints of other
+    settings (the notebook's run-<profile> folder trained again with another learning rate) are removed."""
+    found = checkpoints(folder)
+    if not found:
+        return None
+    before, now = read_json(Path(folder) / "run_config.json"), json.loads(json.dumps(config, default=str))
+    before.pop("prompt_format", None), now.pop("prompt_format", None)  # the file holds the one the data resolved
+    if before != now:
+        print(f"{folder}: its checkpoints are of other settings; removed, starting from step 0", flush=True)
+        remove_checkpoints(folder)
+        return None
+    for checkpoint in reversed(found):
+        if read_json(checkpoint / "trainer_state.json").get("global_step"):
+            return checkpoint
+        shutil.rmtree(checkpoint, ignore_errors=True)  # cut off while it was written
+    return None
 
 
 def read_json(path: Path) -> dict:

@@ -91,7 +91,8 @@ COST_COLUMNS = [  # run time and evaluating (record timings_s): a sweep's cost i
     ("train steps", _get("train_steps"), INT, 8), ("wall time (s)", _get("wall_time_s"), SECONDS, 9),
     ("run time (s)", _get("timings_s", "total"), SECONDS, 9),
     ("evaluating (s)", lambda r: evaluating_seconds(r["timings_s"]) if r.get("timings_s") else None, SECONDS, 9),
-    ("pairs/s", _get("pairs_per_second"), SECONDS, 8), ("error", _get("error"), None, 48)]
+    ("pairs/s", _get("pairs_per_second"), SECONDS, 8), ("error", _get("error"), None, 48),
+    ("doctor", lambda r: "\n".join(r.get("findings") or []) or None, None, 48)]
 HISTORY_COLUMNS = [  # (header, history_frame column)
     ("loss", "loss"), ("reward accuracy", "rewards/accuracies"), ("reward margin", "rewards/margins"),
     ("chosen reward", "rewards/chosen"), ("rejected reward", "rewards/rejected"), ("chosen logp", "logps/chosen"),

@@ -24,6 +24,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
 REPO = f"{USER}/tiny-dpo-chat"
+SERVED = {}  # what the module's app server writes to: its votes file
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
@@ -57,8 +58,10 @@ def app_url(tmp_path_factory):
             [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "dpo_app.py"), "--server.headless", "true",
              "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
              "--client.toolbarMode", "minimal"],
-            env={**hub_env(hub, tmp / "hf-app"), "DPO_APP_ADAPTER": REPO}, cwd=ROOT, stdout=log,
+            env={**hub_env(hub, tmp / "hf-app"), "DPO_APP_ADAPTER": REPO, "DPO_VOTES_FILE": str(tmp / "votes.jsonl")},
+            cwd=ROOT, stdout=log,
             stderr=subprocess.STDOUT)
+        SERVED["votes"] = tmp / "votes.jsonl"
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 60
@@ -129,3 +132,54 @@ def test_chat_in_a_real_browser(app_url, tmp_path):
             assert not page.get_by_test_id("stException").count() and "Traceback" not in page.inner_text("body")
         finally:
             browser.close()
+
+
+@pytest.mark.slow  # starts the app and Chromium
+def test_blind_votes_cast_in_the_page_become_a_preference_file_and_move_the_win_rate(app_url):
+    import json
+
+    from playwright.sync_api import sync_playwright
+
+    from dpo_pipeline import votes
+    from dpo_pipeline.data import load_preferences
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url, wait_until="domcontentloaded")
+            page.get_by_test_id("stChatInputTextArea").wait_for(timeout=120_000)
+            page.get_by_text("Blind A/B vote").click()
+            page.get_by_text("No votes for this adapter yet.").wait_for(timeout=60_000)
+            shown = []
+            for question, button in (("Tell me about owls.", "A is better"), ("What is rain?", "Tie")):
+                page.get_by_role("textbox", name="Prompt").fill(question)
+                page.get_by_role("button", name="Answer both").click()
+                page.get_by_role("button", name=button).wait_for(timeout=120_000)
+                body = page.inner_text("body")
+                shown.append(body)
+                assert "adapter" not in body.split("Answer both")[-1].split("A is better")[0].lower()  # order hidden
+                page.get_by_role("button", name=button).click()
+                page.get_by_text("Saved. A was the").wait_for(timeout=60_000)
+            page.get_by_text("2 votes").wait_for(timeout=60_000)
+            final = page.inner_text("body")
+            assert not page.get_by_test_id("stException").count()
+        finally:
+            browser.close()
+
+    rows = votes.read_votes(SERVED["votes"])
+    assert [r["prompt"][0]["content"] for r in rows] == ["Tell me about owls.", "What is rain?"]
+    assert rows[0]["vote"] in ("adapter", "base") and rows[1]["vote"] == "tie"
+    assert rows[0]["chosen"][0]["content"].split()[0] in shown[0]  # the answer shown as A became "chosen"
+    assert rows[0]["adapter"] == REPO and rows[0]["settings"]["max_new_tokens"] > 0
+    assert f"human votes: {votes.tally(rows)['win_rate']:.2f}" in final  # the page's running win rate
+
+    # cut the file mid-line, as a killed write would: the earlier votes are still read, and the next round's
+    # loader takes them as a preference file (the tie dropped by its cleaning)
+    text = SERVED["votes"].read_text()
+    SERVED["votes"].write_text(text + text.splitlines()[0][:40])
+    assert len(votes.read_votes(SERVED["votes"])) == 2
+    data = load_preferences(str(SERVED["votes"]), test_fraction=0.0)
+    assert data.report.rows_read == 2 and data.report.dropped["tie_vote"] == 1 and len(data.train) == 1
+    votes.append_vote(SERVED["votes"], rows[0])  # the cut tail goes, the new vote lands whole
+    assert len(votes.read_votes(SERVED["votes"])) == 3 and json.loads(SERVED["votes"].read_text().splitlines()[-1])

@@ -25,7 +25,7 @@ HH = shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"
 UF = shared_data_dir() / "ultrafeedback-style" / "dpo-en-demo.jsonl"
 A = "\n\nAssistant:"
 REASONS = ["history_mismatch", "empty_completion", "identical_pair", "duplicate_pair", "prompt_too_long",
-           "identical_after_truncation"]
+           "identical_after_truncation", "tie_vote"]
 
 
 GPT2 = with_prompt_format(gpt2_tokenizer())  # the Human/Assistant chat template
@@ -100,7 +100,7 @@ def test_hh_cleaning_counts(hh):
     r = hh.report
     assert (r.rows_read, r.schema) == (1812, "hh_raw")
     assert list(r.dropped) == REASONS
-    assert r.dropped == dict(zip(REASONS, [5, 4, 0, 0, 0, 0]))
+    assert r.dropped == dict(zip(REASONS, [5, 4, 0, 0, 0, 0, 0]))
     assert r.kept == 1803
     assert r.splits == {"train": 1442, "test": 361}
     assert (len(hh.train), len(hh.test)) == (1442, 361)
@@ -190,7 +190,7 @@ def test_a_sources_own_split_is_kept_in_a_seeded_order_so_any_slice_mixes_its_su
 def test_ultrafeedback_cleaning_counts(uf):
     r = uf.report
     assert (r.rows_read, r.schema) == (300, "messages")
-    assert r.dropped == dict(zip(REASONS, [0, 0, 0, 5, 0, 0]))  # five rows appear twice in the file
+    assert r.dropped == dict(zip(REASONS, [0, 0, 0, 5, 0, 0, 0]))  # five rows appear twice in the file
     assert r.kept == 295 and r.splits == {"train": 236, "test": 59}
 
 
@@ -237,7 +237,7 @@ def brute_force_verdict(tokenizer, p: dict, max_length: int) -> str | None:
     (64, 1162, 3), pytest.param(256, 223, 0, marks=pytest.mark.slow), pytest.param(512, 24, 0, marks=pytest.mark.slow)])
 def test_hh_truncation_counts(hh, tokenizer, max_length, too_long, ties):
     out = clean_tokens(hh, tokenizer, args(max_length))
-    assert out.report.dropped == dict(zip(REASONS, [5, 4, 0, 0, too_long, ties]))
+    assert out.report.dropped == dict(zip(REASONS, [5, 4, 0, 0, too_long, ties, 0]))
     assert out.report.kept == 1803 - too_long - ties == len(out.train) + len(out.test)
     assert out.report.splits == {"train": len(out.train), "test": len(out.test)}
     assert hh.report.dropped["prompt_too_long"] == 0  # the input report is left alone
@@ -324,7 +324,7 @@ def test_plain_schema_file():
     data = load_preferences(str(HERE / "plain_good.jsonl"), test_fraction=0.25)
     r = data.report
     assert (r.schema, r.rows_read, r.kept) == ("plain", 7, 4)
-    assert r.dropped == dict(zip(REASONS, [0, 1, 1, 1, 0, 0]))
+    assert r.dropped == dict(zip(REASONS, [0, 1, 1, 1, 0, 0, 0]))
     assert (len(data.train), len(data.test)) == (3, 1)
     got = {p["chosen"]: p for p in pairs(data)}
     assert got[" They weigh the same."]["prompt"] == \

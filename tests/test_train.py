@@ -161,3 +161,44 @@ def test_a_max_steps_run_tokenizes_and_scores_only_the_pairs_it_trains_on(tiny_g
     # A run by epochs (max_steps -1) gets the whole split.
     whole = build_trainer(parse({**settings, "max_steps": -1, "output_dir": str(tmp_path / "c")}), synthetic)
     assert len(whole.train_dataset) == len(synthetic.train)
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_a_checkpoint_resumes_there_and_ends_as_if_never_stopped(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    def command(folder):
+        return [sys.executable, "-m", "dpo_pipeline", "train", "--profile", "smoke", "--output_dir", str(folder),
+                "--max_steps", "40", "--save_steps", "4", "--eval_steps", "20", "--logging_steps", "2",
+                "--judge", "none", "--log_completions", "0"]
+
+    env = {**os.environ, "DPO_RESULTS_DIR": str(tmp_path)}
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 600
+    while not (killed / "checkpoint-8" / "trainer_state.json").exists():  # two checkpoints written, 32 steps to go
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "record.json").exists()
+    subprocess.run(command(killed), env=env, check=True, capture_output=True, timeout=600)
+    whole = tmp_path / "whole"
+    subprocess.run(command(whole), env=env, check=True, capture_output=True, timeout=600)
+
+    resumed, uninterrupted = (json.loads((d / "record.json").read_text()) for d in (killed, whole))
+    assert resumed["resumed_from_step"] >= 8 and uninterrupted["resumed_from_step"] is None
+    logged = lambda record: [(e["step"], e.get("loss", e.get("eval_loss"))) for e in record["log_history"]
+                             if "loss" in e or "eval_loss" in e]
+    assert [s for s, _ in logged(resumed)] == [s for s, _ in logged(uninterrupted)] and resumed["train_steps"] == 40
+    assert [v for _, v in logged(resumed)] == pytest.approx([v for _, v in logged(uninterrupted)], abs=1e-4)
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (killed, whole))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert not list(killed.glob("checkpoint-*")) and not list(whole.glob("checkpoint-*"))  # only the adapter stays

@@ -1,0 +1,115 @@
+"""A DPO doctor: the failure signatures users ask about most (TRL, LLaMA-Factory, axolotl, OpenRLHF, the DPO
+reference repo), read from a finished run's log history, evaluations and answers. Each finding is one line: what
+was seen, its likely cause, what to try. `diagnose` reads a record (and, when there is one, the behaviour report);
+pipeline.run keeps the findings in the record and in TensorBoard, the workbook has them as a column of the Runs
+sheet, and the notebook prints them.
+"""
+
+from __future__ import annotations
+
+import math
+
+LN2 = math.log(2)  # DPO's loss when chosen and rejected get the same implicit reward
+
+
+def _train(history: list[dict]) -> list[dict]:
+    return [e for e in history if "loss" in e and "eval_loss" not in e]
+
+
+def _evals(history: list[dict]) -> list[dict]:
+    return [e for e in history if "eval_loss" in e]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def non_finite(history: list[dict], error: str | None) -> str | None:
+    bad = next((e for e in history for k, v in e.items() if isinstance(v, float) and not math.isfinite(v)), None)
+    if bad is None and "non-finite" not in (error or ""):
+        return None
+    where = f"at step {bad.get('step')}" if bad else "(the run stopped)"
+    return (f"non-finite values {where}: likely a learning rate too high or fp16 overflow; try a 3-10x lower "
+            "learning_rate, bf16 instead of fp16, or max_grad_norm 1.0")
+
+
+def flat_loss(history: list[dict]) -> str | None:
+    train = _train(history)
+    if len(train) < 3 or not all(abs(e["loss"] - LN2) < 0.005 for e in train):
+        return None
+    if any(abs(e.get("rewards/margins", 0.0)) > 1e-3 for e in train):
+        return None
+    return ("loss flat at ln 2 (0.693) with rewards at 0: the adapter is not training; likely learning_rate or beta "
+            "is 0, or no weight is trainable; try learning_rate 5e-5 to 5e-4 for LoRA and check the trainable count")
+
+
+def likelihood_displacement(history: list[dict]) -> str | None:
+    train = [e for e in _train(history) if "logps/chosen" in e and "rewards/margins" in e]
+    if len(train) < 4:
+        return None
+    window = max(1, len(train) // 4)
+    first, last = train[:window], train[-window:]
+    chosen_before, chosen_after = _mean([e["logps/chosen"] for e in first]), _mean([e["logps/chosen"] for e in last])
+    margins_before, margins_after = (_mean([e["rewards/margins"] for e in part]) for part in (first, last))
+    fell = chosen_before - chosen_after
+    if fell <= 0.2 * abs(chosen_before) or margins_after <= margins_before:
+        return None
+    return (f"chosen log-probs fell {fell:.1f} nats ({fell / abs(chosen_before):.0%}) while margins grew: likelihood "
+            "displacement (both answers pushed down, the rejected faster); try a lower learning_rate, a larger beta, "
+            "loss_type 'ipo', or rpo_alpha (adds an NLL term on the chosen answers)")
+
+
+def accuracy_from_start(history: list[dict]) -> str | None:
+    evals = _evals(history)
+    if not evals or evals[0].get("eval_rewards/accuracies") != 1.0:
+        return None
+    return (f"reward accuracy 1.0 from the first evaluation (step {evals[0].get('step')}): the pairs are trivially "
+            "separable or the evaluation pairs leaked into training; check the split for shared pairs and what tells "
+            "chosen from rejected")
+
+
+def overfitting(history: list[dict]) -> str | None:
+    evals = _evals(history)
+    if len(evals) < 3:
+        return None
+    best = min(evals, key=lambda e: e["eval_loss"])
+    train = _train(history)
+    before = [e["loss"] for e in train if e["step"] <= best["step"]][-1:]
+    after = [e["loss"] for e in train if e["step"] > best["step"]]
+    if evals[-1]["eval_loss"] < best["eval_loss"] + 0.05 or not before or not after or after[-1] >= before[0]:
+        return None
+    return (f"eval loss rising ({best['eval_loss']:.3f} at step {best['step']} -> {evals[-1]['eval_loss']:.3f}) while "
+            f"train loss falls: overfitting; try fewer steps (the best was step {best['step']}), a lower "
+            "learning_rate or more pairs")
+
+
+def _distinct_2(answers: list[str]) -> float:
+    bigrams = [tuple(w[i:i + 2]) for w in (a.split() for a in answers) for i in range(len(w) - 1)]
+    return len(set(bigrams)) / len(bigrams) if bigrams else 1.0
+
+
+def answers_drift(behaviour: dict | None) -> list[str]:
+    """Answers much longer or shorter than the base's (x1.5 either way), or far more repetitive (distinct-2)."""
+    if not behaviour or "policy" not in behaviour.get("models", {}):
+        return []
+    found = []
+    policy, base = behaviour["models"]["policy"]["tokens"], behaviour["models"]["base"]["tokens"]
+    if base > 0 and not 1 / 1.5 <= policy / base <= 1.5:
+        found.append(f"answers drifted {'longer' if policy > base else 'shorter'} than the base's ({policy:.0f} vs "
+                     f"{base:.0f} tokens): the pairs' length difference is being learned; try a lower learning_rate "
+                     "or beta higher, or pairs matched in length")
+    answers = behaviour.get("answers") or []
+    if answers:
+        d_policy, d_base = (_distinct_2([a[name] for a in answers]) for name in ("policy", "base"))
+        if d_policy < 0.5 and d_policy < d_base - 0.15:
+            found.append(f"answers degenerate into repeats (distinct-2 {d_policy:.2f} vs the base's {d_base:.2f}): "
+                         "the policy drifted far from the base; try a larger beta or fewer steps")
+    return found
+
+
+def diagnose(record: dict, behaviour: dict | None = None) -> list[str]:
+    """Every signature found in a run's record (and its behaviour report), as one-line findings; [] when none."""
+    history = record.get("log_history") or []
+    checks = [non_finite(history, record.get("error")), flat_loss(history), likelihood_displacement(history),
+              accuracy_from_start(history), overfitting(history)]
+    return [finding for finding in checks if finding] + answers_drift(behaviour)

@@ -1,0 +1,58 @@
+"""Blind A/B votes: the row a vote becomes, appends that survive a cut write, the human win rate."""
+
+import json
+import multiprocessing
+
+import pytest
+
+from dpo_pipeline import votes
+from dpo_pipeline.data import load_preferences
+
+PROMPT = [{"role": "user", "content": "Tell me about owls."}]
+ANSWERS = {"A": "Owls hunt at night.", "B": "I like turtles."}
+
+
+def row(choice, adapter_side="A"):
+    return votes.vote_row(PROMPT, ANSWERS, adapter_side, choice, adapter="me/a", base="gpt2",
+                          settings={"temperature": 0.7})
+
+
+def test_a_vote_becomes_a_preference_row_with_the_hidden_sides_resolved():
+    won = row("A", adapter_side="A")
+    assert (won["chosen"][0]["content"], won["rejected"][0]["content"], won["vote"]) == (
+        ANSWERS["A"], ANSWERS["B"], "adapter")
+    lost = row("A", adapter_side="B")  # A was the base
+    assert lost["vote"] == "base" and lost["chosen"][0]["content"] == ANSWERS["A"]
+    assert row("tie")["vote"] == "tie" and row("B")["chosen"][0]["content"] == ANSWERS["B"]
+    with pytest.raises(ValueError):
+        row("C")
+
+
+def _append(path, n):
+    for _ in range(n):
+        votes.append_vote(path, row("A"))
+
+
+def test_appends_from_several_processes_stay_whole_and_a_cut_tail_loses_no_earlier_vote(tmp_path):
+    path = tmp_path / "votes.jsonl"
+    workers = [multiprocessing.get_context("fork").Process(target=_append, args=(path, 20)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 60 and all(json.loads(line)["vote"] == "adapter" for line in lines)
+
+    path.write_text(path.read_text() + '{"prompt": [{"role": "us')  # a write cut off mid-line
+    assert len(votes.read_votes(path)) == 60
+    assert len(load_preferences(str(path), test_fraction=0.0).train) == 1  # 60 identical votes: one pair, deduplicated
+    votes.append_vote(path, row("tie"))
+    assert [v["vote"] for v in votes.read_votes(path)][-2:] == ["adapter", "tie"] and len(votes.read_votes(path)) == 61
+
+
+def test_tally_counts_a_tie_half_and_only_the_adapter_asked_for():
+    rows = [row("A"), row("B"), row("tie"), row("A"), {**row("A"), "adapter": "other/x"}]
+    count = votes.tally(rows, adapter="me/a")
+    assert (count["n"], count["wins"], count["ties"], count["losses"]) == (4, 2, 1, 1)
+    assert count["win_rate"] == 0.625 and count["win_rate_ci"][0] < 0.625 < count["win_rate_ci"][1]
+    assert votes.tally([])["n"] == 0
