@@ -6,11 +6,14 @@ template) loads with ``AutoModelForCausalLM.from_pretrained(folder)``: no peft, 
 sibling, not a subfolder, because publish_best replaces the adapter folder as a whole. It is written to a staging
 folder and renamed into place, so a crash never leaves half a checkpoint.
 
-The base is always loaded unquantized, in `dtype`: merging into 4-bit NF4 weights would round the merged weights to
-NF4 again (lossy), so a run trained on a 4-bit base is merged into the 16/32-bit base. float32 reproduces base+adapter
-logits to ~1e-6; bfloat16 halves the size at bf16 rounding.
+Which base weights the adapter is merged into (`base_weights`): "full", the base loaded unquantized in `dtype`
+(merging into 4-bit NF4 weights would round the merged weights to NF4 again); or, for a run trained on a 4-bit base,
+"dequantized": the 4-bit NF4 weights training and the app saw, dequantized to `dtype` (`<adapter>-merged-dequantized`),
+which reproduces the adapter as served. `logit_gaps` says how far each merge is from the adapter as served (the 4-bit
+base + adapter when the run was 4-bit): float32 merges of a full-precision run are within ~1e-5.
 
     python -m dpo_pipeline export results/best [--out DIR] [--dtype float32|bfloat16|float16]
+                                               [--base-weights full|dequantized|both]
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ def merged_dir_for(adapter_dir: str | Path) -> Path:
     return adapter_dir.with_name(adapter_dir.name + "-merged")
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dtype: str = "float32") -> Path:
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dtype: str = "float32",
+                  base_weights: str = "full") -> Path:
     """Merge the adapter in `adapter_dir` into its base model (peft merge_and_unload) and save the result, with the
-    adapter folder's tokenizer, to `out_dir` (default ``<adapter_dir>-merged``). Returns the merged folder."""
+    adapter folder's tokenizer, to `out_dir` (default ``<adapter_dir>-merged``, ``-merged-dequantized`` for the
+    dequantized 4-bit base). Returns the merged folder."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,7 +50,14 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dt
     if not folder.is_dir() or not adapter_files(folder):
         raise model_lib.ModelLoadError(f"{folder} is not an adapter folder: it needs adapter_config.json and "
                                        "adapter_model.safetensors (a run folder, e.g. results/best)")
-    out = Path(out_dir).resolve() if out_dir else merged_dir_for(folder)
+    if base_weights not in ("full", "dequantized"):
+        raise ValueError(f"base_weights must be full or dequantized, got {base_weights!r}")
+    four_bit = bool(read_run(folder)["run_config"].get("load_in_4bit"))
+    if base_weights == "dequantized" and not four_bit:
+        raise ValueError(f"{folder} was not trained on a 4-bit base: its full-precision merge is the one to use")
+    default = merged_dir_for(folder)
+    out = Path(out_dir).resolve() if out_dir else \
+        default.with_name(default.name + "-dequantized") if base_weights == "dequantized" else default
     if out == folder.resolve() or out in folder.resolve().parents:
         raise ValueError(f"The merged model cannot be written to {out}: it holds the adapter {folder}")
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").exists())):
@@ -56,6 +68,12 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dt
 
     # The base unquantized in the asked dtype, on the CPU (model.load_base_model picks the dtype by device).
     model = model_lib._from_pretrained(AutoModelForCausalLM, model_lib.resolve_model_path(base), dtype=DTYPES[dtype])
+    if base_weights == "dequantized":  # its weights replaced by the NF4 ones training and the app saw, dequantized
+        quantized = model_lib.load_base_model(base, load_in_4bit=True).dequantize(dtype=DTYPES[dtype]).state_dict()
+        conv1d = {f"{name}.weight" for name, module in model.named_modules() if type(module).__name__ == "Conv1D"}
+        with torch.no_grad():
+            for name, param in model.named_parameters():  # GPT-2's Conv1D holds (in, out): the 4-bit Linear (out, in)
+                param.copy_(quantized[name].T if name in conv1d else quantized[name])
     try:
         model = PeftModel.from_pretrained(model, str(folder))
     except (RuntimeError, ValueError, KeyError, OSError) as err:
@@ -75,6 +93,35 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dt
     return replace_folder(out, fill)
 
 
+PROBES = ["Tell me about owls.", "How do I bake bread?", "What is the capital of France?", "Write a haiku about rain."]
+
+
+@torch.no_grad()
+def logit_gaps(adapter_dir: str | Path, merged: dict[str, str | Path], prompts: list[str] = PROBES) -> dict:
+    """How far each merged model's next-token logits are from the adapter as served (chat.load_adapter: the 4-bit
+    base + adapter for a 4-bit run), over every position of `prompts` in the adapter's prompt format: max and mean
+    absolute difference, and the share of positions whose top token agrees."""
+    from transformers import AutoModelForCausalLM
+
+    from .chat import load_adapter
+    from .chat_template import prompt_text
+
+    served = load_adapter(str(adapter_dir))
+    texts = [prompt_text(served.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    batches = [served.tokenizer(t, return_tensors="pt") for t in texts]
+    device = next(served.model.parameters()).device
+    reference = [served.model(**b.to(device)).logits.float().cpu() for b in batches]
+    gaps = {}
+    for name, folder in merged.items():
+        model = model_lib._from_pretrained(AutoModelForCausalLM, str(folder)).eval()
+        logits = [model(**b.to("cpu")).logits.float() for b in batches]
+        diff = torch.cat([(a - r).abs().flatten() for a, r in zip(logits, reference)])
+        agree = torch.cat([(a.argmax(-1) == r.argmax(-1)).flatten() for a, r in zip(logits, reference)])
+        gaps[name] = {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "top1_agreement": float(
+            agree.float().mean())}
+    return gaps
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -87,10 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("adapter", help="an adapter folder (a run folder, results/best)")
     parser.add_argument("--out", help="the merged checkpoint folder (default: <adapter>-merged beside it)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weight dtype (default float32)")
+    parser.add_argument("--base-weights", choices=["full", "dequantized", "both"], default="full",
+                        help="merge into the full-precision base, the dequantized 4-bit one (4-bit runs), or both")
     args = parser.parse_args(argv)
+    if args.out and args.base_weights == "both":
+        parser.error("--out takes one folder: give --base-weights full or dequantized with it")
     hf_logging.disable_progress_bar()  # one line out, not a bar per file
-    out = merge_adapter(args.adapter, args.out, args.dtype)
-    print(f"Merged {args.adapter} into its base model ({args.dtype}): {out}")
+    kinds = ["full", "dequantized"] if args.base_weights == "both" else [args.base_weights]
+    merged = {kind: merge_adapter(args.adapter, args.out, args.dtype, kind) for kind in kinds}
+    for kind, out in merged.items():
+        print(f"Merged {args.adapter} into its {'dequantized 4-bit' if kind == 'dequantized' else 'full-precision'} "
+              f"base model ({args.dtype}): {out}")
+    for kind, gap in logit_gaps(args.adapter, merged).items():
+        print(f"  {kind} merge vs the adapter as served: max |logit gap| {gap['max_abs']:.2e}, mean "
+              f"{gap['mean_abs']:.2e}, top-1 token agreement {gap['top1_agreement']:.1%}")
     return 0
 
 

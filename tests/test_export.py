@@ -170,3 +170,20 @@ def test_push_with_a_folder_that_is_not_a_merged_checkpoint_fails_before_any_net
     result = push_adapter(run, f"{USER}/x", token="hf_unused", merged_dir=run)
     assert result.status == "failed" and "is not a merged checkpoint" in result.message
     assert "\n" not in result.message and "python -m dpo_pipeline export" in result.message
+
+
+def test_a_4bit_run_merges_onto_its_dequantized_base_too_and_the_logit_gaps_say_which_matches_what_is_served(
+        tmp_path):
+    from dpo_pipeline.export import logit_gaps
+
+    adapter = make_tiny_adapter(tmp_path / "adapter", load_in_4bit=True)
+    full = merge_adapter(adapter)
+    dequantized = merge_adapter(adapter, base_weights="dequantized")
+    assert dequantized.name == "adapter-merged-dequantized" and (dequantized / "config.json").exists()
+    gaps = logit_gaps(adapter, {"full": full, "dequantized": dequantized})
+    # the app serves the 4-bit base + adapter: the merge onto those same weights reproduces it, the full-precision
+    # base differs by NF4's rounding (what is left of the dequantized gap is the 4-bit kernels' compute precision)
+    assert gaps["dequantized"]["max_abs"] < 0.02 and gaps["dequantized"]["top1_agreement"] == 1.0
+    assert gaps["full"]["mean_abs"] > 3 * gaps["dequantized"]["mean_abs"], gaps
+    with pytest.raises(ValueError, match="not trained on a 4-bit base"):
+        merge_adapter(make_tiny_adapter(tmp_path / "fp32"), base_weights="dequantized")
