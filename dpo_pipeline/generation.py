@@ -89,33 +89,41 @@ def sample_answers(model, tokenizer, prompts: list, *, seed: int, max_new_tokens
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             set_seed(seed + b)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_k=0,
-                                 top_p=1.0, pad_token_id=tokenizer.pad_token_id)
+                                 top_p=1.0, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+                                 output_logits=log_ratio)  # the raw logits the tokens were drawn from
             width = batch["input_ids"].shape[1]
-            generated = out[:, width:]
+            generated = out.sequences[:, width:]
             is_eos = torch.isin(generated, torch.tensor(sorted(eos), device=device))
             keep = (is_eos.cumsum(-1) - is_eos.long()) == 0  # up to and including the first eos
-            mask = torch.cat([batch["attention_mask"], keep.long()], -1)
-            ratios = _log_ratios(model, reference, out, mask, width, keep) if log_ratio else [None] * len(texts)
-            for tokens, mask, ratio in zip(generated, keep, ratios):
-                answer = tokenizer.decode(tokens[mask], skip_special_tokens=True).split(HUMAN)[0]
-                rows.append({"answer": answer, "tokens": int(mask.sum()), "log_ratio": ratio})
+            ratios = [None] * len(texts)
+            if log_ratio:
+                mask = torch.cat([batch["attention_mask"], keep.long()], -1)
+                policy = _token_logps(torch.stack(out.logits, 1), generated, keep)
+                ratios = (policy - _reference_logps(model, reference, out.sequences, mask, generated, keep)).tolist()
+            for tokens, kept, ratio in zip(generated, keep, ratios):
+                answer = tokenizer.decode(tokens[kept], skip_special_tokens=True).split(HUMAN)[0]
+                rows.append({"answer": answer, "tokens": int(kept.sum()), "log_ratio": ratio})
     finally:
         tokenizer.padding_side = padding_side
     return rows
 
 
-def _log_ratios(model, reference, sequences, attention_mask, width: int, keep) -> list[float]:
-    """log pi - log pi_ref summed over the kept sampled tokens of each sequence (left-padded prompt + answer)."""
+def _token_logps(logits, tokens, keep):
+    """Sum of log-probabilities of `tokens` under `logits` (one row of logits a token), over the kept ones."""
+    return (logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1) * keep).sum(-1)
+
+
+def _reference_logps(model, reference, sequences, attention_mask, generated, keep):
+    """log pi_ref of the sampled tokens: one forward of `reference` (else the model with its adapter off) over the
+    left-padded prompts + answers, the LM head on the answer positions only."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
-    def logps(scorer=model):
-        logits = scorer(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids).logits
-        scored = logits[:, width - 1:-1].float().log_softmax(-1)
-        picked = scored.gather(-1, sequences[:, width:, None]).squeeze(-1)
-        return (picked * keep).sum(-1)
+    def logps(scorer):
+        logits = scorer(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
+                        logits_to_keep=generated.shape[1] + 1).logits[:, :-1]  # position t predicts token t + 1
+        return _token_logps(logits, generated, keep)
 
-    policy = logps()
     if reference is not None:
-        return (policy - logps(reference.eval())).tolist()
+        return logps(reference.eval())
     with model.disable_adapter():
-        return (policy - logps()).tolist()
+        return logps(model)

@@ -46,7 +46,7 @@ SIDES = {"positive": 1.0, "negative": -1.0}  # which end of the gold reward each
 # The three runs' shared settings (a layer over PROJECT_DEFAULTS; the notebook's parameters go on top): LoRA on
 # every projection (model.LORA_TARGETS), short sequences, no evaluation while training (the frontier callback
 # measures what matters here), no judge.
-RUN_SETTINGS = {"learning_rate": 2e-4, "beta": 0.1, "num_train_epochs": 3, "per_device_train_batch_size": 8,
+RUN_SETTINGS = {"learning_rate": 5e-4, "beta": 0.1, "num_train_epochs": 3, "per_device_train_batch_size": 8,
                 "gradient_accumulation_steps": 1, "max_length": 128, "test_fraction": 0.1, "eval_strategy": "no",
                 "logging_steps": 5, "log_completions": 0, "judge": "none", "load_in_4bit": False}
 
@@ -122,7 +122,7 @@ def run_settings(model_name_or_path: str, pairs_file: str | Path, output_dir: st
 
 
 def answer_held_out(model, tokenizer, prompts: list[str], seeds: list[int], name: str, *, max_new_tokens: int = 32,
-                    batch_size: int = 32) -> pd.DataFrame:
+                    batch_size: int = 64) -> pd.DataFrame:
     """Every prompt answered once per seed; one row per answer with its scores (log_ratio 0 for the base itself)."""
     rows = []
     for seed in seeds:

@@ -56,3 +56,21 @@ def test_tally_counts_a_tie_half_and_only_the_adapter_asked_for():
     assert (count["n"], count["wins"], count["ties"], count["losses"]) == (4, 2, 1, 1)
     assert count["win_rate"] == 0.625 and count["win_rate_ci"][0] < 0.625 < count["win_rate_ci"][1]
     assert votes.tally([])["n"] == 0
+
+
+@pytest.mark.slow
+def test_the_next_round_trains_on_the_votes_file(tiny_gpt2, tmp_path):
+    from dpo_pipeline.args import parse
+    from dpo_pipeline.pipeline import run
+
+    path = tmp_path / "votes.jsonl"
+    for i in range(20):
+        answers = {"A": f"Owls number {i} hunt at night.", "B": f"I like turtle {i}."}
+        votes.append_vote(path, votes.vote_row([{"role": "user", "content": f"Tell me about owl {i}."}], answers,
+                                               "AB"[i % 2], "A" if i % 3 else "tie", adapter="me/a", base="gpt2",
+                                               settings={}))
+    record = run(parse({"model_name_or_path": tiny_gpt2, "dataset_name": str(path), "max_steps": 2,
+                        "per_device_train_batch_size": 2, "max_length": 48, "judge": "none", "log_completions": 0,
+                        "output_dir": str(tmp_path / "round-2")}))
+    report = json.loads((tmp_path / "round-2" / "cleaning_report.json").read_text())
+    assert record.status == "finished" and report["dropped"]["tie_vote"] == 7 and report["kept"] == 13
