@@ -60,8 +60,9 @@ def likelihood_displacement(history: list[dict]) -> str | None:
 
 
 def accuracy_from_start(history: list[dict]) -> str | None:
-    evals = _evals(history)
-    if not evals or evals[0].get("eval_rewards/accuracies") != 1.0:
+    """Accuracy 1.0 at a first evaluation made in the first fifth of the run (later, a learnable rule gets there)."""
+    evals, last = _evals(history), max((e.get("step", 0) for e in history), default=0)
+    if not evals or evals[0].get("eval_rewards/accuracies") != 1.0 or evals[0].get("step", 0) > 0.2 * last:
         return None
     return (f"reward accuracy 1.0 from the first evaluation (step {evals[0].get('step')}): the pairs are trivially "
             "separable or the evaluation pairs leaked into training; check the split for shared pairs and what tells "
@@ -69,14 +70,16 @@ def accuracy_from_start(history: list[dict]) -> str | None:
 
 
 def overfitting(history: list[dict]) -> str | None:
+    """The last eval loss 0.05 above the best one, while the train loss after the best step is lower on average than
+    before it (train losses are noisy: means of the logged values, not single points)."""
     evals = _evals(history)
     if len(evals) < 3:
         return None
     best = min(evals, key=lambda e: e["eval_loss"])
     train = _train(history)
-    before = [e["loss"] for e in train if e["step"] <= best["step"]][-1:]
+    before = [e["loss"] for e in train if e["step"] <= best["step"]]
     after = [e["loss"] for e in train if e["step"] > best["step"]]
-    if evals[-1]["eval_loss"] < best["eval_loss"] + 0.05 or not before or not after or after[-1] >= before[0]:
+    if evals[-1]["eval_loss"] < best["eval_loss"] + 0.05 or not before or not after or _mean(after) >= _mean(before):
         return None
     return (f"eval loss rising ({best['eval_loss']:.3f} at step {best['step']} -> {evals[-1]['eval_loss']:.3f}) while "
             f"train loss falls: overfitting; try fewer steps (the best was step {best['step']}), a lower "

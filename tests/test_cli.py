@@ -109,7 +109,7 @@ def test_sweep_base_reaches_tokenizer_and_data_and_every_run_folder_is_complete(
     base = {**TINY, "max_length": 16, "max_eval_pairs": 16, "validation_pairs": 8,  # full's 2,000 are too many here
             "judge": "none"}  # full's judge is on the Hub
     spec = write_sweep(tmp_path / "sweep.yaml", profile="full", base=base, grid={"learning_rate": [1e-3, 2e-4]},
-                       control=True)
+                       control="random")
     proc = command(["dpo_pipeline", "sweep", str(spec)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # each finished run says where its time went, and what the runs left would take at that pace

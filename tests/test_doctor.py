@@ -36,6 +36,11 @@ def test_each_signature_on_a_hand_made_history_and_none_on_a_calm_one():
     report = {"models": {"base": {"tokens": 40.0}, "policy": {"tokens": 10.0}},
               "answers": [{"base": f"a b c d {i}", "policy": "x x x x x x"} for i in range(5)]}
     assert names(doctor.diagnose({"log_history": calm}, report)) == {"length_drift", "repeats"}
+    early = [{"step": 2, "eval_loss": 0.5, "eval_rewards/accuracies": 1.0}, {"step": 20, "loss": 0.4}]
+    assert names(doctor.diagnose({"log_history": early})) == {"accuracy_from_start"}
+    assert doctor.diagnose({"log_history": [{**early[0], "step": 10}, early[1]]}) == []  # half-way: a learnt rule
+    falling = [{"step": s, "loss": 0.6, "rewards/margins": 0.1 * s, "logps/chosen": -100.0 - 10 * s} for s in range(8)]
+    assert names(doctor.diagnose({"log_history": falling})) == {"likelihood_displacement"}
 
 
 @pytest.mark.slow
@@ -52,12 +57,12 @@ def test_provoked_runs_show_their_signature_and_a_healthy_run_none(tiny_gpt2, tm
     assert names(frozen.findings) == {"flat_loss"}, frozen.findings
 
     small = data.train.select(range(16))  # the pairs it trains on are the pairs it is evaluated on
-    leaked = run(settings("leak", learning_rate=1e-2, max_steps=12, eval_steps=4),
+    leaked = run(settings("leak", learning_rate=1e-2, max_steps=24, eval_steps=4),
                  PreferenceData(small, data.test, data.report, data.prompt_format, validation=small))
     assert "accuracy_from_start" in names(leaked.findings), leaked.findings
 
     noise, _ = shuffle_labels(data.train.select(range(16)), 0)  # memorising noise: held-out loss climbs
-    overfit = run(settings("overfit", learning_rate=1e-2, max_steps=40, eval_steps=8),
+    overfit = run(settings("overfit", learning_rate=5e-3, beta=0.5, max_steps=60, eval_steps=10),
                   PreferenceData(noise, data.test.select(range(32)), data.report, data.prompt_format))
     assert "overfitting" in names(overfit.findings), overfit.findings
 

@@ -62,6 +62,12 @@ def test_notebook_smoke_profile_end_to_end(tmp_path):
     assert (run / "adapter_model.safetensors").exists()
     report = json.loads((run / "cleaning_report.json").read_text())
     assert report["source"] == "synthetic" and report["kept"] == sum(report["splits"].values())
+    assert "doctor:" in text  # the run's findings, or that it has none
+    # both controls trained beside it, and base, DPO and the shuffled control compared on held-out prompts
+    shuffled = json.loads((tmp_path / "results" / "run-smoke-shuffled" / "record.json").read_text())
+    assert shuffled["config"]["shuffled_labels"] is True and (tmp_path / "results" / "run-smoke-control").is_dir()
+    behaviour = json.loads((run / "behaviour.json").read_text())
+    assert set(behaviour["tests"]) == {"policy vs base", "policy vs control"} and "Holm" in text
 
     # The sweep: a 6-trial TPE study (configs/sweeps/tpe_smoke.yaml); each trial has a record, the best is published,
     # the workbook made with its Trials sheet, and the best run's answers while training are shown.

@@ -152,11 +152,12 @@ def test_grid_and_random_are_one_study_that_makes_each_run_once(tmp_path, monkey
     assert sorted(asked[:4]) == ids and sorted(re.findall(r"\] (\d)/4 training: ", out)) == ["1", "2", "3", "4"]
     assert [t.params["run"] for t in trials(tmp_path / "grid")] == asked[:4]  # a trial a run
     best = max(records[:4], key=lambda r: r["final_eval"]["rewards/accuracies"])
-    assert records[4]["run_id"] == best["run_id"] + "-control" and records[4]["search"] == {"method": "control"}
+    assert [r["run_id"] for r in records[4:]] == [best["run_id"] + "-shuffled", best["run_id"] + "-control"]
+    assert all(r["search"] == {"method": "control"} for r in records[4:])  # both controls, never the best
     assert {r["search"]["method"] for r in records[:4]} == {"grid"}
 
-    assert len(sweep.run_spec(spec, tmp_path / "grid")) == 5  # run again: nothing trained, the study left as it was
-    assert len(asked) == 5 and len(trials(tmp_path / "grid")) == 4
+    assert len(sweep.run_spec(spec, tmp_path / "grid")) == 6  # run again: nothing trained, the study left as it was
+    assert len(asked) == 6 and len(trials(tmp_path / "grid")) == 4
     assert "4 of the sweep's 4 runs are made already (they are not trained again)" in capsys.readouterr().out
 
     drawn = sweep.SweepSpec(grid=spec.grid, base=spec.base, random_samples=3, sample_seed=1, profile="smoke")
