@@ -49,8 +49,7 @@ def test_provoked_runs_show_their_signature_and_a_healthy_run_none(tiny_gpt2, tm
     settings = lambda name, **values: parse({**TINY, "model_name_or_path": tiny_gpt2, **values,
                                              "output_dir": str(tmp_path / name)})
 
-    healthy = run(settings("healthy", learning_rate=1e-3, per_device_train_batch_size=1, gradient_accumulation_steps=8,
-                           max_steps=30, eval_steps=15, logging_steps=5), data)
+    healthy = run(settings("healthy", learning_rate=1e-3, max_steps=12, eval_steps=6), data)
     assert healthy.findings == [], healthy.findings
 
     frozen = run(settings("lr0", learning_rate=0.0, max_steps=8, eval_steps=8), data)
