@@ -50,6 +50,7 @@ def test_paired_tests_count_discordant_prompts():
     assert result["tokens"]["p"] == 1.0 and result["lexical_score"]["difference"] == pytest.approx(0.875)
 
 
+@pytest.mark.slow  # answers and scores with three models: seconds each on a CPU
 def test_report_answers_the_same_prompts_with_the_same_seeds_and_corrects_for_multiple_tests(tmp_path):
     policy = load_adapter(str(make_tiny_adapter(tmp_path / "policy", seed=0)))
     control = load_adapter(str(make_tiny_adapter(tmp_path / "control", seed=1)))

@@ -175,7 +175,11 @@ def test_evaluate_command_reports_intervals_and_baselines_and_one_line_errors(tm
     assert_one_line_error(_run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--prompts", "2"], capsys),
                           "--judge")  # no judge by default: a proxy is asked for by name
 
-    # the behaviour report against a control adapter, in the JSON
+
+
+@pytest.mark.slow  # three models answer
+def test_evaluate_command_reports_behaviour_against_a_control(tmp_path, capsys):
+    adapter, pairs = make_tiny_adapter(tmp_path / "adapter"), TEST_DATA / "plain_good.jsonl"
     control = make_tiny_adapter(tmp_path / "control", seed=1)
     proc = _run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--split", "all", "--behaviour", "1",
                                 "--control", str(control), "--json"], capsys)

@@ -190,6 +190,7 @@ def test_batched_answers_are_the_one_at_a_time_answers(tiny_gpt2, tokenizer):
     assert sampled() == sampled()  # the seed is reset per batch: the same draws again
 
 
+@pytest.mark.slow  # answers and scores with three models: seconds each on a CPU
 def test_a_merged_model_folder_is_evaluated_against_the_base_it_names_like_its_adapter(tmp_path):
     from pathlib import Path
 

@@ -172,6 +172,7 @@ def test_push_with_a_folder_that_is_not_a_merged_checkpoint_fails_before_any_net
     assert "\n" not in result.message and "python -m dpo_pipeline export" in result.message
 
 
+@pytest.mark.slow  # answers and scores with three models: seconds each on a CPU
 def test_a_4bit_run_merges_onto_its_dequantized_base_too_and_the_logit_gaps_say_which_matches_what_is_served(
         tmp_path):
     from dpo_pipeline.export import logit_gaps

@@ -44,6 +44,7 @@ def test_pairs_take_best_and_worst_by_the_gold_reward_each_way_round_and_drop_sm
     assert ka.afinn_score(answers[0][0]) > 0 > ka.afinn_score(answers[0][2])  # the second lexicon agrees here
 
 
+@pytest.mark.slow  # answers and scores with three models: seconds each on a CPU
 def test_log_ratio_is_zero_for_an_untouched_adapter_and_matches_a_plain_forward(tiny_gpt2):
     tokenizer = with_prompt_format(load_tokenizer(tiny_gpt2), "auto")
     base = load_base_model(tiny_gpt2)

@@ -33,6 +33,7 @@ def _append(path, n):
         votes.append_vote(path, row("A"))
 
 
+@pytest.mark.slow  # starts processes
 def test_appends_from_several_processes_stay_whole_and_a_cut_tail_loses_no_earlier_vote(tmp_path):
     path = tmp_path / "votes.jsonl"
     workers = [multiprocessing.get_context("fork").Process(target=_append, args=(path, 20)) for _ in range(3)]
