@@ -31,7 +31,7 @@ def test_two_cpu_processes_train_one_adapter(tiny_gpt2, tmp_path):
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            "-m", "dpo_pipeline", "train", "--profile", "smoke", "--model_name_or_path", tiny_gpt2, "--max_pairs", "80",
-           "--max_eval_pairs", "16", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4",
+           "--max_eval_pairs", "16", "--validation_pairs", "0", "--judge", "none", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "4",
            "--max_steps", "3", "--eval_steps", "3",
            "--logging_steps", "1", "--output_dir", str(out)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DPO_REF_CACHE": str(tmp_path / "ref_cache"),
