@@ -7,6 +7,7 @@ again: the same run folder, so the cut-off run is redone, never duplicated.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import warnings
 from pathlib import Path
@@ -63,14 +64,20 @@ def open_study(spec, results_dir: Path, runs: list[str] = ()) -> optuna.Study:
     results_dir.mkdir(parents=True, exist_ok=True)
     url = spec.storage or f"sqlite:///{(results_dir / 'optuna.db').resolve()}"
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the heartbeat's notice
-    try:
-        storage = optuna.storages.RDBStorage(
-            url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
-            heartbeat_interval=spec.heartbeat_seconds, grace_period=2 * spec.heartbeat_seconds,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-        )
-    except (ImportError, ValueError, SQLAlchemyError) as err:  # no driver, a bad URL, no server
-        raise ConfigError(f"cannot open the study storage {shown_url(url)}: {str(err).splitlines()[0]}") from None
+    # Two workers starting together would both create the schema of a new database (alembic's version row: a
+    # UNIQUE failure in one of them): they open the storage one at a time, under a lock file beside the results.
+    with open(results_dir / ".optuna.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                heartbeat_interval=spec.heartbeat_seconds, grace_period=2 * spec.heartbeat_seconds,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
+        except (ImportError, ValueError, SQLAlchemyError) as err:  # no driver, a bad URL, no server
+            raise ConfigError(f"cannot open the study storage {shown_url(url)}: {str(err).splitlines()[0]}") from None
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     if spec.search == "tpe":
         # Each worker its own seed: two workers with one seed would propose the same settings. TPE's default of 10
         # random trials would be all of a small study; it models the results after a third of the trials (at least 2).
