@@ -77,7 +77,7 @@ def test_a_real_process_exits_2_with_one_line_and_0_when_it_trains(tmp_path):
     assert_one_line_error(command(["dpo_pipeline", "train", "--profile", "smoke", "--beta", "-1"], tmp_path), "beta")
     assert_one_line_error(command(["dpo_pipeline", "nonsense"], tmp_path), "train")
     proc = command(["dpo_pipeline", "train", "--profile", "smoke", "--max_steps", "1", "--max_pairs", "40",
-                    "--judge", "none", "--log_completions", "0"], tmp_path)
+                    "--validation_pairs", "8", "--judge", "none", "--log_completions", "0"], tmp_path)
     assert proc.returncode == 0 and "status finished: 1 steps" in proc.stdout, proc.stderr[-2000:]
 
 

@@ -128,7 +128,9 @@ def test_command_exits_2_with_one_line_for_a_bad_adapter_and_merges_a_good_one(r
         assert str(args[0]) in lines[0] or "int8" in lines[0]
     proc = export_command(run, "--out", tmp_path / "merged", "--dtype", "bfloat16")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines() == [f"Merged {run} into its base model (bfloat16): {tmp_path / 'merged'}"]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == f"Merged {run} into its full-precision base model (bfloat16): {tmp_path / 'merged'}"
+    assert lines[1].startswith("  full merge vs the adapter as served: max |logit gap|") and len(lines) == 2
     assert (tmp_path / "merged" / "model.safetensors").exists()
 
 
