@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from .stats import distinct_2
+
 LN2 = math.log(2)  # DPO's loss when chosen and rejected get the same implicit reward
 
 
@@ -86,11 +88,6 @@ def overfitting(history: list[dict]) -> str | None:
             "learning_rate or more pairs")
 
 
-def _distinct_2(answers: list[str]) -> float:
-    bigrams = [tuple(w[i:i + 2]) for w in (a.split() for a in answers) for i in range(len(w) - 1)]
-    return len(set(bigrams)) / len(bigrams) if bigrams else 1.0
-
-
 def answers_drift(behaviour: dict | None) -> list[str]:
     """Answers much longer or shorter than the base's (x1.5 either way), or far more repetitive (distinct-2)."""
     if not behaviour or "policy" not in behaviour.get("models", {}):
@@ -103,7 +100,7 @@ def answers_drift(behaviour: dict | None) -> list[str]:
                      "or beta higher, or pairs matched in length")
     answers = behaviour.get("answers") or []
     if answers:
-        d_policy, d_base = (_distinct_2([a[name] for a in answers]) for name in ("policy", "base"))
+        d_policy, d_base = (distinct_2([a[name] for a in answers]) for name in ("policy", "base"))
         if d_policy < 0.5 and d_policy < d_base - 0.15:
             found.append(f"answers degenerate into repeats (distinct-2 {d_policy:.2f} vs the base's {d_base:.2f}): "
                          "the policy drifted far from the base; try a larger beta or fewer steps")

@@ -75,8 +75,8 @@ def sample_answers(model, tokenizer, prompts: list, *, seed: int, max_new_tokens
 
     Each answer: {"answer": text, "tokens": sampled tokens up to the first eos}. With `log_ratio`, also
     log pi(y|x) - log pi_ref(y|x) of exactly those tokens, pi_ref being `reference` or, for a PeftModel, the model
-    with its adapter off: the per-sample term of the Monte-Carlo KL estimate. Written here because generate() gives
-    processed scores, not the reference's."""
+    with its adapter off: the per-sample term of the Monte-Carlo KL estimate (generate's raw logits for pi, one
+    forward for pi_ref)."""
     model.eval()
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)

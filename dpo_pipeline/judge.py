@@ -22,7 +22,7 @@ from trl import RewardConfig, RewardTrainer
 from .chat_template import prompt_text
 from .generation import generate_answers
 from .hf import cached_snapshot, hub_reachable
-from .stats import TIE_TOLERANCE, _share, length_shares, wilson_interval
+from .stats import TIE_TOLERANCE, _share, length_shares, win_rate, wilson_interval
 from .model import load_tokenizer, resolve_model_path
 
 LENGTH_MATCH = 0.2  # answers whose token counts differ by at most 20% of the longer one are "length-matched"
@@ -151,12 +151,7 @@ def pairwise_accuracy(judge: Judge, pairs) -> dict:
 
 
 def _tally(outcomes: list[str]) -> dict:
-    """Counts and the win rate with a tie as half a win. The 95% Wilson interval is on (wins + ties / 2) out of n: a
-    half point varies less than a win or a loss, so the interval is, if anything, too wide."""
-    n, wins, ties = len(outcomes), outcomes.count("win"), outcomes.count("tie")
-    points = wins + ties / 2
-    return {"n": n, "wins": wins, "ties": ties, "losses": n - wins - ties,
-            "win_rate": _share(points, n), "win_rate_ci": list(wilson_interval(points, n))}
+    return win_rate(outcomes.count("win"), outcomes.count("tie"), len(outcomes))
 
 
 def judge_decoding(temperature: float) -> dict:

@@ -28,7 +28,7 @@ import pandas as pd
 from transformers import TrainerCallback
 
 from .generation import sample_answers
-from .stats import paired_bootstrap
+from .stats import distinct_2, paired_bootstrap
 
 TOPICS = [
     "a rainy afternoon", "the city library", "a long train journey", "learning to cook", "a new phone",
@@ -133,12 +133,6 @@ def answer_held_out(model, tokenizer, prompts: list[str], seeds: list[int], name
                          "gold": gold_reward(row["answer"]), "afinn": afinn_score(row["answer"]),
                          "tokens": row["tokens"], "log_ratio": row["log_ratio"] or 0.0})
     return pd.DataFrame(rows)
-
-
-def distinct_2(answers) -> float:
-    """Distinct word bigrams over all bigrams of the answers: low when a model repeats itself."""
-    bigrams = [tuple(words[i:i + 2]) for words in (a.split() for a in answers) for i in range(len(words) - 1)]
-    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
 
 
 def compare(answers: pd.DataFrame, *, base: str = "base", control: str = "shuffled", seed: int = 0) -> pd.DataFrame:

@@ -36,6 +36,20 @@ def length_shares(lengths: list[tuple[int, int]]) -> dict:
     }
 
 
+def distinct_2(answers) -> float:
+    """Distinct word bigrams over all bigrams of the answers: low when a model repeats itself (1.0 with none)."""
+    bigrams = [tuple(words[i:i + 2]) for words in (a.split() for a in answers) for i in range(len(words) - 1)]
+    return len(set(bigrams)) / len(bigrams) if bigrams else 1.0
+
+
+def win_rate(wins: int, ties: int, n: int) -> dict:
+    """Counts and the win rate with a tie as half a win. The 95% Wilson interval is on (wins + ties / 2) out of n: a
+    half point varies less than a win or a loss, so the interval is, if anything, too wide."""
+    points = wins + ties / 2
+    return {"n": n, "wins": wins, "ties": ties, "losses": n - wins - ties,
+            "win_rate": _share(points, n), "win_rate_ci": list(wilson_interval(points, n))}
+
+
 # ---------------------------------------------------------------- paired comparisons (the same prompts, two models)
 
 

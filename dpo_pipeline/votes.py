@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from .stats import wilson_interval
+from .stats import win_rate
 
 CHOICES = ("A", "B", "tie")
 
@@ -74,8 +74,4 @@ def tally(votes: list[dict], adapter: str | None = None) -> dict:
     """The adapter's human win rate over the votes (of `adapter` only, when given): a tie counts half, with the 95%
     Wilson interval on wins + ties / 2, as judge.py counts judged answers."""
     mine = [v for v in votes if adapter is None or v.get("adapter") == adapter]
-    wins, ties = sum(v["vote"] == "adapter" for v in mine), sum(v["vote"] == "tie" for v in mine)
-    n = len(mine)
-    points = wins + ties / 2
-    return {"n": n, "wins": wins, "ties": ties, "losses": n - wins - ties,
-            "win_rate": points / n if n else float("nan"), "win_rate_ci": list(wilson_interval(points, n))}
+    return win_rate(sum(v["vote"] == "adapter" for v in mine), sum(v["vote"] == "tie" for v in mine), len(mine))
