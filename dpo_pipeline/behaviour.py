@@ -24,6 +24,7 @@ import re
 import numpy as np
 
 from .chat_template import prompt_text
+from .doctor import answers_drift
 from .generation import sample_answers
 from .stats import holm, paired_bootstrap, sign_test, wilcoxon_p, wilson_interval, _share
 
@@ -149,7 +150,7 @@ def behaviour_report(policy, control, tokenizer, data, *, prompts: int = 200, se
     for name, result in tests.items():
         for measure in PRIMARY:
             result[measure]["p_holm"] = adjusted[f"{name}: {measure}"]
-    return {
+    report = {
         "prompts": len(held_out), "seed": seed, "max_new_tokens": max_new_tokens,
         "decoding": "sampled at T = 1 from the full distribution, the same seeds for every model",
         "models": {name: summary(values) for name, values in answers.items()}, "tests": tests,
@@ -157,6 +158,8 @@ def behaviour_report(policy, control, tokenizer, data, *, prompts: int = 200, se
         "answers": [{"prompt": prompt, **{name: values["answer"][i] for name, values in answers.items()}}
                     for i, prompt in enumerate(held_out)],
     }
+    report["findings"] = answers_drift(report)  # the DPO doctor on the answers: length drift, repeats
+    return report
 
 
 def describe(report: dict) -> str:
@@ -173,4 +176,5 @@ def describe(report: dict) -> str:
     lines.append(f"  lexical judge on held-out pairs {judge['accuracy']:.3f} [{judge['accuracy_ci'][0]:.2f}, "
                  f"{judge['accuracy_ci'][1]:.2f}] (pick the shorter {judge['shorter_accuracy']:.3f}); refusal list "
                  f"decides {refusal['coverage']:.0%} of pairs, raters chose the refusal in {fmt(refusal['refusal_chosen'])}")
+    lines += [f"  doctor: {finding}" for finding in report.get("findings", [])]
     return "\n".join(lines)

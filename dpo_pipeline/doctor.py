@@ -45,20 +45,32 @@ def flat_loss(history: list[dict]) -> str | None:
             "is 0, or no weight is trainable; try learning_rate 5e-5 to 5e-4 for LoRA and check the trainable count")
 
 
-def likelihood_displacement(history: list[dict]) -> str | None:
-    train = [e for e in _train(history) if "logps/chosen" in e and "rewards/margins" in e]
-    if len(train) < 4:
+def likelihood_displacement(history: list[dict], beta: float) -> str | None:
+    """The chosen answers lost at least a tenth of their log-probability against the reference while the margin
+    grew. Read from the last evaluation (fixed pairs), else the last quarter of the training logs: TRL's
+    rewards/chosen is beta * (log pi - log pi_ref) on the same answers, so it is paired with the reference, unlike
+    logps/chosen, which moves with whatever pairs a batch holds."""
+    evals = [e for e in _evals(history) if "eval_rewards/chosen" in e and "eval_logps/chosen" in e]
+    train = [e for e in _train(history) if "rewards/chosen" in e and "logps/chosen" in e]
+    if beta <= 0:
         return None
-    window = max(1, len(train) // 4)
-    first, last = train[:window], train[-window:]
-    chosen_before, chosen_after = _mean([e["logps/chosen"] for e in first]), _mean([e["logps/chosen"] for e in last])
-    margins_before, margins_after = (_mean([e["rewards/margins"] for e in part]) for part in (first, last))
-    fell = chosen_before - chosen_after
-    if fell <= 0.2 * abs(chosen_before) or margins_after <= margins_before:
+    if evals:
+        last = evals[-1]
+        reward, margin, logps = last["eval_rewards/chosen"], last["eval_rewards/margins"], last["eval_logps/chosen"]
+    elif len(train) >= 4:
+        window = train[-max(1, len(train) // 4):]
+        reward, margin, logps = (_mean([e[k] for e in window]) for k in ("rewards/chosen", "rewards/margins",
+                                                                          "logps/chosen"))
+    else:
         return None
-    return (f"chosen log-probs fell {fell:.1f} nats ({fell / abs(chosen_before):.0%}) while margins grew: likelihood "
-            "displacement (both answers pushed down, the rejected faster); try a lower learning_rate, a larger beta, "
-            "loss_type 'ipo', or rpo_alpha (adds an NLL term on the chosen answers)")
+    fell = -reward / beta  # nats the chosen answers lost against the reference
+    reference = logps - reward / beta
+    if margin <= 0 or fell <= 0.1 * abs(reference):
+        return None
+    return (f"chosen log-probs fell {fell:.1f} nats below the reference ({fell / abs(reference):.0%}) while the margin "
+            f"grew to {margin / beta:.1f} nats: likelihood displacement (both answers pushed down, the rejected "
+            "faster); try a lower learning_rate, a larger beta, loss_type 'ipo', or rpo_alpha (adds an NLL term on "
+            "the chosen answers)")
 
 
 def accuracy_from_start(history: list[dict]) -> str | None:
@@ -103,13 +115,13 @@ def answers_drift(behaviour: dict | None) -> list[str]:
         d_policy, d_base = (distinct_2([a[name] for a in answers]) for name in ("policy", "base"))
         if d_policy < 0.5 and d_policy < d_base - 0.15:
             found.append(f"answers degenerate into repeats (distinct-2 {d_policy:.2f} vs the base's {d_base:.2f}): "
-                         "the policy drifted far from the base; try a larger beta or fewer steps")
+                         "the policy moved far from the base; try a larger beta or fewer steps")
     return found
 
 
 def diagnose(record: dict, behaviour: dict | None = None) -> list[str]:
     """Every signature found in a run's record (and its behaviour report), as one-line findings; [] when none."""
-    history = record.get("log_history") or []
-    checks = [non_finite(history, record.get("error")), flat_loss(history), likelihood_displacement(history),
+    history, beta = record.get("log_history") or [], float((record.get("config") or {}).get("beta", 0.1))
+    checks = [non_finite(history, record.get("error")), flat_loss(history), likelihood_displacement(history, beta),
               accuracy_from_start(history), overfitting(history)]
     return [finding for finding in checks if finding] + answers_drift(behaviour)

@@ -102,6 +102,17 @@ def write_json_atomic(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def keep_behaviour(folder: str | Path, report: dict) -> None:
+    """A behaviour report (behaviour.py) kept with its run: behaviour.json beside the adapter (the model card and the
+    workbook read it) and the doctor's findings on the answers added to the record's (the Runs sheet shows them)."""
+    folder = Path(folder)
+    write_json_atomic(folder / "behaviour.json", report)
+    if (folder / "record.json").exists():
+        record = RunRecord.load(folder / "record.json")
+        record.findings += [finding for finding in report.get("findings", []) if finding not in record.findings]
+        record.save(folder / "record.json")
+
+
 def write_run_start(folder: str | Path, config: dict, prompt_format: str, cleaning_report: dict) -> None:
     """The files a run folder has from its start: its settings (with the prompt format, which the app must use too)
     and the data cleaning report."""

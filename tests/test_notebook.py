@@ -68,6 +68,7 @@ def test_notebook_smoke_profile_end_to_end(tmp_path):
     assert shuffled["config"]["shuffled_labels"] is True and (tmp_path / "results" / "run-smoke-control").is_dir()
     behaviour = json.loads((run / "behaviour.json").read_text())
     assert set(behaviour["tests"]) == {"policy vs base", "policy vs control"} and "Holm" in text
+    assert set(behaviour["findings"]) <= set(record["findings"])  # the doctor on the answers, kept in the record
 
     # The sweep: a 6-trial TPE study (configs/sweeps/tpe_smoke.yaml); each trial has a record, the best is published,
     # the workbook made with its Trials sheet, and the best run's answers while training are shown.
