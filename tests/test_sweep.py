@@ -39,15 +39,17 @@ def run_dirs(results: Path) -> list[Path]:
     return sorted(p for p in (results / "runs").iterdir() if p.is_dir())
 
 
-def kill_while_a_run_trains(cmd: list[str], results: Path, after_one_finished: bool = False):
-    """Start a sweep command and SIGKILL it while a run trains (a run folder with a lock and no record); returns
-    the run folders (finished, in progress) at that moment."""
+def kill_while_a_run_trains(cmd: list[str], results: Path, after_one_finished: bool = False,
+                            after_a_checkpoint: bool = False):
+    """Start a sweep command and SIGKILL it while a run trains (a run folder with a lock and no record; with
+    `after_a_checkpoint`, one that has saved a checkpoint); returns the run folders (finished, in progress) then."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline:
         dirs = run_dirs(results) if (results / "runs").exists() else []
         done = [d for d in dirs if (d / "record.json").exists()]
-        running = [d for d in dirs if (d / ".lock").exists() and not (d / "record.json").exists()]
+        running = [d for d in dirs if (d / ".lock").exists() and not (d / "record.json").exists()
+                   and (not after_a_checkpoint or list(d.glob("checkpoint-*/trainer_state.json")))]
         if running and (done or not after_one_finished):
             break
         assert proc.poll() is None, "the sweep ended before it could be killed"
@@ -248,9 +250,11 @@ def test_a_failed_run_hands_its_gpu_memory_back_before_the_next(tiny_gpt2, tmp_p
 def test_sigkill_mid_run_then_restart_gives_exactly_one_row_per_config(tmp_path):
     steps = 300 if torch.cuda.is_available() else 8  # a run on a GPU must last long enough to be killed mid-way
     spec = write_spec(tmp_path / "sweep.yaml", {"learning_rate": [1e-3, 5e-4, 2e-4]}, steps=steps, heartbeat_seconds=1)
+    spec.write_text(spec.read_text().replace("base:", f"base:\n  save_steps: {steps // 4}", 1))
     results = tmp_path / "results"
-    # Kill it while a run is in progress after at least one finished: a lock and no record in some run folder.
-    done, running = kill_while_a_run_trains(sweep_cmd(spec, results), results, after_one_finished=True)
+    # Kill it while a run is in progress after at least one finished and after the run saved a checkpoint.
+    done, running = kill_while_a_run_trains(sweep_cmd(spec, results), results, after_one_finished=True,
+                                            after_a_checkpoint=True)
     killed_run = running[0]
     assert (killed_run / ".lock").exists() and not (killed_run / "record.json").exists()
     first_done = {d: (d / "record.json").read_bytes() for d in done}
@@ -262,6 +266,9 @@ def test_sigkill_mid_run_then_restart_gives_exactly_one_row_per_config(tmp_path)
     assert sorted(r["config"]["learning_rate"] for r in records) == [2e-4, 5e-4, 1e-3]
     assert all(r["status"] == "finished" and r["train_steps"] == steps for r in records)
     assert {d: (d / "record.json").read_bytes() for d in done} == first_done  # finished runs were not redone
+    # the killed run went on from its checkpoint, not from step 0; the others trained through
+    resumed = {d.name: json.loads((d / "record.json").read_text())["resumed_from_step"] for d in dirs}
+    assert resumed.pop(killed_run.name) >= steps // 4 and set(resumed.values()) == {None}, resumed
     # the study's heartbeat failed the dead worker's trial and queued its run again (the same folder)
     assert any(t.state == optuna.trial.TrialState.FAIL and t.params["run"] == killed_run.name for t in trials(results))
 
