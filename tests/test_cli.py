@@ -152,6 +152,7 @@ def test_app_shows_the_base_model_metrics(tmp_path):
     assert info["metrics"]["base model"] == record["base_evaluation"]
 
 
+@pytest.mark.slow  # builds a trainer, scores files or runs pip: kept out of the one-minute set
 def test_evaluate_command_reports_intervals_and_baselines_and_one_line_errors(tmp_path, capsys):
     adapter = make_tiny_adapter(tmp_path / "adapter")
     pairs = TEST_DATA / "plain_good.jsonl"

@@ -233,8 +233,9 @@ def brute_force_verdict(tokenizer, p: dict, max_length: int) -> str | None:
     return "identical_after_truncation" if chosen[:max_length] == rejected[:max_length] else None
 
 
+@pytest.mark.slow  # tokenises the whole real sample three ways: kept out of the one-minute set
 @pytest.mark.parametrize("max_length, too_long, ties", [
-    (64, 1162, 3), pytest.param(256, 223, 0, marks=pytest.mark.slow), pytest.param(512, 24, 0, marks=pytest.mark.slow)])
+    (64, 1162, 3), (256, 223, 0), (512, 24, 0)])
 def test_hh_truncation_counts(hh, tokenizer, max_length, too_long, ties):
     out = clean_tokens(hh, tokenizer, args(max_length))
     assert out.report.dropped == dict(zip(REASONS, [5, 4, 0, 0, too_long, ties, 0]))

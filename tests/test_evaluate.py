@@ -131,6 +131,7 @@ def test_trained_looking_adapter_counts_wins_against_the_base(peft_model, tokeni
     assert base["logp_accuracy"] == int((ref_chosen > ref_rejected).sum()) / n and base["reward_ties"] == 1.0
 
 
+@pytest.mark.slow  # builds a trainer, scores files or runs pip: kept out of the one-minute set
 def test_base_scores_are_computed_once_per_base_and_pairs(peft_model, tokenizer, mixed_pairs):
     BASE_LOGPS.clear()
     first = preference_eval(peft_model, tokenizer, mixed_pairs, beta=0.1, max_length=64, batch_size=4)
@@ -148,6 +149,7 @@ def test_base_scores_are_computed_once_per_base_and_pairs(peft_model, tokenizer,
     assert len(BASE_LOGPS) == 3
 
 
+@pytest.mark.slow  # builds a trainer, scores files or runs pip: kept out of the one-minute set
 def test_logps_match_trl_dpo_trainer_tokenization_truncation_and_reference(tiny_gpt2, tokenizer, tmp_path):
     pairs = get_synthetic(n_pairs=12, seed=1).train
     max_length = 28  # prompts are 14-18 tokens, prompt + completion 22-34: some sequences are cut, some are not

@@ -93,6 +93,7 @@ def test_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
         model_lib.resolve_model_path("offline:gpt2-xxl")
 
 
+@pytest.mark.slow  # builds a trainer, scores files or runs pip: kept out of the one-minute set
 def test_random_twin_keeps_architecture_and_tokenizer_with_new_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_PIPELINE_CACHE", str(tmp_path / "cache"))
     real = model_lib.make_offline_gpt2("gpt2-tiny", tmp_path / "real", seed=2)  # stands in for a trained model

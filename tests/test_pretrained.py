@@ -171,6 +171,7 @@ def test_prepared_folder_is_reused_without_reconverting(converted, tmp_path, mon
     assert pretrained.resolve("offline:gpt2-tiny") is None
 
 
+@pytest.mark.slow  # builds a trainer, scores files or runs pip: kept out of the one-minute set
 def test_unreachable_index_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip as it behaves with no package index reachable
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))  # and no local wheel folder to fall back on

@@ -126,6 +126,7 @@ def test_fingerprint_ignores_lora_and_sees_every_base_weight(tiny_gpt2):
     assert base_model_fingerprint(wrapped) != plain
 
 
+@pytest.mark.slow  # builds a trainer, scores files or runs pip: kept out of the one-minute set
 def test_cache_file_is_complete_and_a_damaged_one_is_recomputed(tiny_gpt2, pairs, cache, tmp_path):
     trainer = build_trainer(_config(tiny_gpt2, tmp_path), pairs)
     event = _events(trainer)["train"]
