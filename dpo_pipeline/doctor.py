@@ -69,8 +69,8 @@ def likelihood_displacement(history: list[dict], beta: float) -> str | None:
         return None
     return (f"chosen log-probs fell {fell:.1f} nats below the reference ({fell / abs(reference):.0%}) while the margin "
             f"grew to {margin / beta:.1f} nats: likelihood displacement (both answers pushed down, the rejected "
-            "faster); try a lower learning_rate, a larger beta, loss_type 'ipo', or rpo_alpha (adds an NLL term on "
-            "the chosen answers)")
+            "faster, probability going to answers in neither); if the answers got worse, try a lower learning_rate, "
+            "a larger beta, loss_type 'ipo', or rpo_alpha (adds an NLL term on the chosen answers)")
 
 
 def accuracy_from_start(history: list[dict]) -> str | None:
