@@ -116,7 +116,9 @@ def _behaviour_section(report: dict) -> str:
             f"with the same seeds ({report['decoding']}).\n\n" + markdown_table(rows) + "\n\nThe lexical score is a "
             f"bag-of-words preference model fitted on the training pairs; on held-out pairs it agrees with the raters "
             f"{fmt(judge['accuracy'])} of the time (pick-the-shorter: {fmt(judge['shorter_accuracy'])}). A significant "
-            "difference supports \"answers moved toward features these raters preferred\", not \"more harmless\".\n")
+            "difference supports \"answers moved toward features these raters preferred\", not \"more harmless\".\n"
+            + (f"\nThe DPO doctor on these answers: {'; '.join(report.get('findings') or ['nothing found'])}.\n"
+               if "findings" in report else ""))
 
 
 def prompt_format_of(adapter_dir: str | Path, run_config: dict) -> str:

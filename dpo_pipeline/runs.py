@@ -107,10 +107,11 @@ def keep_behaviour(folder: str | Path, report: dict) -> None:
     workbook read it) and the doctor's findings on the answers added to the record's (the Runs sheet shows them)."""
     folder = Path(folder)
     write_json_atomic(folder / "behaviour.json", report)
-    if (folder / "record.json").exists():
-        record = RunRecord.load(folder / "record.json")
-        record.findings += [finding for finding in report.get("findings", []) if finding not in record.findings]
-        record.save(folder / "record.json")
+    if (folder / "record.json").exists():  # as a mapping: a record from an older version keeps its other keys
+        record = json.loads((folder / "record.json").read_text())
+        kept = record.get("findings") or []
+        record["findings"] = kept + [finding for finding in report.get("findings", []) if finding not in kept]
+        write_json_atomic(folder / "record.json", record)
 
 
 def write_run_start(folder: str | Path, config: dict, prompt_format: str, cleaning_report: dict) -> None:

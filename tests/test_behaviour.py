@@ -8,7 +8,7 @@ import pytest
 from dpo_pipeline import behaviour
 from dpo_pipeline.card import build_model_card
 from dpo_pipeline.chat import load_adapter
-from dpo_pipeline.runs import write_json_atomic
+from dpo_pipeline.runs import keep_behaviour
 from dpo_pipeline.synthetic import get_synthetic
 from hub_double import make_tiny_adapter
 
@@ -70,7 +70,8 @@ def test_report_answers_the_same_prompts_with_the_same_seeds_and_corrects_for_mu
     assert "policy vs base" in behaviour.describe(report) and "lexical judge" in behaviour.describe(report)
 
     # kept in the run folder, the report becomes a section of the model card, without any prompt or answer
-    write_json_atomic(tmp_path / "policy" / "behaviour.json", report)
+    keep_behaviour(tmp_path / "policy", report)
     card = build_model_card(tmp_path / "policy", "me/policy").content
     assert "## Behaviour against the base and a shuffled-label control" in card and "McNemar" in card
+    assert "The DPO doctor on these answers: " + ("; ".join(report["findings"]) or "nothing found") in card
     assert not any(a["policy"].strip() and a["policy"] in card for a in report["answers"])
