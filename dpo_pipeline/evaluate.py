@@ -29,7 +29,7 @@ from .refcache import base_model_fingerprint  # the hash the reference cache key
 from .prepare import prepare_data, tokenization_args, tokenize_pairs
 from .errors import UsageError
 from .runs import read_run
-from .stats import TIE_TOLERANCE, _share, length_shares, wilson_interval
+from .stats import TIE_TOLERANCE, _share, length_shares, sign_test, wilson_interval
 
 
 def token_ids(tokenizer, pairs, max_length: int | None) -> list[tuple[list[int], list[int], list[int]]]:
@@ -98,6 +98,7 @@ def _summary(chosen_shift, rejected_shift, chosen_logps, rejected_logps, beta, b
         "reward_accuracy": _share(wins, n),
         "reward_accuracy_ci": list(wilson_interval(wins, n)),
         "reward_wins": wins,
+        "reward_won": (margins > TIE_TOLERANCE).int().tolist(),  # per pair: for paired tests against a control
         "reward_ties": _share(int((margins.abs() <= TIE_TOLERANCE).sum()), n),
         "reward_margin": float(margins.mean()) if n else float("nan"),
         "logp_accuracy": _share(logp_wins, n),
@@ -138,6 +139,7 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
     logp_accuracy    share of pairs where the model gives the chosen completion the higher log-probability
     *_logp_shift     mean change in the completions' log-probabilities against the base model
     shorter_accuracy, longer_accuracy (+ _ci), length_ties   the length baselines on the same pairs
+    reward_won       per pair, 1 where the chosen implicit reward won (paired_wins compares two models on it)
     """
     tokenized = token_ids(tokenizer, pairs, max_length)
     policy_c, policy_r = _pair_logps(model, tokenized, max_length, batch_size)
@@ -151,11 +153,21 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
     }
 
 
+def paired_wins(first: dict, second: dict) -> dict:
+    """Two models' implicit-reward accuracy on the same pairs, compared pair by pair: McNemar's exact test on the
+    pairs only one of them ranks right (an interval overlap test ignores that both scored the same pairs)."""
+    only_first = sum(a and not b for a, b in zip(first["reward_won"], second["reward_won"]))
+    only_second = sum(b and not a for a, b in zip(first["reward_won"], second["reward_won"]))
+    return {"difference": first["reward_accuracy"] - second["reward_accuracy"], "only_first": only_first,
+            "only_second": only_second, "test": "McNemar (exact)", "p": sign_test(only_first, only_second)}
+
+
 def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", prompts: int = 0, judge: str | None = None,
                      batch_size: int = 8, behaviour: int = 0, control: str | None = None, base: str | None = None) -> dict:
     """An adapter (folder or Hub id), or a merged model folder with the `base` it was trained from, on a preference
     file, in the model's own prompt format, max_length and beta: preference_eval of the policy and of its base on the
-    same pairs (with the length baselines); with `behaviour` > 0, behaviour.behaviour_report on that many held-out
+    same pairs (with the length baselines) and, given, of the `control` (its shuffled-label run), compared pair by pair
+    with the policy (paired_wins); with `behaviour` > 0, behaviour.behaviour_report on that many held-out
     prompts against the base and, given, the `control` (its shuffled-label run); with `prompts` > 0, generations
     judged by `judge` against the base ("proxy": a reward model trained on the file's validation pairs, which DPO did
     not train on)."""
@@ -194,10 +206,14 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
         report["judged"] = judged_generations(model, tokenizer, list(pairs["prompt"][:prompts]), found,
                                               seed=settings.dpo.seed)["summary"]
         report["judge_check"] = pairwise_accuracy(found, as_text(pairs, tokenizer))
+    against = (load_base_model(control) if merged else load_adapter(control).model) if control else None
+    if against is not None:
+        report["control"] = preference_eval(against, tokenizer, pairs, beta, max_length, batch_size,
+                                            reference=reference)["adapter"]
+        report["policy_vs_control"] = paired_wins(report["policy"], report["control"])
     if behaviour > 0:
         from .behaviour import behaviour_report
 
-        against = (load_base_model(control) if merged else load_adapter(control).model) if control else None
         report["behaviour"] = behaviour_report(model, against, tokenizer, data, prompts=behaviour,
                                                seed=settings.dpo.seed, reference=reference)
     return report
@@ -214,6 +230,11 @@ def describe_report(report: dict) -> str:
              f"  log-prob accuracy         policy {ci(policy, 'logp_accuracy')}  base {ci(base, 'logp_accuracy')}",
              f"  length baselines          pick the shorter {ci(policy, 'shorter_accuracy')}  pick the longer "
              f"{ci(policy, 'longer_accuracy')}"]
+    if "policy_vs_control" in report:
+        control, test = report["control"], report["policy_vs_control"]
+        lines.append(f"  control (shuffled labels) {ci(control, 'reward_accuracy')}  policy - control "
+                     f"{test['difference']:+.3f}, {test['only_first']} vs {test['only_second']} pairs only one ranks "
+                     f"right, McNemar p {test['p']:.3g}")
     if "judged" in report:
         j, check = report["judged"], report["judge_check"]
         lines += [f"  judged vs base ({j['n']} prompts, {j['judge']}): win rate {ci(j, 'win_rate')} "

@@ -185,6 +185,12 @@ def test_evaluate_command_reports_behaviour_against_a_control(tmp_path, capsys):
     proc = _run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--split", "all", "--behaviour", "1",
                                 "--control", str(control), "--json"], capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    found = json.loads(proc.stdout.strip().splitlines()[-1])["behaviour"]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    found = report["behaviour"]
     assert set(found["models"]) == {"base", "policy", "control"} and set(found["tests"]) == {
         "policy vs base", "policy vs control"}
+    # the control ranks the same pairs, compared with the policy pair by pair
+    assert report["control"]["pairs"] == report["policy"]["pairs"] == len(report["control"]["reward_won"])
+    test = report["policy_vs_control"]
+    assert test["difference"] == pytest.approx(report["policy"]["reward_accuracy"] - report["control"]["reward_accuracy"])
+    assert test["only_first"] - test["only_second"] == report["policy"]["reward_wins"] - report["control"]["reward_wins"]

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
 from dpo_pipeline.chat_template import as_text
+from dpo_pipeline import evaluate
 from dpo_pipeline.evaluate import BASE_LOGPS, length_baselines, pair_logps, preference_eval, token_ids, wilson_interval
 from dpo_pipeline.model import add_lora, load_base_model, load_tokenizer, lora_config
 from dpo_pipeline.stats import TIE_TOLERANCE
@@ -212,3 +213,12 @@ def test_a_merged_model_folder_is_evaluated_against_the_base_it_names_like_its_a
         assert from_merged["policy"][key] == from_adapter["policy"][key]
     assert from_merged["policy"]["reward_margin"] == pytest.approx(from_adapter["policy"]["reward_margin"], abs=1e-4)
     assert from_merged["behaviour"]["models"]["policy"]["kl"] != 0.0  # measured against the named base
+
+
+def test_paired_wins_counts_only_the_pairs_one_model_ranks_right():
+    policy = {"reward_accuracy": 0.75, "reward_won": [1, 1, 1, 0, 1, 1, 1, 0]}
+    control = {"reward_accuracy": 0.25, "reward_won": [1, 0, 0, 0, 0, 0, 1, 0]}
+    test = evaluate.paired_wins(policy, control)
+    assert (test["only_first"], test["only_second"], test["difference"]) == (4, 0, 0.5)
+    assert test["p"] == pytest.approx(0.125)  # 4 of 4 discordant pairs one way: 2 * 0.5**4
+    assert evaluate.paired_wins(policy, policy)["p"] == 1.0  # no discordant pair, no evidence
