@@ -50,21 +50,21 @@ def likelihood_displacement(history: list[dict], beta: float) -> str | None:
     grew. Read from the last evaluation (fixed pairs), else the last quarter of the training logs: TRL's
     rewards/chosen is beta * (log pi - log pi_ref) on the same answers, so it is paired with the reference, unlike
     logps/chosen, which moves with whatever pairs a batch holds."""
-    evals = [e for e in _evals(history) if "eval_rewards/chosen" in e and "eval_logps/chosen" in e]
-    train = [e for e in _train(history) if "rewards/chosen" in e and "logps/chosen" in e]
     if beta <= 0:
         return None
+    evals = [e for e in _evals(history) if "eval_rewards/chosen" in e and "eval_logps/chosen" in e]
+    train = [e for e in _train(history) if "rewards/chosen" in e and "logps/chosen" in e]
     if evals:
         last = evals[-1]
         reward, margin, logps = last["eval_rewards/chosen"], last["eval_rewards/margins"], last["eval_logps/chosen"]
     elif len(train) >= 4:
-        window = train[-max(1, len(train) // 4):]
+        window = train[-(len(train) // 4):]
         reward, margin, logps = (_mean([e[k] for e in window]) for k in ("rewards/chosen", "rewards/margins",
                                                                           "logps/chosen"))
     else:
         return None
     fell = -reward / beta  # nats the chosen answers lost against the reference
-    reference = logps - reward / beta
+    reference = logps + fell  # the chosen answers' log-probability under the reference
     if margin <= 0 or fell <= 0.1 * abs(reference):
         return None
     return (f"chosen log-probs fell {fell:.1f} nats below the reference ({fell / abs(reference):.0%}) while the margin "
