@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from offline_models import cache_dir  # noqa: F401 - the one definition; refcache and model import it from here
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = PROJECT_ROOT / "configs" / "recipes"
@@ -40,11 +41,6 @@ HH_SAMPLE = str(shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz")
 
 def results_dir() -> Path:
     return Path(os.environ.get("DPO_RESULTS_DIR", PROJECT_ROOT / "results"))
-
-
-def cache_dir() -> Path:
-    """Where offline checkpoints and cached reference log-probs are written (override with DPO_PIPELINE_CACHE)."""
-    return Path(os.environ.get("DPO_PIPELINE_CACHE", Path.home() / ".cache" / "dpo_pipeline"))
 
 
 class ConfigError(ValueError):

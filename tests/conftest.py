@@ -15,7 +15,7 @@ TEST_DATA = Path(__file__).parent / "data"
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> str:
     """A tiny random-weight GPT-2 checkpoint folder with the real tokenizer (what `offline:gpt2-tiny` makes)."""
-    from dpo_pipeline.model import make_offline_gpt2
+    from offline_models.gpt2 import make_offline_gpt2
 
     return str(make_offline_gpt2("gpt2-tiny", tmp_path_factory.mktemp("models") / "tiny"))
 

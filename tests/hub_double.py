@@ -211,6 +211,7 @@ def make_tiny_adapter(folder: str | Path, *, load_in_4bit: bool = False, base: s
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from dpo_pipeline import model as model_lib
+    from offline_models.gpt2 import gpt2_tokenizer
     from dpo_pipeline.args import parse
     from dpo_pipeline.runs import write_json_atomic
 
@@ -227,7 +228,7 @@ def make_tiny_adapter(folder: str | Path, *, load_in_4bit: bool = False, base: s
                 param.normal_(0.0, 0.5)
     peft_model.peft_config["default"].base_model_name_or_path = base  # as pipeline.run names it
     peft_model.save_pretrained(folder)
-    model_lib.gpt2_tokenizer().save_pretrained(folder)
+    gpt2_tokenizer().save_pretrained(folder)
     config = parse(dict(model_name_or_path=base, load_in_4bit=load_in_4bit, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                         max_steps=2, max_length=48, per_device_train_batch_size=4, output_dir=str(folder)))
     write_json_atomic(folder / "run_config.json", config.to_dict())

@@ -12,7 +12,7 @@ from streamlit.testing.v1 import AppTest
 from dpo_pipeline import chat
 from dpo_pipeline.chat_template import with_prompt_format
 from dpo_pipeline.hf import hub_reachable
-from dpo_pipeline.model import gpt2_tokenizer
+from offline_models.gpt2 import gpt2_tokenizer
 from hub_double import make_tiny_adapter
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "dpo_app.py")

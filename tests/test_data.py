@@ -17,7 +17,7 @@ from dpo_pipeline.data import (
 from dpo_pipeline.args import shared_data_dir
 from dpo_pipeline import data
 from dpo_pipeline.chat_template import HUMAN_ASSISTANT, as_text, format_name, with_prompt_format
-from dpo_pipeline.model import gpt2_tokenizer
+from offline_models.gpt2 import gpt2_tokenizer
 from dpo_pipeline.prepare import clean_tokens, shuffle_labels, tokenization_args, tokenize_pairs
 
 HERE = Path(__file__).parent / "data"

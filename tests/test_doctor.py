@@ -10,7 +10,7 @@ from dpo_pipeline.args import parse
 from dpo_pipeline.behaviour import behaviour_report
 from dpo_pipeline.chat import load_adapter
 from dpo_pipeline.data import PreferenceData, preferences_from_rows
-from dpo_pipeline.model import gpt2_tokenizer
+from offline_models.gpt2 import gpt2_tokenizer
 from dpo_pipeline.runs import RunRecord, keep_behaviour
 from dpo_pipeline.pipeline import run
 from dpo_pipeline.prepare import shuffle_labels

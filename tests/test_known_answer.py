@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dpo_pipeline import known_answer as ka
+from experiments import known_answer as ka
 from dpo_pipeline import stats
 from dpo_pipeline.chat_template import prompt_text, with_prompt_format
 from dpo_pipeline.model import add_lora, load_base_model, load_tokenizer, lora_config

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from dpo_pipeline import model as model_lib
+from offline_models import gpt2 as offline_gpt2
 from dpo_pipeline.hf import hub_reachable
 
 
 def test_tokenizer_is_the_real_gpt2_bpe():
-    tok = model_lib.gpt2_tokenizer()
+    tok = offline_gpt2.gpt2_tokenizer()
     assert len(tok) == 50257
     assert tok("Hello world")["input_ids"] == [15496, 995]  # GPT-2's ids for these words
     # A leading space merges with the word: why completions keep theirs.
@@ -25,14 +26,14 @@ def test_offline_checkpoint_is_an_ordinary_folder(tiny_gpt2):
         assert (folder / name).exists(), name
     config = json.loads((folder / "config.json").read_text())
     assert (config["model_type"], config["n_layer"], config["vocab_size"]) == ("gpt2", 2, 50257)
-    again = model_lib.make_offline_gpt2("gpt2-tiny", folder)  # idempotent: reused, not rewritten
+    again = offline_gpt2.make_offline_gpt2("gpt2-tiny", folder)  # idempotent: reused, not rewritten
     assert again == folder
     tok = model_lib.load_tokenizer(tiny_gpt2)
     assert tok("Hello world")["input_ids"] == [15496, 995] and tok.pad_token is not None
 
 
 def test_124m_shape_matches_gpt2_small():
-    config = model_lib.OFFLINE_SHAPES["gpt2-124m"]
+    config = offline_gpt2.OFFLINE_SHAPES["gpt2-124m"]
     from transformers import GPT2Config, GPT2LMHeadModel
 
     with torch.device("meta"):
@@ -89,14 +90,14 @@ def test_unreachable_hub_model_fails_in_one_line_and_names_the_offline_way(monke
 def test_folder_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(model_lib.ModelLoadError, match="without config.json"):
         model_lib.load_base_model(str(tmp_path))
-    with pytest.raises(model_lib.ModelLoadError, match="Unknown offline shape"):
+    with pytest.raises(ValueError, match="Unknown offline model 'offline:gpt2-xxl'; choose one of offline:smollm2"):
         model_lib.resolve_model_path("offline:gpt2-xxl")
 
 
 @pytest.mark.slow  # builds a trainer, scores files or runs pip: kept out of the one-minute set
 def test_random_twin_keeps_architecture_and_tokenizer_with_new_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_PIPELINE_CACHE", str(tmp_path / "cache"))
-    real = model_lib.make_offline_gpt2("gpt2-tiny", tmp_path / "real", seed=2)  # stands in for a trained model
+    real = offline_gpt2.make_offline_gpt2("gpt2-tiny", tmp_path / "real", seed=2)  # stands in for a trained model
     twin_name = model_lib.RANDOM_TWIN_PREFIX + str(real)
     twin, base = model_lib.load_base_model(twin_name), model_lib.load_base_model(str(real))
     assert twin.config.to_diff_dict() == base.config.to_diff_dict()

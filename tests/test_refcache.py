@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from dpo_pipeline import model as model_lib
+from offline_models import gpt2 as offline_gpt2
 from dpo_pipeline.evaluate import pair_logps
 from dpo_pipeline.args import parse
 from dpo_pipeline.pipeline import build_trainer
@@ -103,7 +104,7 @@ def test_a_changed_key_part_is_a_miss(tiny_gpt2, pairs, cache, tmp_path):
     fewer = dataclasses.replace(pairs, train=pairs.train.select(range(len(pairs.train) - 1)))
     key, hit = train_key(_config(tiny_gpt2, tmp_path), fewer)
     assert not hit and key != keys["base"]
-    other_weights = model_lib.make_offline_gpt2("gpt2-tiny", tmp_path / "tiny-seed1", seed=1)
+    other_weights = offline_gpt2.make_offline_gpt2("gpt2-tiny", tmp_path / "tiny-seed1", seed=1)
     key, hit = train_key(_config(str(other_weights), tmp_path))
     assert not hit and key != keys["base"]
     key, hit = train_key(_config(tiny_gpt2, tmp_path, bf16=True))

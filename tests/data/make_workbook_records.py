@@ -16,7 +16,8 @@ from peft import PeftModel
 from dpo_pipeline.args import parse
 from dpo_pipeline.evaluate import preference_eval
 from dpo_pipeline.generation import generate_samples
-from dpo_pipeline.model import load_base_model, load_tokenizer, make_offline_gpt2
+from dpo_pipeline.model import load_base_model, load_tokenizer
+from offline_models.gpt2 import make_offline_gpt2
 from dpo_pipeline.pipeline import run
 from dpo_pipeline.runs import RunRecord
 from dpo_pipeline.synthetic import get_synthetic

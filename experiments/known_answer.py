@@ -27,8 +27,8 @@ from pathlib import Path
 import pandas as pd
 from transformers import TrainerCallback
 
-from .generation import sample_answers
-from .stats import distinct_2, paired_bootstrap
+from dpo_pipeline.generation import sample_answers
+from dpo_pipeline.stats import distinct_2, paired_bootstrap
 
 TOPICS = [
     "a rainy afternoon", "the city library", "a long train journey", "learning to cook", "a new phone",
@@ -114,7 +114,7 @@ def write_rows(rows: list[dict], path: str | Path) -> Path:
 def run_settings(model_name_or_path: str, pairs_file: str | Path, output_dir: str | Path, *,
                  shuffled_labels: bool = False, **overrides):
     """The Settings of one of the three runs: RUN_SETTINGS, then `overrides` (None keeps the value)."""
-    from .args import resolve
+    from dpo_pipeline.args import resolve
 
     values = {**RUN_SETTINGS, "model_name_or_path": model_name_or_path, "dataset_name": str(pairs_file),
               "output_dir": str(output_dir), "shuffled_labels": shuffled_labels, **overrides}

@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
 from dpo_pipeline import model as model_lib  # noqa: E402
-from dpo_pipeline import pretrained  # noqa: E402
+import offline_models  # noqa: E402
+from offline_models import smollm2 as pretrained  # noqa: E402
 
 N_HEAD, N_KV = 4, 2  # grouped-query attention, like SmolLM2, so q and k are permuted differently
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -167,8 +168,8 @@ def test_prepared_folder_is_reused_without_reconverting(converted, tmp_path, mon
     assert (folder / "model.safetensors").stat().st_mtime_ns == before
     # The pipeline name resolves to the default folder under the cache, the same fast way.
     monkeypatch.setenv("DPO_PIPELINE_CACHE", str(tmp_path))
-    assert pretrained.resolve(pretrained.SMOLLM2_NAME) == str(folder)
-    assert pretrained.resolve("offline:gpt2-tiny") is None
+    assert offline_models.resolve("offline:smollm2-135m") == str(folder)
+    assert offline_models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a Hub id is not offline
 
 
 @pytest.mark.slow  # builds a trainer, scores files or runs pip: kept out of the one-minute set
