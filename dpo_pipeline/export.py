@@ -1,16 +1,14 @@
 """Export stage: merge a LoRA adapter into its base model and write an ordinary `transformers` checkpoint folder.
 
-The merged folder (config.json, model.safetensors, generation_config.json, the adapter folder's tokenizer and chat
-template) loads with ``AutoModelForCausalLM.from_pretrained(folder)``: no peft, no base model to fetch. It goes to
-``<adapter_dir>-merged`` beside the adapter (results/best -> results/best-merged) unless `out_dir` says otherwise; a
-sibling, not a subfolder, because publish_best replaces the adapter folder as a whole. It is written to a staging
-folder and renamed into place, so a crash never leaves half a checkpoint.
+The merged folder (config.json, model.safetensors, the adapter folder's tokenizer and chat template) loads with
+``AutoModelForCausalLM.from_pretrained(folder)``, without peft. It goes to the sibling ``<adapter_dir>-merged``
+(results/best -> results/best-merged: not a subfolder, because publish_best replaces the adapter folder as a whole)
+unless `out_dir` says otherwise, written to a staging folder and renamed into place.
 
-Which base weights the adapter is merged into (`base_weights`): "full", the base loaded unquantized in `dtype`
-(merging into 4-bit NF4 weights would round the merged weights to NF4 again); or, for a run trained on a 4-bit base,
-"dequantized": the 4-bit NF4 weights training and the app saw, dequantized to `dtype` (`<adapter>-merged-dequantized`),
-which reproduces the adapter as served. `logit_gaps` says how far each merge is from the adapter as served (the 4-bit
-base + adapter when the run was 4-bit): float32 merges of a full-precision run are within ~1e-5.
+Which base weights (`base_weights`): "full", the base loaded unquantized in `dtype` (merging into 4-bit NF4 weights
+would round the merged weights to NF4 again); or, for a run trained on a 4-bit base, "dequantized": the NF4 weights
+training and the app saw, dequantized to `dtype` (``<adapter>-merged-dequantized``), which reproduces the adapter as
+served. The command prints how far each merge is from the adapter as served (`logit_gaps`).
 
     python -m dpo_pipeline export results/best [--out DIR] [--dtype float32|bfloat16|float16]
                                                [--base-weights full|dequantized|both]
@@ -30,17 +28,10 @@ from .runs import adapter_files, read_run, replace_folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def merged_dir_for(adapter_dir: str | Path) -> Path:
-    """Where `merge_adapter` writes by default: the sibling ``<adapter_dir>-merged``."""
-    adapter_dir = Path(adapter_dir).resolve()
-    return adapter_dir.with_name(adapter_dir.name + "-merged")
-
-
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dtype: str = "float32",
                   base_weights: str = "full") -> Path:
-    """Merge the adapter in `adapter_dir` into its base model (peft merge_and_unload) and save the result, with the
-    adapter folder's tokenizer, to `out_dir` (default ``<adapter_dir>-merged``, ``-merged-dequantized`` for the
-    dequantized 4-bit base). Returns the merged folder."""
+    """Merge the adapter in `adapter_dir` into its base model (peft merge_and_unload) and save it with the adapter
+    folder's tokenizer to `out_dir` (default: beside the adapter, see above). Returns the merged folder."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,17 +43,16 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dt
                                        "adapter_model.safetensors (a run folder, e.g. results/best)")
     if base_weights not in ("full", "dequantized"):
         raise ValueError(f"base_weights must be full or dequantized, got {base_weights!r}")
-    four_bit = bool(read_run(folder)["run_config"].get("load_in_4bit"))
-    if base_weights == "dequantized" and not four_bit:
+    run = read_run(folder)
+    if base_weights == "dequantized" and not run["run_config"].get("load_in_4bit"):
         raise ValueError(f"{folder} was not trained on a 4-bit base: its full-precision merge is the one to use")
-    default = merged_dir_for(folder)
-    out = Path(out_dir).resolve() if out_dir else \
-        default.with_name(default.name + "-dequantized") if base_weights == "dequantized" else default
+    suffix = "-merged-dequantized" if base_weights == "dequantized" else "-merged"
+    out = Path(out_dir).resolve() if out_dir else folder.resolve().with_name(folder.resolve().name + suffix)
     if out == folder.resolve() or out in folder.resolve().parents:
         raise ValueError(f"The merged model cannot be written to {out}: it holds the adapter {folder}")
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").exists())):
         raise ValueError(f"Not overwriting {out}: it exists and is not a model checkpoint; choose another --out")
-    base = base_model_of(read_run(folder))
+    base = base_model_of(run)
     if not base:
         raise model_lib.ModelLoadError(f"{folder}: neither adapter_config.json nor run_config.json names a base model")
 
@@ -149,11 +139,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kind} merge vs the adapter as served: max |logit gap| {gap['max_abs']:.2e}, mean "
               f"{gap['mean_abs']:.2e}, top-1 token agreement {gap['top1_agreement']:.1%}")
     return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .errors import command
-
-    sys.exit(command(main))

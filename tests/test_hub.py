@@ -188,6 +188,13 @@ def test_run_files_holding_the_token_are_not_pushed(hub, adapter, tmp_path):
     assert one_line(proc) == f"Not pushing to {USER}/leaky: record.json contain(s) your HF token; remove it from " \
                              "the run files first"
     assert TOKEN not in proc.stdout + proc.stderr and f"{USER}/leaky" not in hub.repos  # nothing was created
+    # A token that would reach the card through sweep_rows: refused too, before the repo is created.
+    kw = ", sweep_rows=[{'run': 'r1', 'note': __import__('os').environ['HF_TOKEN']}]"
+    proc = run_client(PUSH.format(kw=kw), adapter, f"{USER}/leaky-card", endpoint=hub.url, home=tmp_path / "hf",
+                      token=TOKEN)
+    assert one_line(proc) == f"Not pushing to {USER}/leaky-card: the model card would contain your HF token (from " \
+                             "sweep_rows or base_eval)"
+    assert TOKEN not in proc.stdout + proc.stderr and f"{USER}/leaky-card" not in hub.repos
 
 
 @pytest.mark.parametrize("repo_id", ["my adapter", "a/b/c", "user/--bad..name", "x" * 200])
