@@ -96,7 +96,7 @@ except chat.ChatError as err:
     st.error(str(err))
     st.stop()
 except Exception as err:  # anything unforeseen is still one line, never a traceback
-    st.error(f"Cannot load {source!r}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
+    st.error(f"Cannot load {source!r}: {chat.first_line(err)}")
     st.stop()
 
 # A new adapter starts a new conversation.
@@ -108,7 +108,7 @@ prompt_style = ("the model's chat template" if loaded.prompt_format == "chat"
                 else "the training format `\\n\\nHuman: …\\n\\nAssistant:`")
 st.caption(f"Adapter **{info['source']}** on base **{info['base']}** ({info['quantization']}); prompts use "
            f"{prompt_style}, as in training.")
-if loaded.offline_base:
+if loaded.base.startswith("offline:gpt2"):  # random weights (offline:smollm2-135m is a real model)
     st.info("The base is dpo_pipeline's offline GPT-2 (real tokenizer, random weights): answers are noise. "
             "It shows the plumbing; train the `full` profile for real answers.")
 with st.expander("What is loaded: training configuration and eval metrics"):

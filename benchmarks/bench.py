@@ -166,11 +166,12 @@ def matmul_peak_tflops() -> float | None:
 
 
 def time_answers(trainer, prompts: list[str]) -> float:
-    """Seconds for the trained policy and its base to answer `prompts` as a judged run does (judge.judged_answers)."""
-    from dpo_pipeline.judge import judged_answers
+    """Seconds for the trained policy and its base to answer `prompts` as a judged run does (judge.judged_generations:
+    generation.base_and_adapter_answers, 48 new tokens, 16 prompts a call)."""
+    from dpo_pipeline.generation import base_and_adapter_answers
 
     start = time.perf_counter()
-    judged_answers(trainer.model, trainer.processing_class, prompts)
+    base_and_adapter_answers(trainer.model, trainer.processing_class, prompts, seed=0, max_new_tokens=48, batch_size=16)
     return time.perf_counter() - start
 
 

@@ -21,8 +21,8 @@ Prints seconds, pairs/s, the tokens each forward ran on (padding included), the 
 scorers' summed log-probs, and peak CUDA memory on a GPU. The GPU number names the GPU.
 
 Then the judge's answers (judge.judged_generations: base and policy each answer `--prompts` test prompts, sampled,
-48 new tokens): one prompt a generate() call (generation.generate_answer, as before) vs generation.generate_answers
-(16 prompts a call, left-padded). Both decode the same way; their draws differ, so only the time is compared.
+48 new tokens): generation.sample_answers with one prompt a generate() call (as before) vs 16 prompts a call
+(left-padded). Both decode the same way; their draws differ, so only the time is compared.
 """
 
 from __future__ import annotations
@@ -39,10 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_scale import cpu_model  # noqa: E402  (this folder is on sys.path)
 from dpo_pipeline import evaluate  # noqa: E402
-from dpo_pipeline.generation import generate_answer, generate_answers  # noqa: E402
+from dpo_pipeline.generation import sample_answers  # noqa: E402
 from dpo_pipeline import model as model_lib  # noqa: E402
 from dpo_pipeline.args import HH_SAMPLE, resolve  # noqa: E402
-from dpo_pipeline.judge import judge_decoding  # noqa: E402
 from dpo_pipeline.speed.packing import pack_batch, pack_rows, pair_segment  # noqa: E402
 from dpo_pipeline.prepare import prepare_data  # noqa: E402
 
@@ -163,14 +162,10 @@ def main() -> None:
           f"packed at batch {4 * batch} takes {r['seconds'] / new_s:.2f}x the time of batch {batch}")
 
     prompts = list(data.test["prompt"][:opts.prompts or (64 if opts.gpu else 16)])
-    sampling = judge_decoding(1.0)  # judged_generations' decoding
-
-    def answer_one_by_one():
-        return [generate_answer(model, tokenizer, p, 48, i, **sampling) for i, p in enumerate(prompts)]
-
+    answer = lambda batch_size: sample_answers(model, tokenizer, prompts, seed=0, max_new_tokens=48,
+                                               batch_size=batch_size)  # judged_generations' decoding
     generation = {}
-    for name, fn in (("one prompt a call", answer_one_by_one),
-                     ("16 prompts a call", lambda: generate_answers(model, tokenizer, prompts, 48, 0, **sampling))):
+    for name, fn in (("one prompt a call", lambda: answer(1)), ("16 prompts a call", lambda: answer(16))):
         _, seconds, peak = timed(fn, opts.gpu)
         generation[name] = {"seconds": round(seconds, 2), "peak_gpu_mb": peak and round(peak)}
     result["generation"] = {"prompts": len(prompts), "max_new_tokens": 48, **generation}

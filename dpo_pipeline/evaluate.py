@@ -1,15 +1,12 @@
-"""Evaluation beyond the loss: per-pair implicit rewards on held-out pairs; evaluate_adapter adds judged answers.
-
-For a pair, the implicit reward of a completion y is beta * (log pi(y|x) - log pi_ref(y|x)), summed over the
-completion tokens of TRL's own token ids (prepare.tokenize_pairs runs TRL's tokenization), truncated as its collator
-truncates them (tests/test_evaluate.py checks this against the trainer).
-The reference is the same model with its LoRA adapter disabled. Ties (e.g. an untrained adapter) are counted apart.
-Every accuracy comes with a 95% Wilson interval and the length baselines on the same pairs ("pick the shorter / the
-longer completion"): an accuracy that does not beat them may be nothing more than a length preference.
+"""Evaluation beyond the loss: per-pair implicit rewards beta * (log pi(y|x) - log pi_ref(y|x)) on held-out pairs,
+over TRL's own completion token ids truncated as its collator truncates them, the reference being the model with its
+adapter disabled. Every accuracy comes with a 95% Wilson interval and the length baselines on the same pairs: an
+accuracy that does not beat "pick the shorter / the longer completion" may be nothing more than a length preference.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -19,6 +16,7 @@ import xxhash  # comes with datasets
 from datasets import concatenate_datasets
 
 from .args import field_names, parse
+from .behaviour import behaviour_report, describe
 from .card import base_model_of
 from .chat import load_adapter, resolve_adapter
 from .chat_template import as_text, with_prompt_format
@@ -27,9 +25,9 @@ from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judg
 from .speed.packing import attention_mask, pack_batch, pack_rows, pair_segment
 from .refcache import base_model_fingerprint  # the hash the reference cache keys on
 from .prepare import prepare_data, tokenization_args, tokenize_pairs
-from .errors import UsageError
+from .errors import UsageError, one_line_errors
 from .runs import read_run
-from .stats import TIE_TOLERANCE, _share, length_shares, sign_test, wilson_interval
+from .stats import TIE_TOLERANCE, _share, length_shares, mcnemar, proportion, with_ci
 
 
 def token_ids(tokenizer, pairs, max_length: int | None) -> list[tuple[list[int], list[int], list[int]]]:
@@ -43,18 +41,14 @@ def token_ids(tokenizer, pairs, max_length: int | None) -> list[tuple[list[int],
 @torch.no_grad()
 def _pair_logps(model, tokenized: list[tuple[list[int], list[int], list[int]]], max_length: int,
                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums of log-probabilities of the chosen and of the rejected completion tokens of (prompt, chosen, rejected)
-    ids, each of prompt+chosen and prompt+rejected cut to its first `max_length` tokens like TRL's collator
-    (keep_start).
-
-    Pairs are scored in packing.py's shared-prompt layout (the one training uses): each prompt runs once, pairs share
-    rows with no padding between them, and the LM head runs on the scored tokens only: about 3x faster than
-    right-padded sequences on a CPU (benchmarks/eval_speed.py, README)."""
+    """Sums of log-probabilities of the chosen and of the rejected completion tokens, each of prompt+chosen and
+    prompt+rejected cut to its first `max_length` tokens like TRL's collator. Scored in packing.py's shared-prompt
+    layout (each prompt once, no padding between pairs, the LM head on scored tokens only): about 3x faster on a CPU
+    than right-padded sequences (benchmarks/eval_speed.py)."""
     model.eval()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel, or a plain one
     stack, head = base.base_model, base.get_output_embeddings()  # the transformer (final norm included), LM head
     implementation = base.config._attn_implementation
-    device = head.weight.device
     examples = [dict(prompt_ids=p, chosen_ids=c, rejected_ids=r) for p, c, r in tokenized]
     lengths = [len(pair_segment(p, c, r, max_length)["tokens"]) for p, c, r in tokenized]
     rows = pack_rows(lengths, capacity=2 * max_length)  # over all pairs: the fewest rows, so the least padding
@@ -65,7 +59,7 @@ def _pair_logps(model, tokenized: list[tuple[list[int], list[int], list[int]]], 
         # pack_batch's `dst` places each scored token in TRL's layout, rows of max_length columns: row k is the
         # chosen side of pair group[k], row len(group) + k its rejected side
         packed = pack_batch([examples[j] for j in group], max_length, max_length + 1, 0, capacity=2 * max_length)
-        packed = {name: tensor.to(device) for name, tensor in packed.items()}
+        packed = {name: tensor.to(head.weight.device) for name, tensor in packed.items()}
         hidden = stack(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
                        attention_mask=attention_mask(packed, implementation, head.weight.dtype)).last_hidden_state
         scored = hidden.reshape(-1, hidden.shape[-1])[packed["src"]]
@@ -82,31 +76,16 @@ def pair_logps(model, tokenizer, pairs, max_length: int, batch_size: int = 8) ->
     return _pair_logps(model, token_ids(tokenizer, pairs, max_length), max_length, batch_size)
 
 
-def length_baselines(tokenizer, pairs, max_length: int | None = None) -> dict:
-    """The length baselines on the pairs, in completion tokens as DPO tokenizes them (eos included, before
-    truncation)."""
-    return length_shares([(len(c), len(r)) for _, c, r in token_ids(tokenizer, pairs, max_length)])
-
-
 def _summary(chosen_shift, rejected_shift, chosen_logps, rejected_logps, beta, baselines: dict) -> dict:
     margins = beta * (chosen_shift - rejected_shift)
-    n = len(margins)
-    wins = int((margins > TIE_TOLERANCE).sum())
-    logp_wins = int((chosen_logps > rejected_logps).sum())
-    return {
-        "pairs": n,
-        "reward_accuracy": _share(wins, n),
-        "reward_accuracy_ci": list(wilson_interval(wins, n)),
-        "reward_wins": wins,
-        "reward_won": (margins > TIE_TOLERANCE).int().tolist(),  # per pair: for paired tests against a control
-        "reward_ties": _share(int((margins.abs() <= TIE_TOLERANCE).sum()), n),
-        "reward_margin": float(margins.mean()) if n else float("nan"),
-        "logp_accuracy": _share(logp_wins, n),
-        "logp_accuracy_ci": list(wilson_interval(logp_wins, n)),
-        "chosen_logp_shift": float(chosen_shift.mean()) if n else float("nan"),
-        "rejected_logp_shift": float(rejected_shift.mean()) if n else float("nan"),
-        **baselines,
-    }
+    n, won = len(margins), margins > TIE_TOLERANCE
+    return {"pairs": n, **proportion("reward_accuracy", int(won.sum()), n), "reward_wins": int(won.sum()),
+            "reward_won": won.int().tolist(),  # per pair: for the paired test against a control
+            "reward_ties": _share(int((margins.abs() <= TIE_TOLERANCE).sum()), n),
+            "reward_margin": float(margins.mean()),
+            **proportion("logp_accuracy", int((chosen_logps > rejected_logps).sum()), n),
+            "chosen_logp_shift": float(chosen_shift.mean()), "rejected_logp_shift": float(rejected_shift.mean()),
+            **baselines}
 
 
 # (base weights, precision, device, tokenized pairs, max_length, batch) -> the base model's log-probs of those pairs:
@@ -114,37 +93,32 @@ def _summary(chosen_shift, rejected_shift, chosen_logps, rejected_logps, beta, b
 BASE_LOGPS: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
 
-def base_pair_logps(model, tokenized, max_length: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_pair_logps` of a PeftModel's base (adapter disabled), remembered per base and pairs in this process."""
-    ids = xxhash.xxh3_128(json.dumps(tokenized).encode()).hexdigest()
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    key = "|".join(map(str, (base_model_fingerprint(model), dtype, model.device, ids, max_length, batch_size)))
-    if key not in BASE_LOGPS:
-        with model.disable_adapter():
-            BASE_LOGPS[key] = _pair_logps(model, tokenized, max_length, batch_size)
-        while len(BASE_LOGPS) > 8:
-            BASE_LOGPS.popitem(last=False)
-    return BASE_LOGPS[key]
-
-
 def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch_size: int = 8,
                     reference=None) -> dict:
     """{"adapter": metrics, "base": metrics} on held-out pairs for a PeftModel (adapter on vs disabled), or for a
     full model against its `reference` (a merged model and the base it was trained from).
 
-    reward_accuracy  share of pairs whose chosen implicit reward beats the rejected one (ties count as misses,
-                     and are also shown apart); reward_wins is the count, reward_accuracy_ci its 95% Wilson interval
-    reward_ties      share of pairs with equal rewards
+    reward_accuracy  share of pairs whose chosen implicit reward beats the rejected one (ties count as misses and are
+                     shown apart as reward_ties); reward_wins is the count, reward_won the per-pair 0/1
     reward_margin    mean chosen minus rejected implicit reward
     logp_accuracy    share of pairs where the model gives the chosen completion the higher log-probability
     *_logp_shift     mean change in the completions' log-probabilities against the base model
-    shorter_accuracy, longer_accuracy (+ _ci), length_ties   the length baselines on the same pairs
-    reward_won       per pair, 1 where the chosen implicit reward won (paired_wins compares two models on it)
+    shorter_accuracy, longer_accuracy, length_ties   the length baselines on the same pairs; *_ci: 95% intervals
     """
     tokenized = token_ids(tokenizer, pairs, max_length)
     policy_c, policy_r = _pair_logps(model, tokenized, max_length, batch_size)
-    ref_c, ref_r = base_pair_logps(model, tokenized, max_length, batch_size) if reference is None else \
-        _pair_logps(reference, tokenized, max_length, batch_size)
+    if reference is not None:
+        ref_c, ref_r = _pair_logps(reference, tokenized, max_length, batch_size)
+    else:  # the PeftModel's base, with its adapter disabled: remembered in BASE_LOGPS
+        ids = xxhash.xxh3_128(json.dumps(tokenized).encode()).hexdigest()
+        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        key = "|".join(map(str, (base_model_fingerprint(model), dtype, model.device, ids, max_length, batch_size)))
+        if key not in BASE_LOGPS:
+            with model.disable_adapter():
+                BASE_LOGPS[key] = _pair_logps(model, tokenized, max_length, batch_size)
+            while len(BASE_LOGPS) > 8:
+                BASE_LOGPS.popitem(last=False)
+        ref_c, ref_r = BASE_LOGPS[key]
     baselines = length_shares([(len(c), len(r)) for _, c, r in tokenized])
     zero = torch.zeros_like(ref_c)
     return {
@@ -153,26 +127,17 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
     }
 
 
-def paired_wins(first: dict, second: dict) -> dict:
-    """Two models' implicit-reward accuracy on the same pairs, compared pair by pair: McNemar's exact test on the
-    pairs only one of them ranks right (an interval overlap test ignores that both scored the same pairs)."""
-    only_first = sum(a and not b for a, b in zip(first["reward_won"], second["reward_won"]))
-    only_second = sum(b and not a for a, b in zip(first["reward_won"], second["reward_won"]))
-    return {"difference": first["reward_accuracy"] - second["reward_accuracy"], "only_first": only_first,
-            "only_second": only_second, "test": "McNemar (exact)", "p": sign_test(only_first, only_second)}
-
-
 def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", prompts: int = 0, judge: str | None = None,
-                     batch_size: int = 8, behaviour: int = 0, control: str | None = None, base: str | None = None) -> dict:
+                     batch_size: int = 8, behaviour: int = 0, control: str | None = None,
+                     base: str | None = None) -> dict:
     """An adapter (folder or Hub id), or a merged model folder with the `base` it was trained from, on a preference
     file, in the model's own prompt format, max_length and beta: preference_eval of the policy and of its base on the
-    same pairs (with the length baselines) and, given, of the `control` (its shuffled-label run), compared pair by pair
-    with the policy (paired_wins); with `behaviour` > 0, behaviour.behaviour_report on that many held-out
-    prompts against the base and, given, the `control` (its shuffled-label run); with `prompts` > 0, generations
+    same pairs and, given, of the `control` (its shuffled-label run), compared pair by pair with the policy (McNemar);
+    with `behaviour` > 0, behaviour.behaviour_report on that many held-out prompts; with `prompts` > 0, generations
     judged by `judge` against the base ("proxy": a reward model trained on the file's validation pairs, which DPO did
     not train on)."""
     path = Path(source).expanduser()
-    merged = path.is_dir() and (path / "config.json").exists() and not (path / "adapter_config.json").exists()
+    merged = (path / "config.json").exists() and not (path / "adapter_config.json").exists()
     if merged and not base:
         raise UsageError(f"{source} is a full model folder (no adapter_config.json): name the model it was trained "
                          "from with --base, the reference its implicit rewards are measured against")
@@ -188,10 +153,10 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
     data = prepare_data(settings, tokenizer)  # data and judge before the model: a bad file or judge fails at once
     name = judge or settings.run.judge
     if prompts > 0 and (merged or name in (None, "", "none")):
-        raise UsageError("--prompts needs an adapter folder and a judge: --judge <reward model id or folder>, or "
-                         "--judge proxy" if not merged else "--prompts needs an adapter folder; use --behaviour")
+        raise UsageError("--prompts needs an adapter folder; use --behaviour" if merged else "--prompts needs an "
+                         "adapter folder and a judge: --judge <reward model id or folder>, or --judge proxy")
     found = load_judge(proxy_judge(settings, data) if name == "proxy" else name) if prompts > 0 else None
-    beta, max_length = settings.dpo.beta, settings.dpo.max_length
+    beta, max_length, seed = settings.dpo.beta, settings.dpo.max_length, settings.dpo.seed
     if merged:
         model, reference = load_base_model(str(folder)), load_base_model(base)
         tokenizer = tokenizer or with_prompt_format(load_tokenizer(base), settings.run.prompt_format)
@@ -199,63 +164,53 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
         loaded = load_adapter(source)
         model, reference, tokenizer = loaded.model, None, loaded.tokenizer
     pairs = data.test if split == "test" else concatenate_datasets([data.train, data.test])
-    scores = preference_eval(model, tokenizer, pairs, beta, max_length, batch_size, reference=reference)
+    score = lambda policy: preference_eval(policy, tokenizer, pairs, beta, max_length, batch_size, reference=reference)
+    scores = score(model)
     report = {"adapter": source, "pairs_file": str(pairs_file), "split": split, "prompt_format": data.prompt_format,
               "max_length": max_length, "beta": beta, "policy": scores["adapter"], "base": scores["base"]}
     if found is not None:
-        report["judged"] = judged_generations(model, tokenizer, list(pairs["prompt"][:prompts]), found,
-                                              seed=settings.dpo.seed)["summary"]
-        report["judge_check"] = pairwise_accuracy(found, as_text(pairs, tokenizer))
+        judged = judged_generations(model, tokenizer, list(pairs["prompt"][:prompts]), found, seed=seed)
+        report["judged"], report["judge_check"] = judged["summary"], pairwise_accuracy(found, as_text(pairs, tokenizer))
     against = (load_base_model(control) if merged else load_adapter(control).model) if control else None
     if against is not None:
-        report["control"] = preference_eval(against, tokenizer, pairs, beta, max_length, batch_size,
-                                            reference=reference)["adapter"]
-        report["policy_vs_control"] = paired_wins(report["policy"], report["control"])
+        report["control"] = score(against)["adapter"]
+        report["policy_vs_control"] = mcnemar(report["policy"]["reward_won"], report["control"]["reward_won"])
     if behaviour > 0:
-        from .behaviour import behaviour_report
-
-        report["behaviour"] = behaviour_report(model, against, tokenizer, data, prompts=behaviour,
-                                               seed=settings.dpo.seed, reference=reference)
+        report["behaviour"] = behaviour_report(model, against, tokenizer, data, prompts=behaviour, seed=seed,
+                                               reference=reference)
     return report
 
 
 def describe_report(report: dict) -> str:
     """The evaluation as a few lines of text: each accuracy with its 95% interval, next to its baselines."""
-    ci = lambda m, key: f"{m[key]:.3f} [{m[key + '_ci'][0]:.2f}, {m[key + '_ci'][1]:.2f}]"
     policy, base = report["policy"], report["base"]
     lines = [f"{report['adapter']} on {policy['pairs']} pairs ({report['split']} split of {report['pairs_file']}, "
              f"{report['prompt_format']} prompts, max_length {report['max_length']})",
-             f"  implicit-reward accuracy  {ci(policy, 'reward_accuracy')}  ties {policy['reward_ties']:.3f}, "
+             f"  implicit-reward accuracy  {with_ci(policy, 'reward_accuracy')}  ties {policy['reward_ties']:.3f}, "
              f"margin {policy['reward_margin']:.4f}",
-             f"  log-prob accuracy         policy {ci(policy, 'logp_accuracy')}  base {ci(base, 'logp_accuracy')}",
-             f"  length baselines          pick the shorter {ci(policy, 'shorter_accuracy')}  pick the longer "
-             f"{ci(policy, 'longer_accuracy')}"]
+             f"  log-prob accuracy         policy {with_ci(policy, 'logp_accuracy')}  base "
+             f"{with_ci(base, 'logp_accuracy')}",
+             f"  length baselines          pick the shorter {with_ci(policy, 'shorter_accuracy')}  pick the longer "
+             f"{with_ci(policy, 'longer_accuracy')}"]
     if "policy_vs_control" in report:
-        control, test = report["control"], report["policy_vs_control"]
-        lines.append(f"  control (shuffled labels) {ci(control, 'reward_accuracy')}  policy - control "
+        test = report["policy_vs_control"]
+        lines.append(f"  control (shuffled labels) {with_ci(report['control'], 'reward_accuracy')}  policy - control "
                      f"{test['difference']:+.3f}, {test['only_first']} vs {test['only_second']} pairs only one ranks "
                      f"right, McNemar p {test['p']:.3g}")
     if "judged" in report:
         j, check = report["judged"], report["judge_check"]
-        lines += [f"  judged vs base ({j['n']} prompts, {j['judge']}): win rate {ci(j, 'win_rate')} "
+        lines += [f"  judged vs base ({j['n']} prompts, {j['judge']}): win rate {with_ci(j, 'win_rate')} "
                   f"({j['wins']}/{j['ties']}/{j['losses']} w/t/l), length-matched {j['length_matched']['win_rate']:.3f}"
                   f" over {j['length_matched']['n']}, answer length {j['mean_length_policy']:.0f} vs "
                   f"{j['mean_length_base']:.0f} tokens",
-                  f"  the judge on these pairs  {ci(check, 'accuracy')}  (pick the shorter "
+                  f"  the judge on these pairs  {with_ci(check, 'accuracy')}  (pick the shorter "
                   f"{check['shorter_accuracy']:.3f})"]
     if "behaviour" in report:
-        from .behaviour import describe
-
         lines.append(describe(report["behaviour"]))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-
-    from .errors import one_line_errors
-
     parser = one_line_errors(argparse.ArgumentParser(prog="python -m dpo_pipeline evaluate",
                                                      description=evaluate_adapter.__doc__))
     parser.add_argument("adapter", help="an adapter folder (a run folder, results/best), a Hub repo id, or a merged "
@@ -276,10 +231,3 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report, default=str) if args.json else describe_report(report))
     return 0
 
-
-if __name__ == "__main__":
-    import sys
-
-    from .errors import command
-
-    sys.exit(command(main))

@@ -1,12 +1,12 @@
 """Judged generations: does the DPO policy answer better than the base model, in a reward model's judgment?
 
-TRL 1.16 ships no judges, so a judge here is any one-output sequence-classification reward model: a Hub model
-(e.g. OpenAssistant/reward-model-deberta-v3-large-v2) or a local folder, such as the proxy reward model that
-`train_proxy_reward_model` trains with TRL's RewardTrainer on pairs DPO did not train on (the validation split). A decoder judge reads
-`prompt + answer + eos` as one text, as RewardTrainer does; an encoder (one with a separator token) reads the
-(prompt, answer) pair. Check a judge on held-out pairs first (`pairwise_accuracy`): one that cannot beat the length
-heuristic there says little about generations. No judge is used unless one is asked for: on hh-rlhf none that runs
-offline settles harmlessness (docs/evaluation.md; behaviour.py measures what can be measured).
+TRL 1.16 ships no judges, so a judge is any one-output sequence-classification reward model: a Hub model (e.g.
+OpenAssistant/reward-model-deberta-v3-large-v2) or a local folder, such as the proxy reward model that
+`train_proxy_reward_model` trains with TRL's RewardTrainer on the validation pairs, which DPO does not train on. A
+decoder judge reads `prompt + answer + eos` as one text, as RewardTrainer does; an encoder (one with a separator
+token) reads the (prompt, answer) pair. Check a judge on held-out pairs first (`pairwise_accuracy`): one that cannot
+beat the length heuristic there says little about generations. No judge is used unless asked for: on hh-rlhf none
+that runs offline settles harmlessness (docs/evaluation.md; behaviour.py measures what can be measured).
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
-from .chat_template import prompt_text
-from .generation import generate_answers
+from .generation import base_and_adapter_answers
 from .hf import cached_snapshot, hub_reachable
-from .stats import TIE_TOLERANCE, _share, length_shares, win_rate, wilson_interval
 from .model import load_tokenizer, resolve_model_path
+from .stats import TIE_TOLERANCE, length_shares, proportion, win_rate
 
 LENGTH_MATCH = 0.2  # answers whose token counts differ by at most 20% of the longer one are "length-matched"
 
@@ -82,25 +81,17 @@ def proxy_judge(settings, data) -> Path:
     return folder
 
 
-def _local_source(name: str) -> str:
-    """A local folder for `name`, or `name` itself when only the Hub has it; JudgeError when neither can."""
-    if Path(name).exists():
-        return name
-    try:
-        cached = cached_snapshot(name)
-    except HFValidationError:
-        raise JudgeError(f"Judge {name!r} is neither a local folder nor a Hub model id") from None
-    if cached:
-        return cached
-    if not hub_reachable():  # fail now rather than after from_pretrained's retries
-        raise JudgeError(f"Judge {name!r} is not cached here and the Hugging Face Hub cannot be reached") from None
-    return name
-
-
 def load_judge(name_or_path: str | Path, device: str | None = None) -> Judge:
-    """A one-output sequence-classification model (fp32) and its tokenizer, by Hub id or local folder."""
-    name = str(name_or_path)
-    source = _local_source(name)
+    """A one-output sequence-classification model (fp32) and its tokenizer, by local folder or Hub id (a cached
+    snapshot loads as a local folder, with no round-trips)."""
+    name = source = str(name_or_path)
+    if not Path(name).exists():
+        try:
+            source = cached_snapshot(name) or name
+        except HFValidationError:
+            raise JudgeError(f"Judge {name!r} is neither a local folder nor a Hub model id") from None
+        if source == name and not hub_reachable():  # fail now rather than after from_pretrained's retries
+            raise JudgeError(f"Judge {name!r} is not cached here and the Hugging Face Hub cannot be reached")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -141,69 +132,52 @@ def pairwise_accuracy(judge: Judge, pairs) -> dict:
     misses), wins, ties, a 95% Wilson interval, and the length baselines on the same pairs in the judge's tokens."""
     prompts = list(pairs["prompt"])
     chosen, rejected = score(judge, prompts, list(pairs["chosen"])), score(judge, prompts, list(pairs["rejected"]))
-    n = len(prompts)
     wins = sum(c - r > TIE_TOLERANCE for c, r in zip(chosen, rejected))
-    tokens = lambda text: len(judge.tokenizer(text, add_special_tokens=False)["input_ids"])
-    lengths = [(tokens(c), tokens(r)) for c, r in zip(pairs["chosen"], pairs["rejected"])]
-    return {"pairs": n, "accuracy": _share(wins, n), "accuracy_ci": list(wilson_interval(wins, n)),
-            "wins": wins, "ties": sum(abs(c - r) <= TIE_TOLERANCE for c, r in zip(chosen, rejected)),
-            **length_shares(lengths)}
+    lengths = [(_tokens(judge.tokenizer, c), _tokens(judge.tokenizer, r)) for c, r in zip(pairs["chosen"],
+                                                                                            pairs["rejected"])]
+    return {"pairs": len(prompts), **proportion("accuracy", wins, len(prompts)), "wins": wins,
+            "ties": sum(abs(c - r) <= TIE_TOLERANCE for c, r in zip(chosen, rejected)), **length_shares(lengths)}
+
+
+def _tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _tally(outcomes: list[str]) -> dict:
     return win_rate(outcomes.count("win"), outcomes.count("tie"), len(outcomes))
 
 
-def judge_decoding(temperature: float) -> dict:
-    """generate()'s decoding arguments for judged answers: the full distribution at `temperature` (no top-k, no
-    top-p), greedy at 0."""
-    return dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 \
-        else dict(do_sample=False)
-
-
-def judged_answers(policy_peft_model, tokenizer, prompts: list[str], *, max_new_tokens: int = 48,
-                   temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> tuple[list[str], list[str]]:
-    """(base answers, policy answers) to `prompts`, decoded as judged_generations says."""
-    policy_peft_model.eval()
-    answers = lambda: generate_answers(policy_peft_model, tokenizer, prompts, max_new_tokens, seed, batch_size,
-                                       **judge_decoding(temperature))
-    with policy_peft_model.disable_adapter():
-        base_answers = answers()
-    return base_answers, answers()
-
-
-def judged_generations(policy_peft_model, tokenizer, prompts: list[str], judge: Judge, *, max_new_tokens: int = 48,
+def judged_generations(policy_peft_model, tokenizer, prompts: list, judge: Judge, *, max_new_tokens: int = 48,
                        temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> dict:
     """Answers of the base (adapter disabled) and of the policy (a PeftModel) to each prompt, scored by the judge.
 
-    Decoding, the same for both sides: sampling from the full distribution at `temperature` (no top-k/top-p), the
-    prompts in batches with the seed reset before each (`generate_answers`), so a difference comes from the models,
-    not the draws; `temperature=0` decodes greedily (small models then tend to repeat).
+    Both sides decode alike (generation.sample_answers: the full distribution at `temperature`, greedy at 0, the
+    seed reset before each batch), so a difference comes from the models, not the draws.
     rows: prompt, base, policy, score_base, score_policy, length_base, length_policy (tokens), outcome (the policy's
     win / tie / loss; identical answers or scores within TIE_TOLERANCE tie).
     summary: the _tally counts and win rate, mean scores and lengths, and length_matched: the same tally over the
     prompts whose two answers are within LENGTH_MATCH of the longer one in tokens (a win there is not just length).
     """
-    prompts = [prompt_text(tokenizer, p) for p in prompts]  # messages as the model reads them: what is judged
-    base_answers, policy_answers = judged_answers(policy_peft_model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                                  temperature=temperature, seed=seed, batch_size=batch_size)
-    base_scores, policy_scores = score(judge, prompts, base_answers), score(judge, prompts, policy_answers)
-    tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    sides = base_and_adapter_answers(policy_peft_model, tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, batch_size=batch_size)
+    prompts = [row["prompt"] for row in sides[0]]  # as the model read them: what is judged
+    base_answers, policy_answers = ([row["answer"] for row in rows] for rows in sides)
     rows = []
-    for prompt, base, policy, score_base, score_policy in zip(prompts, base_answers, policy_answers, base_scores,
-                                                              policy_scores):
+    for prompt, base, policy, score_base, score_policy in zip(prompts, base_answers, policy_answers,
+                                                              score(judge, prompts, base_answers),
+                                                              score(judge, prompts, policy_answers)):
         difference = score_policy - score_base
         tie = base == policy or abs(difference) <= TIE_TOLERANCE
         rows.append({"prompt": prompt, "base": base, "policy": policy, "score_base": score_base,
-                     "score_policy": score_policy, "length_base": tokens(base), "length_policy": tokens(policy),
+                     "score_policy": score_policy, "length_base": _tokens(tokenizer, base),
+                     "length_policy": _tokens(tokenizer, policy),
                      "outcome": "tie" if tie else "win" if difference > 0 else "loss"})
     matched = [row["outcome"] for row in rows if abs(row["length_policy"] - row["length_base"])
                <= LENGTH_MATCH * max(row["length_policy"], row["length_base"])]
     mean = lambda key: sum(row[key] for row in rows) / len(rows) if rows else float("nan")
     summary = {
         **_tally([row["outcome"] for row in rows]),
-        "mean_score_policy": mean("score_policy"), "mean_score_base": mean("score_base"),
-        "mean_length_policy": mean("length_policy"), "mean_length_base": mean("length_base"),
+        **{f"mean_{key}": mean(key) for key in ("score_policy", "score_base", "length_policy", "length_base")},
         "length_matched": {"max_relative_difference": LENGTH_MATCH, **_tally(matched)},
         "judge": judge.name,
         "decoding": (f"sampled, temperature {temperature:g}, seed {seed} + index of a batch of "

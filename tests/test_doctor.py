@@ -47,7 +47,8 @@ def names(findings: list[str]) -> set[str]:
 
 def test_each_signature_on_a_hand_made_history_and_none_on_a_calm_one():
     calm = [{"step": s, "loss": 0.69 - 0.02 * s, "rewards/margins": 0.01 * s, "rewards/chosen": -0.005 * s,
-             "logps/chosen": -100.0 - s} for s in range(1, 9)] + [{"step": 8, "eval_loss": 0.6, "eval_rewards/accuracies": 0.7}]
+             "logps/chosen": -100.0 - s} for s in range(1, 9)]
+    calm.append({"step": 8, "eval_loss": 0.6, "eval_rewards/accuracies": 0.7})
     assert doctor.diagnose({"log_history": calm}) == []
     flat = [{"step": s, "loss": math.log(2), "rewards/margins": 0.0} for s in range(1, 5)]
     assert names(doctor.diagnose({"log_history": flat})) == {"flat_loss"}

@@ -10,10 +10,9 @@ from transformers import AutoModelForCausalLM
 from trl import DPOConfig, DPOTrainer
 
 from dpo_pipeline.chat_template import as_text
-from dpo_pipeline import evaluate
-from dpo_pipeline.evaluate import BASE_LOGPS, length_baselines, pair_logps, preference_eval, token_ids, wilson_interval
+from dpo_pipeline.evaluate import BASE_LOGPS, pair_logps, preference_eval, token_ids
 from dpo_pipeline.model import add_lora, load_base_model, load_tokenizer, lora_config
-from dpo_pipeline.stats import TIE_TOLERANCE
+from dpo_pipeline.stats import TIE_TOLERANCE, mcnemar, wilson_interval
 from dpo_pipeline.synthetic import get_synthetic
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -67,23 +66,6 @@ def mixed_pairs():
     return datasets.Dataset.from_list(get_synthetic(n_pairs=40, seed=3).test.to_list() + extra)
 
 
-def test_length_baselines_count_completion_tokens(tokenizer, mixed_pairs):
-    # Completion length counted independently: tokens of the rendered prompt + completion (which ends with eos) minus
-    # the prompt's (these completions start with a space, so no token merges across the boundary).
-    length = lambda prompt, answer: (len(tokenizer(prompt + answer)["input_ids"]) - len(tokenizer(prompt)["input_ids"]))
-    text = as_text(mixed_pairs, tokenizer)
-    sides = [(length(p, c), length(p, r)) for p, c, r in zip(text["prompt"], text["chosen"], text["rejected"])]
-    n = len(sides)
-    shorter, longer = sum(c < r for c, r in sides), sum(c > r for c, r in sides)
-    ties = n - shorter - longer
-    assert shorter and longer and ties  # every case is exercised
-    got = length_baselines(tokenizer, mixed_pairs)
-    assert got["shorter_accuracy"] == shorter / n and got["longer_accuracy"] == longer / n
-    assert got["length_ties"] == ties / n
-    assert got["shorter_accuracy_ci"] == list(wilson_interval(shorter, n))
-    assert got["longer_accuracy_ci"] == list(wilson_interval(longer, n))
-
-
 @pytest.fixture
 def peft_model(tiny_gpt2):
     model = load_base_model(tiny_gpt2).float().to(DEVICE)
@@ -100,15 +82,32 @@ def _perturb_lora_b(model, seed: int = 0) -> None:
                 parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
 
 
+def test_length_baselines_count_completion_tokens(peft_model, tokenizer, mixed_pairs):
+    # Completion length counted independently: tokens of the rendered prompt + completion (which ends with eos) minus
+    # the prompt's (these completions start with a space, so no token merges across the boundary).
+    length = lambda prompt, answer: (len(tokenizer(prompt + answer)["input_ids"]) - len(tokenizer(prompt)["input_ids"]))
+    text = as_text(mixed_pairs, tokenizer)
+    sides = [(length(p, c), length(p, r)) for p, c, r in zip(text["prompt"], text["chosen"], text["rejected"])]
+    n = len(sides)
+    shorter, longer = sum(c < r for c, r in sides), sum(c > r for c, r in sides)
+    ties = n - shorter - longer
+    assert shorter and longer and ties  # every case is exercised
+    got = preference_eval(peft_model, tokenizer, mixed_pairs, beta=0.1, max_length=64, batch_size=4)["adapter"]
+    assert got["shorter_accuracy"] == shorter / n and got["longer_accuracy"] == longer / n
+    assert got["length_ties"] == ties / n
+    assert got["shorter_accuracy_ci"] == list(wilson_interval(shorter, n))
+    assert got["longer_accuracy_ci"] == list(wilson_interval(longer, n))
+
+
 def test_fresh_adapter_ties_every_pair_and_keeps_the_contract(peft_model, tokenizer, mixed_pairs):
     scores = preference_eval(peft_model, tokenizer, mixed_pairs, beta=0.1, max_length=64, batch_size=4)
     n = len(mixed_pairs)
-    baselines = length_baselines(tokenizer, mixed_pairs)
+    length_keys = ("shorter_accuracy", "shorter_accuracy_ci", "longer_accuracy", "longer_accuracy_ci", "length_ties")
     for row in scores.values():
         assert row["pairs"] == n and row["reward_ties"] == 1.0 and row["reward_wins"] == 0
         assert row["reward_accuracy"] == 0.0 and row["reward_accuracy_ci"] == list(wilson_interval(0, n))
         assert row["reward_margin"] == pytest.approx(0.0, abs=1e-6)
-        assert {k: row[k] for k in baselines} == baselines
+        assert [row[k] for k in length_keys] == [scores["base"][k] for k in length_keys]  # the same pairs
     assert scores["adapter"]["logp_accuracy"] == scores["base"]["logp_accuracy"]  # the same model twice
 
 
@@ -180,17 +179,17 @@ def test_logps_match_trl_dpo_trainer_tokenization_truncation_and_reference(tiny_
 
 
 def test_batched_answers_are_the_one_at_a_time_answers(tiny_gpt2, tokenizer):
-    from dpo_pipeline.generation import generate_answer, generate_answers
+    from dpo_pipeline.generation import sample_answers
 
     base = load_base_model(tiny_gpt2).float().to(DEVICE)
     model = add_lora(base, lora_config(base, r=4)).eval()
     prompts = list(get_synthetic(n_pairs=40, seed=2).test["prompt"])[:5]
     prompts.append(prompts[0] * 3)  # a longer prompt: the others are left-padded to it
-    one_by_one = [generate_answer(model, tokenizer, p, 10, seed=0, do_sample=False) for p in prompts]
-    assert generate_answers(model, tokenizer, prompts, 10, seed=0, batch_size=4, do_sample=False) == one_by_one
+    answers = lambda batch_size, **decoding: [row["answer"] for row in sample_answers(
+        model, tokenizer, prompts, max_new_tokens=10, batch_size=batch_size, **decoding)]
+    assert answers(4, seed=0, temperature=0) == answers(1, seed=0, temperature=0)  # greedy: batched = one at a time
     assert tokenizer.padding_side == "right"  # left padding was for generating only
-    sampled = lambda: generate_answers(model, tokenizer, prompts, 10, seed=3, batch_size=4, do_sample=True)
-    assert sampled() == sampled()  # the seed is reset per batch: the same draws again
+    assert answers(4, seed=3) == answers(4, seed=3)  # the seed is reset per batch: the same draws again
 
 
 @pytest.mark.slow  # answers and scores with three models: seconds each on a CPU
@@ -215,10 +214,9 @@ def test_a_merged_model_folder_is_evaluated_against_the_base_it_names_like_its_a
     assert from_merged["behaviour"]["models"]["policy"]["kl"] != 0.0  # measured against the named base
 
 
-def test_paired_wins_counts_only_the_pairs_one_model_ranks_right():
-    policy = {"reward_accuracy": 0.75, "reward_won": [1, 1, 1, 0, 1, 1, 1, 0]}
-    control = {"reward_accuracy": 0.25, "reward_won": [1, 0, 0, 0, 0, 0, 1, 0]}
-    test = evaluate.paired_wins(policy, control)
+def test_policy_against_control_counts_only_the_pairs_one_model_ranks_right():
+    policy, control = [1, 1, 1, 0, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0, 1, 0]  # reward_won of each, pair by pair
+    test = mcnemar(policy, control)
     assert (test["only_first"], test["only_second"], test["difference"]) == (4, 0, 0.5)
     assert test["p"] == pytest.approx(0.125)  # 4 of 4 discordant pairs one way: 2 * 0.5**4
-    assert evaluate.paired_wins(policy, policy)["p"] == 1.0  # no discordant pair, no evidence
+    assert mcnemar(policy, policy)["p"] == 1.0  # no discordant pair, no evidence
