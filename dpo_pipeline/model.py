@@ -6,7 +6,6 @@ disabled (TRL does this when it gets a PeftModel and no ``ref_model``), so only 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import offline_models
 import torch
 from offline_models.gpt2 import write_random_checkpoint
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .args import cache_dir, weight_dtype
@@ -22,44 +21,36 @@ from .chat_template import with_prompt_format
 from .hf import cached_snapshot, hub_reachable
 from .runs import CONTROL_PREFIX
 
-RANDOM_TWIN_PREFIX = CONTROL_PREFIX  # "random-twin:" + any model name: the control (make_random_twin)
+RANDOM_TWIN_PREFIX = CONTROL_PREFIX  # "random-twin:" + any model name: the control
 # LoRA on every attention and MLP projection, by architecture; any other model gets peft's "all-linear".
 LORA_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
+LORA_ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_target_modules"}
+OFFLINE_HINT = ("To run without the Hub, use model='offline:smollm2-135m' (a real pretrained model), "
+                "'offline:gpt2-124m' (GPT-2 architecture, random weights) or a local checkpoint folder.")
 
 
 class ModelLoadError(RuntimeError):
     """A model or tokenizer the user named cannot be loaded; the message is one line that says what to do."""
 
 
-def make_random_twin(name_or_path: str, seed: int = 1) -> Path:  # seed 1: not the offline GPT-2s (seed 0)
-    """The control for a DPO result: `name_or_path`'s architecture and tokenizer with random weights. A random network
-    trained with DPO also learns to separate chosen from rejected answers by their surface; what DPO did to the real
-    model only counts beyond what it does to this twin."""
-    from transformers import AutoConfig
-
-    config = _from_pretrained(AutoConfig, resolve_model_path(name_or_path))
-    digest = hashlib.sha256(name_or_path.encode()).hexdigest()[:10]
-    folder = cache_dir() / "models" / f"random-twin-{digest}-seed{seed}"
-    return write_random_checkpoint(folder, config, load_tokenizer(name_or_path),
-                                   f"Random-weight twin of {name_or_path} (same architecture and tokenizer).", seed)
-
-
 def resolve_model_path(name_or_path: str) -> str:
     """``offline:<name>`` (offline_models) and ``random-twin:<model>`` become local checkpoint folders; anything else
-    is a Hub id or a local folder."""
-    if name_or_path.startswith(RANDOM_TWIN_PREFIX):
-        return str(make_random_twin(name_or_path[len(RANDOM_TWIN_PREFIX):]))
-    return offline_models.resolve(name_or_path) or name_or_path
+    is a Hub id or a local folder.
 
-
-def _fetch_error(name: str, why: str) -> ModelLoadError:
-    return ModelLoadError(
-        f"Cannot load model {name!r}: {why}. To run without the Hub, use model='offline:smollm2-135m' (a real "
-        "pretrained model), 'offline:gpt2-124m' (GPT-2 architecture, random weights) or a local checkpoint folder."
-    )
+    The random twin is the control for a DPO result: the model's architecture and tokenizer with random weights. A
+    random network trained with DPO also learns to separate chosen from rejected answers by their surface; what DPO
+    did to the real model only counts beyond what it does to this twin."""
+    if not name_or_path.startswith(RANDOM_TWIN_PREFIX):
+        return offline_models.resolve(name_or_path) or name_or_path
+    real = name_or_path.removeprefix(RANDOM_TWIN_PREFIX)
+    folder = cache_dir() / "models" / f"random-twin-{hashlib.sha256(real.encode()).hexdigest()[:10]}-seed1"
+    config = _from_pretrained(AutoConfig, resolve_model_path(real))
+    note = f"Random-weight twin of {real} (same architecture and tokenizer)."
+    # seed 1: the twin of an offline GPT-2 (random weights, seed 0) must not be that model itself
+    return str(write_random_checkpoint(folder, config, load_tokenizer(real), note, seed=1))
 
 
 def _from_pretrained(loader, name: str, **kwargs):
@@ -72,52 +63,38 @@ def _from_pretrained(loader, name: str, **kwargs):
         if cached:
             name = cached
         elif not hub_reachable():
-            raise _fetch_error(name, "it is not cached and the Hugging Face Hub cannot be reached") from None
+            raise ModelLoadError(f"Cannot load model {name!r}: it is not cached and the Hugging Face Hub cannot be "
+                                 f"reached. {OFFLINE_HINT}")
     elif loader is not AutoTokenizer and not (Path(name) / "config.json").exists():
         raise ModelLoadError(f"{name!r} is a folder without config.json: not a model checkpoint")
     try:
         return loader.from_pretrained(name, **kwargs)
     except OSError as err:
-        raise _fetch_error(name, str(err).splitlines()[0]) from None
+        raise ModelLoadError(f"Cannot load model {name!r}: {str(err).splitlines()[0]}. {OFFLINE_HINT}") from None
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer with a pad token and a chat template (HUMAN_ASSISTANT for a model without one, e.g. GPT-2)."""
-    path = resolve_model_path(name_or_path)
-    tokenizer = _from_pretrained(AutoTokenizer, path)
+    tokenizer = _from_pretrained(AutoTokenizer, resolve_model_path(name_or_path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return with_prompt_format(tokenizer)
 
 
-def compute_dtype() -> torch.dtype:
-    """The weight dtype a model gets where nobody set ModelConfig.dtype (args.weight_dtype)."""
-    return getattr(torch, weight_dtype())
-
-
-def base_model_args(name_or_path: str, load_in_4bit: bool = False) -> ModelConfig:
-    """ModelConfig for a base model named outside a run's settings (the app, export, tests): the project's
-    defaults, as a run gets them."""
-    return ModelConfig(model_name_or_path=name_or_path, load_in_4bit=load_in_4bit, dtype=weight_dtype(),
-                       use_peft=True, bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
-
-
 def load_base_model(name_or_path: str | ModelConfig, load_in_4bit: bool = False):
-    """The base causal LM as ModelConfig describes it (a name: base_model_args), 4-bit with bitsandbytes when
-    asked (TRL's get_quantization_config: NF4, computing in the weights' dtype; CUDA, or CPU with bnb >= 0.45)."""
-    args = name_or_path if isinstance(name_or_path, ModelConfig) else base_model_args(name_or_path, load_in_4bit)
-    kwargs: dict = {"dtype": getattr(torch, args.dtype) if args.dtype not in (None, "auto") else "auto",
-                    "revision": args.model_revision, "attn_implementation": args.attn_implementation}
-    if (quantization := get_quantization_config(args)) is not None:
-        kwargs.update(quantization_config=quantization,
-                      device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"})
-    model = _from_pretrained(AutoModelForCausalLM, resolve_model_path(args.model_name_or_path), **kwargs)
+    """The base causal LM as ModelConfig describes it (a bare name: the project's defaults, as a run gets them),
+    4-bit with bitsandbytes when asked (TRL's get_quantization_config: NF4, computing in the weights' dtype; on the
+    GPU, or the CPU with bnb >= 0.45, where transformers places a quantized model without a device_map)."""
+    args = name_or_path if isinstance(name_or_path, ModelConfig) else ModelConfig(
+        model_name_or_path=name_or_path, load_in_4bit=load_in_4bit, dtype=weight_dtype(), use_peft=True,
+        bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
+    model = _from_pretrained(AutoModelForCausalLM, resolve_model_path(args.model_name_or_path),
+                             dtype=args.dtype or "auto", revision=args.model_revision,
+                             attn_implementation=args.attn_implementation,
+                             quantization_config=get_quantization_config(args))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
-
-
-LORA_ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_target_modules"}
 
 
 def lora_config(model, model_args: ModelConfig | None = None, **lora) -> LoraConfig:
@@ -125,12 +102,11 @@ def lora_config(model, model_args: ModelConfig | None = None, **lora) -> LoraCon
     attention and MLP projection; peft's own default for GPT-2 is c_attn alone). `lora` (r, alpha, dropout,
     targets) builds a ModelConfig for tests and inspection."""
     model_args = model_args or ModelConfig(use_peft=True, **{LORA_ALIASES.get(k, k): v for k, v in lora.items()})
-    targets = model_args.lora_target_modules or LORA_TARGETS.get(model.config.model_type, "all-linear")
-    if isinstance(targets, str) and targets != "all-linear":
+    config = get_peft_config(model_args)
+    config.target_modules = model_args.lora_target_modules or LORA_TARGETS.get(model.config.model_type, "all-linear")
+    if isinstance(config.target_modules, str) and config.target_modules != "all-linear":
         # ModelConfig turns a one-name list into a string, which peft would read as a regex over whole module paths
-        targets = [targets]
-    config = get_peft_config(dataclasses.replace(model_args, lora_target_modules=targets))
-    config.target_modules = targets
+        config.target_modules = [config.target_modules]
     # GPT-2 stores weights as Conv1D (in x out); peft needs fan_in_fan_out for those, not for Linear/Linear4bit.
     config.fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in model.modules())
     return config
@@ -165,4 +141,3 @@ def describe_model(model, name: str) -> dict:
         "total_params": total,
         "trainable_percent": round(100 * trainable / total, 3),
     }
-

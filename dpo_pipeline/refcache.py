@@ -5,33 +5,34 @@ completions depend only on the base weights (not lora_r, seed, learning rate, be
 max_length, truncation_mode, ld_alpha, the precision and the device type (+ TRL and torch versions). TRL 1.16
 precomputes them (`precompute_ref_log_probs=True`) but keys its cache by a hash of the whole model, LoRA weights
 included, in a temporary folder: no two sweep runs share it. `CachedRefDPOTrainer` keeps them in
-``<DPO_REF_CACHE or cache_dir()/ref_logps>/<key>.safetensors``, written atomically (by rank 0 under data parallelism).
-
-It overrides one private TRL method, `_precompute_ref_logps(dataset, name, batch_size)` (trl_private.py names it;
-tests/test_trl_private.py fails when the pinned TRL changes it).
+``<DPO_REF_CACHE or cache_dir()/ref_logps>/<key>.safetensors``, written atomically (by rank 0 under data parallelism),
+by overriding TRL's private `_precompute_ref_logps` (trl_private.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import trl
 import xxhash  # comes with `datasets`: hashes ~500 MB of fp32 weights in ~0.03 s (sha256: ~0.5 s)
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset
-from trl import DPOTrainer
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .args import cache_dir
+from .prepare import TOKEN_COLUMNS
 
 CACHE_FORMAT = 2  # bump when what is stored, or how it is computed, changes
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 def base_model_fingerprint(model) -> str:
@@ -50,71 +51,45 @@ def base_model_fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def _token_lengths(dataset: Dataset) -> dict[str, np.ndarray]:
+def _token_columns(dataset: Dataset) -> dict:
     table = dataset.select_columns(list(TOKEN_COLUMNS)).with_format("arrow")[:]  # honours select()/filter()
     return {c: table.column(c).combine_chunks() for c in TOKEN_COLUMNS}
+
+
+def _int64(array) -> np.ndarray:
+    return np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
 def token_fingerprint(dataset: Dataset) -> str:
     """A content hash of the tokenized pairs, in row order (the stored values follow that order)."""
     h = xxhash.xxh3_128(f"rows={len(dataset)}".encode())
-    for name, column in _token_lengths(dataset).items():
+    for name, column in _token_columns(dataset).items():
         h.update(name.encode())
-        h.update(np.asarray(column.value_lengths().to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
-        h.update(np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.int64).tobytes())
+        h.update(_int64(column.value_lengths()).tobytes())
+        h.update(_int64(column.flatten()).tobytes())
     return h.hexdigest()
 
 
-def pair_widths(dataset: Dataset, max_length: int | None) -> np.ndarray:
-    """Per pair, the padded width its two sequences need: prompt + the longer completion, capped at max_length."""
-    n = {c: np.asarray(col.value_lengths().to_numpy(zero_copy_only=False)) for c, col in _token_lengths(dataset).items()}
-    widths = n["prompt_ids"] + np.maximum(n["chosen_ids"], n["rejected_ids"])
-    return np.minimum(widths, max_length) if max_length else widths
-
-
-def save_ref_logps(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, parts: dict) -> None:
+def save_ref_logps(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, key_parts: str) -> None:
     """Write atomically: another process sees the old state or the whole file, never a partial one."""
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({REF_COLUMNS[0]: chosen.float().contiguous(), REF_COLUMNS[1]: rejected.float().contiguous()},
-              str(tmp), metadata={"key_parts": json.dumps(parts, sort_keys=True, default=str)})
+    save_file(dict(zip(REF_COLUMNS, (chosen, rejected))), str(tmp), metadata={"key_parts": key_parts})
     os.replace(tmp, path)
 
 
-def load_ref_logps(path: Path, parts: dict, n_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def load_ref_logps(path: Path, key_parts: str, n_rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(chosen, rejected), or None when the file is missing, unreadable or was made for something else."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
-            stored = json.loads((f.metadata() or {}).get("key_parts", "null"))
-            chosen, rejected = f.get_tensor(REF_COLUMNS[0]), f.get_tensor(REF_COLUMNS[1])
+            stored = (f.metadata() or {}).get("key_parts")
+            chosen, rejected = (f.get_tensor(c) for c in REF_COLUMNS)
     except Exception:  # noqa: BLE001 - a bad cache file is a miss, never a failed run
         return None
-    if stored != json.loads(json.dumps(parts, sort_keys=True, default=str)) or len(chosen) != n_rows:
-        return None
-    return chosen, rejected
+    return (chosen, rejected) if stored == key_parts and len(chosen) == n_rows else None
 
 
-@contextlib.contextmanager
-def preserved_rng():
-    """Restore python, numpy, torch (and CUDA) random states on exit: iterating a DataLoader draws a seed, so a
-    cache miss would otherwise leave the run in another random state than a hit."""
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-        if states[3] is not None:
-            torch.cuda.set_rng_state_all(states[3])
-
-
-class CachedRefDPOTrainer(DPOTrainer):
+class CachedRefDPOTrainer(trl.DPOTrainer):
     """TRL's DPOTrainer whose precomputed reference log-probs are kept on disk and shared between runs.
 
     `ref_cache_events`: per split, its key, pairs, whether it was a hit, seconds. The speed levers are a subclass of
@@ -127,20 +102,16 @@ class CachedRefDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """Pairs prepare.py already tokenized with this same TRL code (trl_private.prepare_dpo_dataset) are taken as
-        they are, not tokenized a second time."""
+        # pairs prepare.py tokenized with this same TRL code (trl_private.prepare_dpo_dataset) are kept as they are
         if all(c in dataset.column_names for c in TOKEN_COLUMNS):
             return dataset
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _key_parts(self, dataset: Dataset) -> dict:
-        import trl
-
         model = self.accelerator.unwrap_model(self.ref_model or self.model)
         if self._base_fingerprint is None or self.ref_model is not None:
             self._base_fingerprint = base_model_fingerprint(model)  # the base is frozen: hashed once per trainer
-        quant = getattr(model.config, "quantization_config", None)
-        quant = quant if isinstance(quant, dict) or quant is None else quant.to_dict()
+        quant = model.config.to_dict().get("quantization_config")
         param = next(p for p in model.parameters() if p.is_floating_point())
         return {
             "format": CACHE_FORMAT, "trl": trl.__version__, "torch": torch.__version__.split("+")[0],
@@ -152,16 +123,15 @@ class CachedRefDPOTrainer(DPOTrainer):
         }
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
-        from accelerate.utils import broadcast_object_list
-
         start = time.perf_counter()
-        parts = self._key_parts(dataset)
-        key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        parts = json.dumps(self._key_parts(dataset), sort_keys=True, default=str)
+        key = hashlib.sha256(parts.encode()).hexdigest()[:32]
         path = self.ref_cache_path / f"{key}.safetensors"
         found = [load_ref_logps(path, parts, len(dataset)) if self.accelerator.is_main_process else None]
         broadcast_object_list(found, from_process=0)  # every rank takes the same (collective) path
         if found[0] is None:
-            with preserved_rng():
+            # iterating a DataLoader draws from torch's RNG: a miss must leave the run in the random state a hit does
+            with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
                 chosen, rejected = self._compute_ref_logps(dataset, name, batch_size)
             if self.accelerator.is_main_process:
                 save_ref_logps(path, chosen, rejected, parts)
@@ -179,13 +149,12 @@ class CachedRefDPOTrainer(DPOTrainer):
         return dataset
 
     def _compute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """TRL's reference forward (`compute_ref_log_probs`) over the split, in batches sorted by length (little
-        padding), returned in row order. TRL's own loop is not reused: it hands the values between ranks through a
+        """TRL's reference forward (`compute_ref_log_probs`) over the split, in batches sorted by their padded width
+        (little padding), returned in row order. Not TRL's own loop: it hands the values between ranks through a
         file in each process's own temporary folder, which the other ranks of a data-parallel run cannot read."""
-        from torch.utils.data import DataLoader
-        from tqdm.auto import tqdm
-
-        order = np.argsort(pair_widths(dataset, self.args.max_length), kind="stable")
+        n = {c: _int64(column.value_lengths()) for c, column in _token_columns(dataset).items()}
+        widths = n["prompt_ids"] + np.maximum(n["chosen_ids"], n["rejected_ids"])
+        order = np.argsort(np.minimum(widths, self.args.max_length) if self.args.max_length else widths, kind="stable")
         loader = self.accelerator.prepare(DataLoader(dataset.select(order.tolist()), batch_size=batch_size,
                                                      collate_fn=self.data_collator, shuffle=False))
         model, values = self.ref_model or self.model, []
@@ -195,6 +164,5 @@ class CachedRefDPOTrainer(DPOTrainer):
                 values.append(torch.stack(self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch)))
                               .float().cpu())
         chosen, rejected = torch.empty(len(dataset)), torch.empty(len(dataset))
-        index = torch.from_numpy(order)
-        chosen[index], rejected[index] = torch.cat(values, dim=1)
+        chosen[torch.from_numpy(order)], rejected[torch.from_numpy(order)] = torch.cat(values, dim=1)
         return chosen, rejected

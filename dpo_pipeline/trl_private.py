@@ -1,16 +1,17 @@
-"""Every private name of TRL, transformers (and argparse, through TRL's parser) that this package uses, in one table:
-the name, where the package uses it, why, and what the package relies on (a method's parameters, a value's type,
-or text that the library's own code must still contain). Also the public-named hooks the package overrides or
-calls whose signature it relies on. Pinned: trl 1.16.0, transformers 5.x. tests/test_trl_private.py checks every
-row against the installed versions (`problems()`) and fails on an upgrade that renames, removes or re-signs one;
-it also fails when the package starts using a private name of theirs that is not in the table.
+"""Every private name of TRL, transformers (and argparse, through TRL's parser) the package uses, and the public hooks
+whose signature it relies on, in one table: where and why it is used, and what is relied on (a method's parameters, a
+value's type, text the library's own code must still contain). Pinned: trl 1.16.0, transformers 5.x.
+tests/test_trl_private.py fails on an upgrade that renames, removes or re-signs one (`problems()`), and when the
+package starts using a private name of theirs that is not in the table.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
+import pkgutil
 from typing import NamedTuple
+
+from trl import DPOTrainer
 
 PINNED_TRL = "1.16.0"
 
@@ -39,8 +40,8 @@ TABLE = (
             params=("self", "dataset", "name", "batch_size"),
             source=("trl.DPOTrainer.__init__", "_precompute_ref_logps(")),
     Private("trl.trainer.utils", "_use_triton", "speed.trainer.lean_lm_head (patched while a forward runs)",
-            "where it says yes, TRL's fused LM head projects only the positions that have a label",
-            params=("device",), source=("trl.trainer.utils.add_fused_lm_head", "_use_triton(")),
+            "where it says yes, TRL's fused LM head projects only the positions that have a label", params=("device",),
+            source=("trl.trainer.utils.add_fused_lm_head", "_use_triton(")),
     Private("trl.trainer.utils", "_CHUNKED_LOGPROB_CHUNK_SIZE", "speed.trainer.lean_lm_head (patched)",
             "the vocabulary tile of TRL's fused LM head: narrower on a CPU, for smaller temporaries", kind=int),
     Private("trl.DPOTrainer", "_metrics", "speed.trainer.SpeedDPOTrainer.training_step",
@@ -53,7 +54,7 @@ TABLE = (
     Private("trl.trainer.callbacks.LogCompletionsCallback", "_last_logged_step", "tracking.CompletionsCallback",
             "TRL's 'answered at this step already' check, made before the model is switched to eval",
             source=("trl.trainer.callbacks.LogCompletionsCallback.__init__", "self._last_logged_step = -1")),
-    Private("argparse.ArgumentParser", "_actions", "cli.build_parser (TRL's TrlParser)",
+    Private("argparse.ArgumentParser", "_actions", "cli.parse_command_line (TRL's TrlParser)",
             "unset flags default to None, so a recipe's value is kept",
             source=("argparse._ActionsContainer.__init__", "self._actions = []")),
     # public names, but hooks whose parameters or internals the package relies on
@@ -75,37 +76,20 @@ TABLE = (
 )
 
 
-def resolve(dotted: str):
-    """The object a dotted path names: a module, or an attribute of the longest importable prefix."""
-    parts = dotted.split(".")
-    for cut in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        for part in parts[cut:]:
-            obj = getattr(obj, part)
-        return obj
-    raise ImportError(dotted)
-
-
 def problems(table=TABLE) -> list[str]:
     """One line per row the installed libraries no longer satisfy (empty: all of them hold)."""
     found = []
     for row in table:
         label = f"{row.owner}.{row.name} (used in {row.used_in})"
         try:
-            owner = resolve(row.owner)
-            if row.params is not None or row.kind is not None:
-                value = inspect.getattr_static(owner, row.name)
-                if row.params is not None:
-                    function = value.__func__ if isinstance(value, (staticmethod, classmethod)) else value
-                    params = tuple(inspect.signature(function).parameters)
-                    if params != row.params:
-                        found.append(f"{label}: parameters {params}, the package relies on {row.params}")
-                if row.kind is not None and not isinstance(value, row.kind):
-                    found.append(f"{label}: a {type(value).__name__}, the package relies on a {row.kind.__name__}")
-            if row.source and row.source[1] not in inspect.getsource(resolve(row.source[0])):
+            owner = pkgutil.resolve_name(row.owner)
+            if row.params is not None:
+                params = tuple(inspect.signature(getattr(owner, row.name)).parameters)
+                if params != row.params:
+                    found.append(f"{label}: parameters {params}, the package relies on {row.params}")
+            if row.kind is not None and not isinstance(value := inspect.getattr_static(owner, row.name), row.kind):
+                found.append(f"{label}: a {type(value).__name__}, the package relies on a {row.kind.__name__}")
+            if row.source and row.source[1] not in inspect.getsource(pkgutil.resolve_name(row.source[0])):
                 found.append(f"{label}: {row.source[0]} no longer contains {row.source[1]!r}")
         except (AttributeError, ImportError) as err:
             found.append(f"{label}: gone ({err})")
@@ -115,6 +99,4 @@ def problems(table=TABLE) -> list[str]:
 def prepare_dpo_dataset(stub, dataset, processing_class, args, dataset_name: str):
     """DPOTrainer._prepare_dataset without a trainer: `stub` stands for `self`, which the method reads only for its
     `_tokenizer` (the eos it appends to text rows)."""
-    from trl import DPOTrainer
-
     return DPOTrainer._prepare_dataset(stub, dataset, processing_class, args, dataset_name)
