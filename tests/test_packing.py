@@ -130,31 +130,35 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 
 
 @pytest.mark.slow
-def test_forwards_sized_by_tokens_train_the_same_steps_as_whole_batches(tiny_gpt2, tmp_path):
+def test_accumulated_and_token_sized_forwards_train_the_same_steps_as_whole_batches(tiny_gpt2, tmp_path):
+    # 8 pairs a step three ways: one forward; 4 accumulated micro-batches of 2 pairs; forwards of at most 180 packed
+    # positions (~2 pairs a row). Each must give the whole batch's loss, TRL's per-pair metrics and update.
     synthetic = get_synthetic(n_pairs=200, seed=0)
+    ways = {"whole": dict(per_device_train_batch_size=8), "accumulated": dict(per_device_train_batch_size=2,
+                                                                                gradient_accumulation_steps=4),
+            "tokens": dict(per_device_train_batch_size=8, micro_batch_tokens=180)}
     losses, adapters, forwards, logged = {}, {}, {}, {}
-    for tokens in (0, 180):  # whole 8-pair batches, or forwards of at most 180 packed positions (~2 pairs a row)
-        config = parse(dict(model_name_or_path=tiny_gpt2, load_in_4bit=False, learning_rate=1e-3,
-                            per_device_train_batch_size=8, max_steps=3, max_length=48, logging_steps=1, bf16=False,
-                            micro_batch_tokens=tokens, log_completions=0, output_dir=str(tmp_path / f"t{tokens}"),
-                            report_to="none", eval_strategy="no"))
+    for way, settings in ways.items():
+        config = parse(dict(model_name_or_path=tiny_gpt2, load_in_4bit=False, learning_rate=1e-3, max_steps=3,
+                            max_length=48, logging_steps=1, bf16=False, log_completions=0, report_to="none",
+                            eval_strategy="no", output_dir=str(tmp_path / way), **settings))
         trainer = build_trainer(config, synthetic)
-        assert trainer.args.per_device_train_batch_size == 8 and trainer.args.gradient_accumulation_steps == 1
-        forwards[tokens] = [[len(b["input_ids"]) // 2 for b in batch.get("chunks", [batch])]
-                            for batch in trainer.get_train_dataloader()]
+        forwards[way] = [[len(b["input_ids"]) // 2 for b in batch.get("chunks", [batch])]
+                         for batch in trainer.get_train_dataloader()]
         trainer.train()
-        losses[tokens] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        logged[tokens] = [{k: e[k] for k in PAIR_METRICS} for e in trainer.state.log_history if "loss" in e]
+        losses[way] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        logged[way] = [{k: e[k] for k in PAIR_METRICS} for e in trainer.state.log_history if "loss" in e]
         assert trainer.state.total_flos > 0  # Trainer's FLOP count sees the chunks' tokens
-        adapters[tokens] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    assert all(len(step) == 1 for step in forwards[0]), forwards
-    assert any(len(set(step)) > 1 for step in forwards[180]), forwards  # split, and into unequal pair counts
-    assert len(losses[180]) == 3 and losses[180][-1] != losses[180][0]  # it trained
-    assert losses[180] == pytest.approx(losses[0], abs=1e-4), losses  # the same loss, TRL's per-pair metrics ...
-    for split, whole in zip(logged[180], logged[0]):
+        adapters[way] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all(len(step) == 1 for step in forwards["whole"]), forwards
+    assert any(len(set(step)) > 1 for step in forwards["tokens"]), forwards  # split, and into unequal pair counts
+    assert len(losses["whole"]) == 3 and losses["whole"][-1] != losses["whole"][0]  # it trained
+    assert losses["accumulated"] == pytest.approx(losses["whole"], abs=2e-4), losses
+    assert losses["tokens"] == pytest.approx(losses["whole"], abs=1e-4), losses  # the same loss, TRL's metrics ...
+    for split, whole in zip(logged["tokens"], logged["whole"]):
         assert split == pytest.approx(whole, abs=1e-4), (split, whole)
-    for name, weight in adapters[0].items():  # ... the same update as whole batches
-        assert torch.allclose(adapters[180][name], weight, atol=1e-5), name
+    for name, weight in adapters["whole"].items():  # ... the same update as whole batches
+        assert torch.allclose(adapters["tokens"][name], weight, atol=1e-5), name
 
 
 @pytest.mark.parametrize("settings", [dict(packing=False), dict(gradient_accumulation_steps=2),

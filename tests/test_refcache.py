@@ -17,7 +17,6 @@ from dpo_pipeline.args import parse
 from dpo_pipeline.pipeline import build_trainer
 from dpo_pipeline.refcache import REF_COLUMNS, CachedRefDPOTrainer, base_model_fingerprint
 from dpo_pipeline.speed.trainer import SpeedDPOTrainer
-from dpo_pipeline.sweep import run_sweep
 from dpo_pipeline.synthetic import get_synthetic
 
 
@@ -143,15 +142,3 @@ def test_cache_file_is_complete_and_a_damaged_one_is_recomputed(tiny_gpt2, pairs
     assert not _events(again)["train"]["hit"]
     with safe_open(str(path), framework="pt") as f:
         assert len(f.get_tensor("ref_rejected_logps")) == len(pairs.train)
-
-
-@pytest.mark.slow  # builds trainers (reference precompute), trains
-def test_sweep_reuses_the_reference_across_runs(tiny_gpt2, pairs, cache, tmp_path, capsys):
-    base = _config(tiny_gpt2, tmp_path)
-    configs = [base.replace(learning_rate=lr, output_dir=str(tmp_path / "runs" / name))
-               for lr, name in ((1e-3, "a"), (2e-4, "b"))]
-    records = run_sweep(configs, pairs)
-    assert [r["status"] for r in records] == ["finished", "finished"], [r.get("error") for r in records]
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("reference log-probs")]
-    assert [("hit" if "cache hit" in line else "miss") for line in lines] == ["miss", "miss", "hit", "hit"], lines
-    assert len(list(cache.glob("*.safetensors"))) == 2

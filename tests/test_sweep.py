@@ -25,7 +25,9 @@ TINY_RUN = dict(max_steps=3, eval_steps=3, logging_steps=1, per_device_train_bat
 
 
 def write_spec(path: Path, grid: dict, steps: int = 3, **extra) -> Path:
-    spec = {"profile": "smoke", "base": {**TINY_RUN, "max_pairs": 100, "max_steps": steps, "eval_steps": steps},
+    # no judge, no answers while training: what these sweeps test is the runner, not what a run measures
+    spec = {"profile": "smoke", "base": {**TINY_RUN, "max_pairs": 100, "max_steps": steps, "eval_steps": steps,
+                                         "judge": "none", "log_completions": 0},
             "grid": grid, **extra}
     path.write_text(yaml.safe_dump(spec))
     return path

@@ -111,22 +111,6 @@ def test_optimizer_and_loss_type_reach_trl(tiny_gpt2, synthetic, tmp_path):
 
 
 @pytest.mark.slow
-def test_micro_batches_train_the_same_steps_as_whole_batches(tiny_gpt2, synthetic, tmp_path):
-    losses = {}
-    for micro in (1, 2, 4):
-        config = parse(dict(model_name_or_path=tiny_gpt2, load_in_4bit=False, learning_rate=1e-3,
-                            per_device_train_batch_size=micro, gradient_accumulation_steps=4 // micro, max_steps=3,
-                            max_length=48, logging_steps=1, bf16=False, precompute_ref_log_probs=False,
-                            output_dir=str(tmp_path / f"m{micro}"), eval_strategy="no"))
-        trainer = build_trainer(config, synthetic)
-        trainer.train()
-        losses[micro] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert len(losses[1]) == 3 and losses[1][-1] != losses[1][0]  # it trained: the loss moved off log 2
-    for micro in (2, 4):  # the same pairs per step and the same mean loss: equal up to float rounding
-        assert losses[micro] == pytest.approx(losses[1], abs=2e-4), losses
-
-
-@pytest.mark.slow
 def test_a_judge_that_cannot_load_keeps_the_trained_run(tiny_gpt2, synthetic, tmp_path):
     config = parse(dict(model_name_or_path=tiny_gpt2, load_in_4bit=False, per_device_train_batch_size=4, max_steps=1,
                         max_length=48, max_eval_pairs=4, judge=str(tmp_path / "no_judge"),
