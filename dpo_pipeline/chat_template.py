@@ -1,9 +1,6 @@
 """One prompt path for every model: the tokenizer's chat template. GPT-2 has none, so it gets HUMAN_ASSISTANT, the
 hh-rlhf transcript format as a template; TRL's DPOTrainer, the evaluation, the judge, the app and the model card then
 all render prompts with `tokenizer.apply_chat_template`, and the template is saved with every adapter.
-
-    system text, then "\\n\\nHuman: {user}" and "\\n\\nAssistant: {answer}" turns; the last assistant message ends
-    with eos (what TRL appends to a text completion); the generation prompt is "\\n\\nAssistant:"
 """
 
 from __future__ import annotations
@@ -11,8 +8,9 @@ from __future__ import annotations
 import os
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
-# Written by hand because no library ships the hh-rlhf format as a template. A system message is text before the
-# first Human turn (a later one is a Human turn); an empty message is its marker alone.
+# No library ships the hh-rlhf format as a template. A system message is text before the first Human turn (a later
+# one is a Human turn); an empty message is its marker alone; the last assistant message ends with eos (what TRL
+# appends to a text completion).
 HUMAN_ASSISTANT = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' and loop.first %}{{ message['content'] }}"
@@ -37,7 +35,7 @@ def with_prompt_format(tokenizer, prompt_format: str = "auto"):
 
 
 def format_name(tokenizer) -> str:
-    """"text" (the Human/Assistant template) or "chat" (the model's own chat template)."""
+    """"text" (the Human/Assistant template) or "chat" (the model's own)."""
     return "text" if getattr(tokenizer, "chat_template", None) in (None, HUMAN_ASSISTANT) else "chat"
 
 
@@ -48,18 +46,15 @@ def prompt_text(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
 
 
-def completion_text(tokenizer, prompt: list[dict], completion: list[dict], head: str | None = None) -> str:
-    """What the template writes for the answer after the prompt (with its end-of-turn token); `head` is the prompt
-    already rendered. A template that renders a prompt differently once an answer follows it: from where they part."""
-    head = prompt_text(tokenizer, prompt) if head is None else head
-    whole = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
-    return whole[len(os.path.commonprefix([head, whole])):]
-
-
 def as_text(pairs, tokenizer) -> dict[str, list[str]]:
-    """prompt / chosen / rejected columns of conversational pairs as the text the model reads (for reward models and
-    reports, which take text)."""
+    """Conversational pairs' prompt / chosen / rejected as the text the model reads (for reward models and reports):
+    an answer is what the template writes after its prompt, end-of-turn token included (for a template that renders a
+    prompt differently once an answer follows it: from where the two part)."""
     prompts = list(pairs["prompt"])
     heads = [prompt_text(tokenizer, p) for p in prompts]  # each prompt rendered once, for both of its answers
-    answers = lambda side: [completion_text(tokenizer, p, c, h) for p, c, h in zip(prompts, pairs[side], heads)]
+
+    def answers(side: str) -> list[str]:
+        wholes = (tokenizer.apply_chat_template([*p, *c], tokenize=False) for p, c in zip(prompts, pairs[side]))
+        return [whole[len(os.path.commonprefix([head, whole])):] for head, whole in zip(heads, wholes)]
+
     return {"prompt": heads, "chosen": answers("chosen"), "rejected": answers("rejected")}

@@ -1,18 +1,12 @@
-"""Data stage: read preference pairs (local file or Hub id), turn every source into conversational rows (prompt
-messages + one chosen and one rejected assistant message, TRL's conversational preference format), drop pairs that
-cannot teach DPO anything, and split them into train/test. Tokens are TRL's business (prepare.py).
-
-Three row schemas are understood: raw hh-rlhf transcripts (``hh_raw``, split at the last "\n\nAssistant:"),
-UltraFeedback-style message lists (``messages``, kept as they are) and ready-made strings (``plain``). A user mistake
-in a file is a ``DataError`` with a one-line message that names the file, the 1-based row and the field; bad pairs
-in otherwise good data are dropped and counted.
+"""Data stage: preference pairs from a local file or a Hub id, in three schemas (hh-rlhf transcripts ``hh_raw``,
+message lists ``messages``, ``plain`` strings), as TRL's conversational rows; pairs that cannot teach DPO anything are
+dropped and counted, the rest split into train/test. Tokens are TRL's business (prepare.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import glob
 import gzip
 import json
 import random
@@ -21,9 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq  # keeps nested message lists as Python lists (pandas gives arrays)
+from huggingface_hub import constants
 
 from .chat_template import ASSISTANT, HUMAN
-from .hf import hub_reachable
+from .hf import hub_reachable, is_hub_id
 
 DROP_REASONS = ("history_mismatch", "empty_completion", "identical_pair", "duplicate_pair",
                 "prompt_too_long", "identical_after_truncation", "tie_vote")
@@ -32,7 +29,6 @@ ROLES = ("system", "user", "assistant")
 # Local stand-ins for the Hub datasets, named in the "Hub unreachable" message.
 LOCAL_FALLBACKS = {"hh-rlhf": "hh-rlhf/harmless-base.jsonl.gz",
                    "ultrafeedback": "ultrafeedback-style/dpo-en-demo.jsonl"}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class DataError(ValueError):
@@ -59,13 +55,10 @@ class CleaningReport:
         return {**asdict(self), "kept": self.kept}
 
     def __str__(self) -> str:
-        lines = [f"{self.source} (schema {self.schema})", f"  {'rows read':<28}{self.rows_read:>7}"]
-        lines += [f"  - {reason:<26}{n:>7}" for reason, n in self.dropped.items()]
-        lines.append(f"  {'kept':<28}{self.kept:>7}")
-        if self.max_pairs is not None:
-            lines.append(f"  {'max_pairs':<28}{self.max_pairs:>7}")
-        lines += [f"  {'split ' + name:<28}{n:>7}" for name, n in self.splits.items()]
-        return "\n".join(lines)
+        counts = [("rows read", self.rows_read), *((f"- {r}", n) for r, n in self.dropped.items()), ("kept", self.kept)]
+        counts += [("max_pairs", self.max_pairs)] if self.max_pairs is not None else []
+        counts += [(f"split {name}", n) for name, n in self.splits.items()]
+        return "\n".join([f"{self.source} (schema {self.schema})"] + [f"  {label:<28}{n:>7}" for label, n in counts])
 
 
 @dataclass
@@ -82,37 +75,25 @@ class PreferenceData:
         return self.validation if self.validation is not None else self.test
 
 
-# ---------------------------------------------------------------- hh-rlhf text
-
-
 def split_hh_transcript(text: str) -> tuple[str, str]:
     """Prompt = up to and including the LAST "\\n\\nAssistant:"; completion = the rest, leading space kept. Not TRL's
     extract_prompt, which cuts where chosen and rejected first differ: inside answers that share their first words."""
-    cut = text.rfind(ASSISTANT)
-    if cut < 0:
+    head, cue, answer = text.rpartition(ASSISTANT)
+    if not cue:
         raise ValueError("no '\\n\\nAssistant:' turn in the transcript")
-    cut += len(ASSISTANT)
-    return text[:cut], text[cut:]
-
-
-def _content(text: str) -> str:
-    """A turn's text without the one space the format puts after its marker."""
-    return text[1:] if text.startswith(" ") else text
+    return head + cue, answer
 
 
 def parse_transcript(prompt: str) -> list[dict]:
-    """The messages of a Human/Assistant prompt (HUMAN_ASSISTANT renders them back to the same text); text before the
-    first turn is a system message, the final assistant cue is dropped."""
+    """The messages of a Human/Assistant prompt (HUMAN_ASSISTANT renders them back to the same text; the one space
+    after each marker is dropped); text before the first turn is a system message, the final assistant cue dropped."""
     parts = re.split(f"({re.escape(HUMAN)}|{re.escape(ASSISTANT)})", prompt)
     messages = [{"role": "system", "content": parts[0]}] if parts[0] else []
-    messages += [{"role": "user" if marker == HUMAN else "assistant", "content": _content(text)}
+    messages += [{"role": "user" if marker == HUMAN else "assistant", "content": text.removeprefix(" ")}
                  for marker, text in zip(parts[1::2], parts[2::2])]
     if messages and messages[-1] == {"role": "assistant", "content": ""}:
         messages.pop()  # the cue the model answers after
     return messages
-
-
-# ---------------------------------------------------------------- reading rows
 
 
 def load_rows(path) -> list[dict]:
@@ -124,17 +105,13 @@ def load_rows(path) -> list[dict]:
         raise DataError(f"{name}: unsupported file type; use one of {', '.join(FILE_TYPES)}")
     try:
         if name.lower().endswith(".parquet"):
-            import pyarrow.parquet as pq  # pyarrow keeps nested message lists as Python lists (pandas gives arrays)
-
             rows = pq.read_table(path).to_pylist()
         else:
             with (gzip.open if name.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
                 rows = _parse_json(f.read(), name)
-    except DataError:
-        raise
     except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{name}: cannot read the file ({type(e).__name__}: {e})") from None
-    except Exception as e:  # pyarrow's errors for a file that is not parquet
+    except pa.ArrowException as e:  # a file that is not parquet
         raise DataError(f"{name}: not a readable parquet file ({type(e).__name__}: {e})") from None
     if not rows:
         raise DataError(f"{name}: no rows (the file is empty)")
@@ -150,13 +127,13 @@ def _parse_json(text: str, name: str) -> list:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{name}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    rows, lines = [], text.splitlines()
+    rows, lines = [], text.split("\n")  # not splitlines(): a JSON string may hold U+2028 and the like
     for i, line in enumerate(lines):  # JSON lines; blank lines are skipped and not counted as rows
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                if i == len(lines) - 1 and not text.endswith("\n"):  # an append cut mid-line (a killed app)
+                if i == len(lines) - 1:  # no newline after it: an append cut mid-line (a killed app)
                     print(f"{name}: its last line was cut off mid-write; reading the {len(rows)} rows before it",
                           flush=True)
                     break
@@ -168,10 +145,6 @@ def _read_hub(repo_id: str, data_dir: str | None) -> dict[str, tuple[str, list[d
     """{"train"/"test" or "all": (label for messages, rows)} for a Hub dataset, without minutes of retries offline."""
     label = repo_id + (f"/{data_dir}" if data_dir else "")
     online = hub_reachable()
-    if not online and not _in_hf_cache(repo_id):
-        local = next((v for k, v in LOCAL_FALLBACKS.items() if k in repo_id.lower()), LOCAL_FALLBACKS["hh-rlhf"])
-        raise DataError(f"{label}: the Hugging Face Hub is unreachable and this dataset is not in the local cache; "
-                        f"use a local file instead, e.g. source='../shared/data/{local}'")
     try:
         with _offline(not online):
             names = datasets.get_dataset_split_names(repo_id, data_dir=data_dir)
@@ -179,29 +152,21 @@ def _read_hub(repo_id: str, data_dir: str | None) -> dict[str, tuple[str, list[d
                    if tr in names and te in names]
             # one split only (e.g. argilla's cleaned UltraFeedback): we split it ourselves
             picked = own[0] if own else {"all": "train" if "train" in names else names[0]}
-            return {key: (f"{label}[{split}]",
-
-                          datasets.load_dataset(repo_id, data_dir=data_dir, split=split).to_list())
+            return {key: (f"{label}[{split}]", datasets.load_dataset(repo_id, data_dir=data_dir, split=split).to_list())
                     for key, split in picked.items()}
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise DataError(f"{label}: cannot load the Hub dataset ({type(e).__name__}: {first})") from None
-
-
-def _in_hf_cache(repo_id: str) -> bool:
-    from huggingface_hub import constants
-
-    owner, name = repo_id.split("/")
-    prepared = Path(datasets.config.HF_DATASETS_CACHE) / f"{owner}___{datasets.naming.camelcase_to_snakecase(name)}"
-    raw = Path(constants.HF_HUB_CACHE) / f"datasets--{owner}--{name}"
-    return bool(glob.glob(str(prepared / "*" / "*" / "*"))) or raw.is_dir()
+        why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        if online:
+            raise DataError(f"{label}: cannot load the Hub dataset ({why})") from None
+        local = next((v for k, v in LOCAL_FALLBACKS.items() if k in repo_id.lower()), LOCAL_FALLBACKS["hh-rlhf"])
+        raise DataError(f"{label}: the Hugging Face Hub is unreachable and this dataset cannot be read from the local "
+                        f"cache ({why}); use a local file instead, e.g. source='../shared/data/{local}'") from None
 
 
 @contextlib.contextmanager
 def _offline(enabled: bool):
-    """Make datasets read its cache only (the env vars are read at import time, so set the module flags)."""
-    from huggingface_hub import constants
-
+    """Make datasets read its cache only, failing at once when it is not there instead of retrying for minutes (the
+    env vars are read at import time, so set the module flags)."""
     saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
     if enabled:
         datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
@@ -209,9 +174,6 @@ def _offline(enabled: bool):
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
-
-
-# ---------------------------------------------------------------- schemas
 
 
 def _kind(value) -> str:
@@ -263,8 +225,11 @@ def _messages(row: dict, name: str, where: str) -> list[dict]:
     return out
 
 
-def _prompt_messages(prompt: str) -> list[dict]:
-    """A prompt string as messages: Human/Assistant text is parsed, anything else is one user message."""
+def _prompt_column(row: dict, where: str) -> list[dict]:
+    """The prompt column as messages: a message list as it is, Human/Assistant text parsed, other text one message."""
+    if isinstance(row.get("prompt"), list):
+        return _messages(row, "prompt", where)
+    prompt = _text(row, "prompt", where)
     return parse_transcript(prompt) if HUMAN in prompt else [{"role": "user", "content": prompt}]
 
 
@@ -275,25 +240,18 @@ def _side(row: dict, name: str, schema: str, where: str) -> tuple[list[dict], st
             prompt, answer = split_hh_transcript(_text(row, name, where))
         except ValueError as e:
             raise DataError(f"{where}, field '{name}': {e}") from None
-        return parse_transcript(prompt), _content(answer)
+        return parse_transcript(prompt), answer.removeprefix(" ")
     if schema == "messages":
         msgs = _messages(row, name, where)
         if msgs[-1]["role"] != "assistant":
             raise DataError(f"{where}, field '{name}': the last message has role '{msgs[-1]['role']}', expected "
                             "'assistant'")
-        if len(msgs) > 1:
-            return msgs[:-1], msgs[-1]["content"]
         # Only the answer: the conversation is in the prompt column (TRL's conversational style, or plain text).
-        if isinstance(row.get("prompt"), list):
-            return _messages(row, "prompt", where), msgs[-1]["content"]
-        return _prompt_messages(_text(row, "prompt", where)), msgs[-1]["content"]
+        return (msgs[:-1] if len(msgs) > 1 else _prompt_column(row, where)), msgs[-1]["content"]
     raw_prompt, text = _text(row, "prompt", where), _text(row, name, where)
     if raw_prompt.strip() and text.startswith(raw_prompt):  # TRL's "implicit prompt" style repeats the prompt
         text = text[len(raw_prompt):]
-    return _prompt_messages(raw_prompt), _content(text)
-
-
-# ---------------------------------------------------------------- cleaning and splitting
+    return _prompt_column(row, where), text.removeprefix(" ")
 
 
 def _clean(rows: list[dict], label: str, report: CleaningReport) -> list[dict]:
@@ -303,8 +261,8 @@ def _clean(rows: list[dict], label: str, report: CleaningReport) -> list[dict]:
         where = f"{label}: row {n}"
         if not report.schema:
             report.schema = detect_schema(row, where)
-        (prompt, chosen), (rejected_prompt, rejected) = (_side(row, side, report.schema, where)
-                                                          for side in ("chosen", "rejected"))
+        prompt, chosen = _side(row, "chosen", report.schema, where)
+        rejected_prompt, rejected = _side(row, "rejected", report.schema, where)
         report.rows_read += 1
         key = (json.dumps(prompt), chosen, rejected)
         if row.get("vote") == "tie":  # a blind A/B vote of "neither is better" (votes.py): no preference to learn
@@ -337,14 +295,10 @@ def _dataset(pairs: list[dict]) -> datasets.Dataset:
 def load_preferences(source: str, *, data_dir: str | None = None, split_seed: int = 42, test_fraction: float = 0.2,
                      max_pairs: int | None = None) -> PreferenceData:
     """Cleaned train/test pairs from a local file (.jsonl, .jsonl.gz, .json, .parquet) or a Hub dataset id."""
-    if not 0 <= test_fraction < 1:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
-    if max_pairs is not None and max_pairs < 1:
-        raise ValueError(f"max_pairs must be at least 1, got {max_pairs}")
     source = str(source)
     if Path(source).exists():
         parts = {"all": (source, load_rows(source))}
-    elif HUB_ID.match(source) and not source.lower().endswith(FILE_TYPES):
+    elif is_hub_id(source) and not source.lower().endswith(FILE_TYPES):
         parts = _read_hub(source, data_dir)
     else:
         raise DataError(f"{source}: file not found (and not a Hub dataset id like 'Anthropic/hh-rlhf')")
@@ -359,20 +313,22 @@ def preferences_from_rows(rows: list[dict], source: str, *, split_seed: int = 42
 
 def _clean_and_split(source: str, parts: dict, split_seed: int, test_fraction: float,
                      max_pairs: int | None) -> PreferenceData:
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    if max_pairs is not None and max_pairs < 1:
+        raise ValueError(f"max_pairs must be at least 1, got {max_pairs}")
     report = CleaningReport(source=source, schema="", max_pairs=max_pairs)
     pairs = {key: _clean(rows, label, report) for key, (label, rows) in parts.items()}
     if "all" in pairs:  # one split: take max_pairs first, then a seeded split, the same on every run
         kept = pairs["all"][:max_pairs]
-        order = list(range(len(kept)))
-        random.Random(split_seed).shuffle(order)
+        random.Random(split_seed).shuffle(kept)
         n_test = round(len(kept) * test_fraction)
         if test_fraction > 0 and len(kept) >= 2:
             n_test = min(max(n_test, 1), len(kept) - 1)  # never an empty test set nor an empty train set
-        train, test = [kept[i] for i in order[n_test:]], [kept[i] for i in order[:n_test]]
+        train, test = kept[n_test:], kept[:n_test]
     else:  # the source's own split, in a seeded order; max_pairs is shared out by test_fraction
-        # The Hub's hh-rlhf is its subsets one after another (harmless-base first): in the file's order the first
-        # 2,000 test pairs (max_eval_pairs) would all be harmless-base and a validation slice off the end all one
-        # helpful subset.
+        # The Hub's hh-rlhf is its subsets one after another: in the file's order the first test pairs
+        # (max_eval_pairs) would all be harmless-base and a validation slice off the end all one helpful subset.
         train, test = pairs["train"], pairs["test"]
         random.Random(split_seed).shuffle(train)
         random.Random(split_seed + 1).shuffle(test)
@@ -382,12 +338,3 @@ def _clean_and_split(source: str, parts: dict, split_seed: int, test_fraction: f
     report.splits = {"train": len(train), "test": len(test)}
     return PreferenceData(_dataset(train), _dataset(test), report)
 
-
-def get_hh_rlhf(data_dir: str | None = None) -> PreferenceData:
-    """Anthropic/hh-rlhf from the Hub (its own train/test); data_dir picks a subset such as "harmless-base"."""
-    return load_preferences("Anthropic/hh-rlhf", data_dir=data_dir)
-
-
-def get_ultrafeedback(name: str = "HuggingFaceH4/ultrafeedback_binarized") -> PreferenceData:
-    """UltraFeedback pairs: H4's train_prefs/test_prefs, or a seeded split of a train-only variant (argilla's)."""
-    return load_preferences(name)

@@ -13,10 +13,9 @@ import urllib.request
 from pathlib import Path
 
 from huggingface_hub import constants, snapshot_download
-from offline_models import OFFLINE_PREFIX
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-
+from offline_models import OFFLINE_PREFIX
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,9 +49,8 @@ def is_hub_id(name: str | None) -> bool:
 
 
 def cached_snapshot(repo_id: str) -> str | None:
-    """The folder of `repo_id`'s snapshot in the local Hugging Face cache, or None when it is not cached; never asks
-    the network (a cached snapshot loads as a local folder, with no round-trips). A name that is not a Hub repo id
-    raises HFValidationError."""
+    """The folder of `repo_id`'s snapshot in the local Hugging Face cache (it loads with no round-trips), or None when
+    it is not cached; never asks the network. A name that is not a Hub repo id raises HFValidationError."""
     try:
         return snapshot_download(repo_id, local_files_only=True)
     except LocalEntryNotFoundError:

@@ -1,9 +1,7 @@
-"""A deterministic synthetic preference set with a rule a small model can learn in minutes on a CPU.
-
-The rule: a chosen answer is calm (lower case, ends with a period); the rejected answer says the same words but
-shouts them (UPPER CASE, ends with "!!!"). Prompts vary in template and topic, and the answers vary in wording,
-so the model must learn the style, not memorise pairs. It proves the loss, the data plumbing and the adapter are
-wired right: a correct pipeline reaches high held-out implicit-reward accuracy; a broken one stays near chance.
+"""A deterministic synthetic preference set with a rule a small model learns in minutes on a CPU: the chosen answer
+is calm (lower case, a period), the rejected one shouts the same words (UPPER CASE, "!!!"). Prompts and wording vary,
+so the model must learn the style, not memorise pairs: a correct pipeline reaches high held-out implicit-reward
+accuracy, a broken one stays near chance.
 """
 
 from __future__ import annotations
@@ -13,13 +11,8 @@ import random
 from .data import PreferenceData, preferences_from_rows
 
 PROMPTS = [
-    "Tell me about {t}.",
-    "What do you think of {t}?",
-    "Can you describe {t} in a sentence?",
-    "Why do people like {t}?",
-    "Give me one fact about {t}.",
-    "How would you explain {t} to a child?",
-    "Is {t} a good topic for a talk?",
+    "Tell me about {t}.", "What do you think of {t}?", "Can you describe {t} in a sentence?", "Why do people like {t}?",
+    "Give me one fact about {t}.", "How would you explain {t} to a child?", "Is {t} a good topic for a talk?",
     "Write a short note on {t}.",
 ]
 TOPICS = [
@@ -42,11 +35,7 @@ def synthetic_pairs(n_pairs: int = 600, seed: int = 0) -> list[dict]:
         topic = rng.choice(TOPICS)
         prompt = rng.choice(PROMPTS).format(t=topic)
         words = f"{rng.choice(OPENINGS)} {rng.choice(CLAIMS).format(t=topic)}"
-        rows.append({
-            "prompt": prompt,
-            "chosen": f" {words.lower()}.",
-            "rejected": f" {words.upper()}!!!",
-        })
+        rows.append({"prompt": prompt, "chosen": f" {words.lower()}.", "rejected": f" {words.upper()}!!!"})
     return rows
 
 

@@ -1,13 +1,5 @@
-"""Experiment tracking: where a run's live logs go (`report_to`) and the answers it gives while it trains.
-
-`report_to` is handed to TRL as is: "tensorboard" (the default: event files in the run folder, no account needed;
-view them live with `tensorboard --logdir results`), "trackio", "wandb", "mlflow", several joined by commas, or
-"none". Every run logs under its run id (the name of its folder) with its settings.
-
-`CompletionsCallback` is TRL's `LogCompletionsCallback` (which itself writes only to W&B and Comet) pointed at a few
-fixed validation prompts and extended to the trackers this project defaults to: at each evaluation it generates
-greedy answers, keeps them (the run record stores them) and logs them as text to TensorBoard or as a table to
-trackio, so one can watch how the answers change over the steps.
+"""Experiment tracking: where a run's live logs go (`report_to`: "tensorboard", the default, "trackio", "wandb",
+"mlflow", several joined by commas, or "none") and the answers it gives while it trains (`CompletionsCallback`).
 """
 
 from __future__ import annotations
@@ -21,10 +13,9 @@ from trl.trainer.callbacks import LogCompletionsCallback
 
 
 def report_to(setting: str | list[str] | None) -> list[str]:
-    """The trackers TRL should report to (DPOConfig's report_to: a name, names joined by commas, or a list). The
-    default TensorBoard is dropped, with one line saying so, when the tensorboard package is missing (training must
-    not fail for want of a log viewer). No tracker is an empty list, what TrainingArguments makes of "none" (set after
-    it, as pipeline.training_args does, a ["none"] is refused by transformers)."""
+    """DPOConfig's report_to as a list (a name, names joined by commas, or a list). TensorBoard is dropped, with one
+    line saying so, when its package is missing: training must not fail for want of a log viewer. No tracker is [],
+    not ["none"], which transformers refuses once TrainingArguments exist (pipeline.training_args sets it after)."""
     setting = ",".join(setting) if isinstance(setting, list) else setting or "none"
     names = [n.strip() for n in setting.split(",") if n.strip() and n.strip() != "none"]
     if "tensorboard" in names and not is_tensorboard_available():
@@ -40,7 +31,8 @@ def tensorboard_writer(trainer):
 
 
 class CompletionsCallback(LogCompletionsCallback):
-    """Greedy answers to `prompts` at every evaluation step; `self.table` holds (step, prompt, completion) rows."""
+    """TRL's LogCompletionsCallback (W&B and Comet only) extended to TensorBoard and trackio: greedy answers to a few
+    fixed `prompts` at every evaluation step; `self.table` holds (step, prompt, completion) rows for the run record."""
 
     def __init__(self, trainer, prompts: list[str], max_new_tokens: int, run_config: dict):
         super().__init__(trainer, GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,

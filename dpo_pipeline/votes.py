@@ -1,8 +1,7 @@
-"""Blind A/B votes: a person compares the base model's and the adapter's answers to one prompt, shown in a random,
-hidden order, and picks A, B or a tie. Each vote is one line of a preference file in the schema the loader reads
-(prompt messages, chosen and rejected assistant messages, plus the vote, the model ids and the generation settings),
-so the next round can train on it: `dataset_name: results/votes.jsonl` (iterative DPO). A tie is kept in the file
-and dropped by the loader's cleaning as "tie_vote".
+"""Blind A/B votes: a person compares the base model's and the adapter's answers to one prompt, in a hidden random
+order, and picks A, B or a tie. Each vote is one line of a preference file the loader reads (plus the vote, the model
+ids and the generation settings), so the next round can train on it (`dataset_name: results/votes.jsonl`, iterative
+DPO); the loader's cleaning drops a tie as "tie_vote".
 """
 
 from __future__ import annotations
@@ -30,12 +29,11 @@ def vote_row(prompt: list[dict], answers: dict[str, str], adapter_side: str, cho
     """The preference row of one vote: `answers` by side ("A", "B"), `adapter_side` the side the adapter answered."""
     if choice not in CHOICES or adapter_side not in ("A", "B"):
         raise ValueError(f"choice must be one of {CHOICES} and adapter_side A or B")
-    base_side = "B" if adapter_side == "A" else "A"
-    winner, loser = (choice, base_side if choice == adapter_side else adapter_side) if choice != "tie" else \
-        (adapter_side, base_side)
-    winner_model = "tie" if choice == "tie" else "adapter" if choice == adapter_side else "base"
+    winner = adapter_side if choice == "tie" else choice  # a tie is kept in the adapter-first order
+    loser = "B" if winner == "A" else "A"
+    vote = "tie" if choice == "tie" else "adapter" if choice == adapter_side else "base"
     return {"prompt": prompt, "chosen": [{"role": "assistant", "content": answers[winner]}],
-            "rejected": [{"role": "assistant", "content": answers[loser]}], "vote": winner_model,
+            "rejected": [{"role": "assistant", "content": answers[loser]}], "vote": vote,
             "adapter": adapter, "base": base, "settings": settings, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -45,29 +43,22 @@ def append_vote(path: str | Path, row: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(row, ensure_ascii=False) + "\n").encode()
-    with open(path, "a+b") as f:
+    with open(path, "a+b") as f:  # closing the file releases the lock
         fcntl.flock(f, fcntl.LOCK_EX)  # other sessions of the app append to the same file
-        try:
-            f.seek(0)
-            text = f.read()
-            if text and not text.endswith(b"\n"):
-                f.truncate(text.rfind(b"\n") + 1)
-            os.write(f.fileno(), line)  # O_APPEND: at the end, in one call
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        f.seek(0)
+        text = f.read()
+        if text and not text.endswith(b"\n"):
+            f.truncate(text.rfind(b"\n") + 1)
+        os.write(f.fileno(), line)  # O_APPEND: at the end, in one call
+        os.fsync(f.fileno())
 
 
 def read_votes(path: str | Path) -> list[dict]:
     """Every complete vote in the file; a last line cut mid-write is left out, the votes before it kept."""
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         return []
-    votes = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if line.endswith("\n") and line.strip():
-            votes.append(json.loads(line))
-    return votes
+    lines = Path(path).read_text(encoding="utf-8").split("\n")[:-1]  # the last piece: "" or a line cut mid-write
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def tally(votes: list[dict], adapter: str | None = None) -> dict:

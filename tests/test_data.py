@@ -11,8 +11,7 @@ import pandas as pd
 import pytest
 
 from dpo_pipeline.data import (
-    CleaningReport, DataError, PreferenceData, detect_schema, get_hh_rlhf, get_ultrafeedback, load_preferences,
-    load_rows, split_hh_transcript,
+    CleaningReport, DataError, PreferenceData, detect_schema, load_preferences, load_rows, split_hh_transcript,
 )
 from dpo_pipeline.args import shared_data_dir
 from dpo_pipeline import data
@@ -393,13 +392,14 @@ def test_good_parquet(tmp_path):
 # ---------------------------------------------------------------- Hub ids without a network
 
 
-@pytest.mark.parametrize("load", [lambda: get_hh_rlhf("harmless-base"), lambda: get_ultrafeedback(),
-                                  lambda: load_preferences("argilla/ultrafeedback-binarized-preferences-cleaned")])
-def test_unreachable_hub_is_a_quick_one_line_error(monkeypatch, load):
+@pytest.mark.parametrize("repo_id, data_dir", [("Anthropic/hh-rlhf", "harmless-base"),
+                                               ("HuggingFaceH4/ultrafeedback_binarized", None),
+                                               ("argilla/ultrafeedback-binarized-preferences-cleaned", None)])
+def test_unreachable_hub_is_a_quick_one_line_error(monkeypatch, repo_id, data_dir):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.monotonic()
     with pytest.raises(DataError) as err:
-        load()
+        load_preferences(repo_id, data_dir=data_dir)
     assert time.monotonic() - start < 5
     message = str(err.value)
     assert "\n" not in message and "/" in message.split(":")[0] and "source='../shared/data/" in message

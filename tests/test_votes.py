@@ -51,6 +51,15 @@ def test_appends_from_several_processes_stay_whole_and_a_cut_tail_loses_no_earli
     assert [v["vote"] for v in votes.read_votes(path)][-2:] == ["adapter", "tie"] and len(votes.read_votes(path)) == 61
 
 
+def test_a_vote_whose_answer_holds_a_unicode_line_separator_reads_back_whole(tmp_path):
+    path = tmp_path / "votes.jsonl"
+    for i in range(2):  # json.dumps(ensure_ascii=False) writes U+2028 as it is: not a line break of JSON lines
+        votes.append_vote(path, votes.vote_row(PROMPT, {"A": f"one\u2028two {i}", "B": "three"}, "A", "A",
+                                               adapter="me/a", base="gpt2", settings={}))
+    assert [v["chosen"][0]["content"] for v in votes.read_votes(path)] == ["one\u2028two 0", "one\u2028two 1"]
+    assert load_preferences(str(path), test_fraction=0.5).report.kept == 2
+
+
 def test_tally_counts_a_tie_half_and_only_the_adapter_asked_for():
     rows = [row("A"), row("B"), row("tie"), row("A"), {**row("A"), "adapter": "other/x"}]
     count = votes.tally(rows, adapter="me/a")
