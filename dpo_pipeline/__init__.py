@@ -1,16 +1,16 @@
 """dpo_pipeline: preference-tune small causal LMs with DPO (TRL + LoRA + 4-bit), one module per stage.
 
-config    RunConfig (every setting of a run), the profiles, the precedence rule
+args      the settings (TRL's DPOConfig and ModelConfig + RunArguments), the profiles (recipes), the precedence rule
 data      load and clean preference pairs (hh-rlhf, UltraFeedback, local files); synthetic: a learnable set
-prepare   the data a run uses, in the model's prompt format; model: tokenizer, offline checkpoints, 4-bit, LoRA
-pipeline  run(config): one DPO run with TRL's DPOTrainer, evaluated, written to its run folder (runs)
+prepare   the data a run uses, in the model's prompt format (chat_template); model: tokenizer, base, 4-bit, LoRA
+pipeline  run(settings): one DPO run with TRL's DPOTrainer, evaluated, written to its run folder (runs, tracking)
 refcache  reference log-probs cached on disk across runs; evaluate, judge, stats: what DPO changed, with intervals
+generation, behaviour, doctor  answers drawn alike for any model; how the answers changed; a run's failure signatures
 speed     the speed levers, opt-in (packing, token-sized forwards, the CPU LM head); trl_private: TRL privates used
-generation  answers to prompts, the same draws for any model (for the judge and a sweep's samples)
-sweep     grids of runs, resume after a crash, the best run; workbook, report: the Excel workbook and plots
-hub, card, chat  push an adapter with its model card; load one for the Streamlit app
-hf        local path, Hugging Face cache or Hub, and is the Hub up: the Hub plumbing the stages share
-cli, errors      the command line; one-line user errors
+sweep, search  grids and searches of runs (one Optuna study), the best run; workbook, report: its workbook, plots
+hub, card, export, hf  push an adapter with its model card, merge it, the Hub plumbing; chat, votes: the Streamlit app
+cli, errors, __main__  `python -m dpo_pipeline train|sweep|evaluate|export`; one-line user errors
+Offline stand-in models (`offline:` names) live in offline_models/, the known-answer experiment in experiments/.
 """
 
 import logging

@@ -1,18 +1,13 @@
-"""Settings: TRL's `DPOConfig` and `ModelConfig` plus `RunArguments` (what is this project's own), parsed by TRL's
-`TrlParser`. A run is one flat mapping of field names to values; every name belongs to exactly one of the three
-classes, and keeps that class's name everywhere (recipes, notebook parameters, flags, sweep files). Later layers win:
+"""Settings: TRL's `DPOConfig` and `ModelConfig` plus `RunArguments` (this project's own), parsed by TRL's `TrlParser`.
+A run is one flat mapping of field names to values; every name belongs to exactly one of the three classes and keeps
+that class's name everywhere (recipes, notebook parameters, flags, sweep files). Later layers win:
 
     TRL's defaults  <  PROJECT_DEFAULTS  <  recipe (configs/recipes/<profile>.yaml)  <  sweep file `base:`
                     <  grid value / notebook parameter / command-line flag
 
-Profiles (the notebook's `profile` parameter, `--profile`) are the recipes:
-    full            Hub GPT-2 + Anthropic/hh-rlhf, 4-bit NF4, LoRA, on a CUDA GPU          (the real thing)
-    cpu             offline GPT-2 124M shape (random weights) + the real hh-rlhf sample, a short run on a CPU
-    pretrained-cpu  SmolLM2-135M-Instruct (a real pretrained model, offline) + the real hh-rlhf sample, on a CPU
-    smoke           offline tiny GPT-2 + the synthetic preference set, a minute on a CPU
-    auto            `full` when CUDA and the Hub are both available, else `smoke`
-
-Every value is checked here, before a model or a dataset is loaded; a mistake is one line (`ConfigError`).
+The profiles (`--profile`, the notebook's `profile`) are the recipes, each described at its top; `auto` is `full`
+when CUDA and the Hub are both available, else `smoke`. Every value is checked here, before a model or a dataset is
+loaded; a mistake is one line (`ConfigError`).
 """
 
 from __future__ import annotations
@@ -47,40 +42,35 @@ class ConfigError(ValueError):
     """A setting the user gave that cannot be used; the message is one line."""
 
 
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class RunArguments:
     """What a run needs beyond TRL's two classes: the data, its cleaning and splits, the judge, the levers."""
 
     # data
-    dataset_name: str = field(default="Anthropic/hh-rlhf", metadata={
-        "help": "Hub dataset id, local .jsonl/.jsonl.gz/.json/.parquet file, or 'synthetic'"})
-    data_dir: str | None = field(default=None, metadata={"help": "Hub subset, e.g. 'harmless-base'"})
-    max_pairs: int | None = field(default=None, metadata={"help": "keep the first N cleaned pairs (before the split)"})
-    max_eval_pairs: int | None = field(default=None, metadata={
-        "help": "score the first N held-out test pairs (seeded order; evaluation passes cost time)"})
-    validation_pairs: int | None = field(default=None, metadata={
-        "help": "hold out the last N train pairs to evaluate on while training (settings are picked on these)"})
-    test_fraction: float = field(default=0.2, metadata={"help": "test share for single-split sources"})
-    split_seed: int = field(default=42, metadata={"help": "seed of the train/test split and of the pairs drawn"})
-    prompt_format: str = field(default="auto", metadata={
-        "help": "auto: the model's chat template if it has one, else Human/Assistant text | text | chat"})
-    shuffled_labels: bool = field(default=False, metadata={
-        "help": "the label control: swap chosen and rejected of each training pair with probability 1/2 (seeded by "
-                "split_seed); validation and test pairs keep their real labels"})
+    dataset_name: str = _option("Anthropic/hh-rlhf", "Hub dataset id, .jsonl(.gz)/.json/.parquet file, or 'synthetic'")
+    data_dir: str | None = _option(None, "Hub subset, e.g. 'harmless-base'")
+    max_pairs: int | None = _option(None, "keep the first N cleaned pairs (before the split)")
+    max_eval_pairs: int | None = _option(None, "score the first N held-out test pairs (seeded order)")
+    validation_pairs: int | None = _option(None, "hold out the last N train pairs to evaluate and pick settings on")
+    test_fraction: float = _option(0.2, "test share for single-split sources")
+    split_seed: int = _option(42, "seed of the train/test split and of the pairs drawn")
+    prompt_format: str = _option("auto", "auto (the model's chat template, else Human/Assistant text) | text | chat")
+    shuffled_labels: bool = _option(False, "the label control: swap chosen and rejected of each training pair with "
+                                           "probability 1/2 (seeded by split_seed); evaluations keep the real labels")
     # after training
-    judge: str | None = field(default=None, metadata={
-        "help": "judged generations: 'proxy' (a reward model trained on the train split), a Hub reward model id, "
-                "a folder, or 'none'"})
-    judge_prompts: int = field(default=32, metadata={"help": "judged prompts (validation, else test split)"})
-    log_completions: int = field(default=2, metadata={
-        "help": "answers to this many fixed validation prompts at every evaluation (0: none)"})
+    judge: str | None = _option(None, "judged generations: 'proxy' (a reward model trained on the validation pairs), "
+                                      "a Hub reward model id, a folder, or 'none'")
+    judge_prompts: int = _option(32, "judged prompts (validation, else test split)")
+    log_completions: int = _option(2, "answers to this many fixed validation prompts at every evaluation (0: none)")
     # speed levers (speed/): opt-in
-    trainer: str = field(default="tuned", metadata={
-        "help": "tuned: reference log-probs cached on disk across runs + the levers below | trl: TRL's DPOTrainer"})
-    packing: bool = field(default=True, metadata={
-        "help": "tuned: each pair one sequence with its prompt once; pairs share rows, no padding"})
-    micro_batch_tokens: int = field(default=0, metadata={
-        "help": "tuned + packing: > 0 splits each step into forwards of at most this many packed positions"})
+    trainer: str = _option("tuned", "tuned: reference log-probs cached on disk, the levers below | trl: TRL's own")
+    packing: bool = _option(True, "tuned: each pair one sequence with its prompt once; pairs share rows, no padding")
+    micro_batch_tokens: int = _option(0, "tuned + packing: > 0 splits each step into forwards of at most this many "
+                                         "packed positions")
 
 
 def _classes():
@@ -103,8 +93,7 @@ PROJECT_DEFAULTS = {
     "report_to": "tensorboard",  # event files in the run folder: `tensorboard --logdir results`, no account
     "logging_nan_inf_filter": False,  # let a NaN loss show (pipeline.StopOnNonFiniteLoss fails the run)
     "ddp_find_unused_parameters": False,  # every LoRA weight is used each step: skip DDP's extra graph walk
-    "num_train_epochs": 1.0,
-    "learning_rate": 5e-5,
+    "num_train_epochs": 1.0, "learning_rate": 5e-5,
     "optim": "adamw_torch",  # plain AdamW: fused AdamW has no measured gain (benchmarks/README.md)
 }
 # Old names (before the settings were TRL's own) and what replaced them, for "did you mean".
@@ -115,6 +104,12 @@ RENAMED = {
     "eval_batch_size": "per_device_eval_batch_size", "precision": "bf16", "precompute_ref": "precompute_ref_log_probs",
     "trl_args": "the DPOConfig field's own name",
 }
+# Bounds and choices TRL and transformers take without complaint but that cannot train, or that fail only after the
+# model is loaded and the reference scored (check_values).
+AT_LEAST = {"max_length": 1, "per_device_train_batch_size": 1, "per_device_eval_batch_size": 1,
+            "gradient_accumulation_steps": 1, "lora_r": 1, "max_pairs": 1, "learning_rate": 0, "validation_pairs": 0,
+            "judge_prompts": 0, "log_completions": 0, "micro_batch_tokens": 0}
+CHOICES = {"trainer": ("tuned", "trl"), "prompt_format": ("auto", "text", "chat")}
 
 
 def field_names() -> dict[str, str]:
@@ -177,76 +172,49 @@ def _raise(message: str):
     raise ConfigError(" ".join(message.split()))
 
 
-def _as_default(value):
-    """Scalars as text, so argparse converts them with the field's own type (YAML 1.1 reads `5e-5` as text;
-    `max_steps: 2.0` is refused): the conversion and its one-line error are TrlParser's, not ours."""
-    return value if value is None or isinstance(value, (list, dict)) else str(value)
-
-
-def machine_defaults(values: dict) -> dict:
-    """The settings that depend on the machine, where nobody set them: precision by hardware (TRL's bf16 default is
-    ~3x slower on a CPU without native bf16), the CPU when there is no GPU, the run's name from its folder."""
-    import torch
-
-    defaults = {"use_cpu": not torch.cuda.is_available(), "dtype": weight_dtype()}
-    if "bf16" not in values and "fp16" not in values:
-        defaults["bf16"], defaults["fp16"] = mixed_precision()
-    output_dir = values.get("output_dir", str(results_dir() / "run"))
-    defaults.update(output_dir=output_dir, run_name=Path(output_dir).name)
-    return defaults
-
-
-def weight_dtype() -> str:
-    """ModelConfig.dtype where nobody set it: bf16 where CUDA has it natively (Ampere+), else fp16 on CUDA; fp32
-    weights on a CPU (training autocasts to bf16 there when the CPU has it natively: mixed_precision)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
-
-
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
-    try:
-        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
-    except OSError:  # not Linux: be conservative
-        return False
+    cpuinfo = Path("/proc/cpuinfo")  # Linux only: elsewhere, be conservative
+    return cpuinfo.exists() and bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo.read_text()))
 
 
-def mixed_precision() -> tuple[bool, bool]:
-    """(bf16, fp16) autocast where nobody set them: CUDA -> bf16 where supported, else fp16; a CPU -> bf16 where it
-    has native bf16 (measured 1.5-1.8x faster than fp32 on a 2-core AVX512-BF16 EPYC, the same losses within
-    0.002), else fp32 (emulated bf16 is ~3x slower). The trainable LoRA weights stay fp32 either way."""
+def machine_defaults() -> dict:
+    """The settings that depend on the machine, where nobody set them. On CUDA: bf16 weights and autocast where it is
+    native (Ampere+), else fp16. On a CPU: fp32 weights, with bf16 autocast only where the CPU has native bf16 (faster
+    than fp32, the same losses); emulated bf16, TRL's default, is ~3x slower. LoRA weights train in fp32 either way."""
     import torch
 
     if torch.cuda.is_available():
         bf16 = torch.cuda.is_bf16_supported()
-        return bf16, not bf16
-    return cpu_has_native_bf16(), False
+        return {"use_cpu": False, "dtype": "bfloat16" if bf16 else "float16", "bf16": bf16, "fp16": not bf16}
+    return {"use_cpu": True, "dtype": "float32", "bf16": cpu_has_native_bf16(), "fp16": False}
 
 
 def parse(values: dict, where: str = "settings") -> Settings:
     """Settings from one flat mapping (None keeps the default); checked before anything is loaded."""
-    from trl import TrlParser
-
     values = {k: v for k, v in values.items() if v is not None}
     check_names(values, where)
+    from trl import TrlParser
+
     given = {**PROJECT_DEFAULTS, **values}
-    given = {**machine_defaults(given), **given}
-    given.setdefault("data_seed", given.get("seed", 42))  # the same pairs whatever the seed does elsewhere
+    output_dir = given.setdefault("output_dir", str(results_dir() / "run"))
+    # data_seed: the same pairs whatever the seed does elsewhere
+    derived = {**machine_defaults(), "run_name": Path(output_dir).name, "data_seed": given.get("seed", 42)}
+    if "bf16" in given or "fp16" in given:  # the one not set keeps TRL's default
+        del derived["bf16"], derived["fp16"]
+    given = {**derived, **given}
     if int(given.get("micro_batch_tokens") or 0) > 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # before DPOConfig, which joins the process group; TRL gathers every forward's metrics across processes,
         # and ranks would split their steps into different forwards
         _raise(f"{where}: micro_batch_tokens trains in one process; use per_device_train_batch_size")
     parser = TrlParser(_classes())
-    parser.error = lambda message: _raise(f"{where}: {message}")  # argparse's own messages, as one line
-    parser.set_defaults_with_config(**{k: _as_default(v) for k, v in given.items()})
+    parser.error = _raise  # argparse's own messages, as one line
+    # Scalars as text, so argparse converts them with the field's own type (YAML 1.1 reads `5e-5` as text;
+    # `max_steps: 2.0` is refused): the conversion and its one-line error are TrlParser's, not ours.
+    parser.set_defaults_with_config(**{k: v if isinstance(v, (list, dict)) else str(v) for k, v in given.items()})
     try:
         run, dpo, model = parser.parse_args_into_dataclasses(args=[])
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:  # a dataclass's own check (TRL's, transformers')
+    except (TypeError, ValueError) as err:  # argparse's, or a dataclass's own check (TRL's, transformers')
         _raise(f"{where}: {err}")
     settings = Settings(run, dpo, model, values)
     check_values(settings, where)
@@ -254,29 +222,20 @@ def parse(values: dict, where: str = "settings") -> Settings:
 
 
 def check_values(s: Settings, where: str = "settings") -> None:
-    """The values TRL and transformers take without complaint but that cannot train, or fail only after the model
-    is loaded and the reference scored."""
-    run, dpo, model = s.run, s.dpo, s.model
-    problems = [
+    run, dpo = s.run, s.dpo
+    problems = [f"{name} must be {'a positive number' if low else '>= 0'}, got {s.get(name)}"
+                for name, low in AT_LEAST.items() if s.get(name) is not None and s.get(name) < low]
+    problems += [f"{name} must be {' or '.join(map(repr, options))}, got {s.get(name)!r}"
+                 for name, options in CHOICES.items() if s.get(name) not in options]
+    known = loss_types()
+    problems += [f"unknown loss_type {name!r}; TRL knows {', '.join(sorted(known))}"
+                 for name in dpo.loss_type if name not in known]
+    rules = [
         (dpo.beta <= 0, f"beta must be > 0 (a negative beta reverses the objective), got {dpo.beta}"),
-        (dpo.max_length is not None and dpo.max_length < 1, f"max_length must be a positive number of tokens, "
-                                                            f"got {dpo.max_length}"),
-        (dpo.learning_rate < 0, f"learning_rate must be >= 0, got {dpo.learning_rate}"),
-        (dpo.per_device_train_batch_size < 1, "per_device_train_batch_size must be at least 1"),
-        (dpo.per_device_eval_batch_size < 1, "per_device_eval_batch_size must be at least 1"),
-        (dpo.gradient_accumulation_steps < 1, "gradient_accumulation_steps must be at least 1"),
         (dpo.max_steps <= 0 and dpo.num_train_epochs <= 0, "set max_steps or num_train_epochs above 0"),
-        (not model.use_peft, "use_peft must be true: this pipeline trains LoRA adapters"),
-        (model.lora_r < 1, f"lora_r must be at least 1, got {model.lora_r}"),
-        (not model.model_name_or_path, "model_name_or_path is not set"),
+        (not s.model.use_peft, "use_peft must be true: this pipeline trains LoRA adapters"),
+        (not s.model.model_name_or_path, "model_name_or_path is not set"),
         (not 0 <= run.test_fraction < 1, f"test_fraction must be in [0, 1), got {run.test_fraction}"),
-        (run.max_pairs is not None and run.max_pairs < 1, f"max_pairs must be at least 1, got {run.max_pairs}"),
-        (run.validation_pairs is not None and run.validation_pairs < 0, "validation_pairs must be >= 0"),
-        (run.judge_prompts < 0 or run.log_completions < 0, "judge_prompts and log_completions must be >= 0"),
-        (run.trainer not in ("tuned", "trl"), f"trainer must be 'tuned' or 'trl', got {run.trainer!r}"),
-        (run.prompt_format not in ("auto", "text", "chat"), f"prompt_format must be auto, text or chat, "
-                                                            f"got {run.prompt_format!r}"),
-        (run.micro_batch_tokens < 0, f"micro_batch_tokens must be >= 0, got {run.micro_batch_tokens}"),
         (run.micro_batch_tokens > 0 and (not run.packing or run.trainer != "tuned"
                                          or dpo.gradient_accumulation_steps != 1),
          "micro_batch_tokens sizes the packed forwards of the tuned trainer: it needs packing, trainer 'tuned' and "
@@ -284,13 +243,9 @@ def check_values(s: Settings, where: str = "settings") -> None:
         (run.packing and run.trainer == "tuned" and dpo.truncation_mode != "keep_start",
          "packing keeps the start of long pairs: set truncation_mode keep_start or packing false"),
     ]
-    known = loss_types()
-    unknown = [t for t in dpo.loss_type if t not in known]
-    problems.append((bool(unknown), f"unknown loss_type {unknown[0] if unknown else ''!r}; TRL knows "
-                                    f"{', '.join(sorted(known))}"))
-    for failed, message in problems:
-        if failed:
-            _raise(f"{where}: {message}")
+    problems += [message for failed, message in rules if failed]
+    if problems:
+        _raise(f"{where}: {problems[0]}")
 
 
 def load_recipe(path: str | Path) -> dict:

@@ -2,36 +2,32 @@
 
     python -m dpo_pipeline train --profile cpu --max_steps 20 --learning_rate 1e-4
     python -m dpo_pipeline train --config my_run.yaml                # a recipe of one's own, as `trl dpo --config`
-    accelerate launch --multi_gpu --num_processes 2 -m dpo_pipeline train --profile cpu   # 2 GPUs (or 2 CPU
-                                                                                          # processes without CUDA)
+    accelerate launch --multi_gpu --num_processes 2 -m dpo_pipeline train --profile cpu   # 2 GPUs
 
 Every field of DPOConfig, ModelConfig and RunArguments is an option under its own name (`--max_steps 4` or
 `--max-steps 4`; booleans take true/false); unset options keep the recipe's value. `--config FILE` is a recipe of
-one's own, on top of `--profile` when both are given. Under a distributed launcher every rank trains on its shard of each
-batch and only rank 0 writes the run folder. Each rank prints one line:
+one's own, on top of `--profile` when both are given. Under a distributed launcher every rank trains on its shard of
+each batch and prints one line (its pairs counted from the batches it trained on):
 
     rank 1/2: trained 4 steps, 16 pairs seen, eval_loss=0.692993, lora_checksum=1.234567
 
-(pairs counted from the batches that rank actually trained on). Rank 0 then prints the run summary.
-A user mistake (bad data file, unknown setting, unreachable model) is one line on stderr and exit code 2.
-
-Note: `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate 1.15 needs mpirun for several CPU
-processes); for two CPU processes use `--multi_gpu --num_processes 2` on a machine without CUDA (or with
-CUDA_VISIBLE_DEVICES=""), or `torchrun --nproc_per_node 2 -m dpo_pipeline train ...`.
+Rank 0 alone writes the run folder and prints the run summary. A user mistake (bad data file, unknown setting,
+unreachable model) is one line on stderr and exit code 2. Two CPU processes: `--multi_gpu --num_processes 2` with
+CUDA_VISIBLE_DEVICES="" (accelerate's `--cpu --num_processes 2` starts one), or `torchrun --nproc_per_node 2`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from .args import _classes, load_recipe, profiles, resolve, results_dir
-from .errors import command, one_line_errors
+from .errors import one_line_errors
 
 
-def build_parser():
+def parse_command_line(argv: list[str] | None = None):
+    """(settings, profile name, why, --json) from the flags: the recipe (--profile), --config, then the flags."""
     from trl import TrlParser
 
     parser = one_line_errors(TrlParser(_classes(), prog="python -m dpo_pipeline train", description=__doc__,
@@ -43,12 +39,7 @@ def build_parser():
                         "or none with --config)")
     parser.add_argument("--config", help="a recipe file of one's own (YAML, every key a setting)")
     parser.add_argument("--json", action="store_true", help="print the whole record as JSON (rank 0)")
-    return parser
-
-
-def parse_command_line(argv: list[str] | None = None):
-    """(settings, profile name, why, --json) from the flags: the recipe (--profile), --config, then the flags."""
-    args = vars(build_parser().parse_args(argv))
+    args = vars(parser.parse_args(argv))
     profile, recipe, as_json = args.pop("profile"), args.pop("config"), args.pop("json")
     layers = [{"output_dir": str(results_dir() / f"run-{Path(recipe).stem}"), **load_recipe(recipe)}] if recipe else []
     return *resolve(profile or (None if recipe else "auto"), *layers, args, where="command line"), as_json
@@ -60,15 +51,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from .pipeline import run
 
-    seen, trainers = [0], []
+    trainers, seen = [], []
 
-    def count_pairs(trainer):  # counted from the batches this rank trains on (not evaluation batches)
+    def count_pairs(trainer):  # the pairs of the batches this rank trains on (not of evaluation batches)
         compute_loss = trainer.compute_loss
 
-        def counting(model, inputs, *a, **kw):
+        def counting(model, inputs, *args, **kwargs):
             if model.training:
-                seen[0] += int(inputs["input_ids"].shape[0]) // 2  # a batch is [chosen..., rejected...]
-            return compute_loss(model, inputs, *a, **kw)
+                seen.append(len(inputs["input_ids"]) // 2)  # a batch is [chosen..., rejected...]
+            return compute_loss(model, inputs, *args, **kwargs)
 
         trainer.compute_loss = counting
         trainers.append(trainer)
@@ -79,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     record = run(settings, setup=count_pairs)
     trainer = trainers[0]
     lora = [p.detach().double().abs().sum() for n, p in trainer.model.named_parameters() if "lora_" in n]
+    # one write with its newline: the ranks share stdout, and an unbuffered print writes the newline apart
     print(f"rank {trainer.args.process_index}/{trainer.args.world_size}: trained {record.train_steps} steps, "
-          f"{seen[0]} pairs seen, eval_loss={record.final_eval.get('loss', float('nan')):.6f}, "
-          f"lora_checksum={float(torch.stack(lora).sum()) if lora else 0.0:.6f}", flush=True)
+          f"{sum(seen)} pairs seen, eval_loss={record.final_eval.get('loss', float('nan')):.6f}, "
+          f"lora_checksum={float(torch.stack(lora).sum()):.6f}\n", end="", flush=True)
     if trainer.is_world_process_zero():
-        print(json.dumps(record.to_dict(), default=str) if as_json else summary(record, trainer), flush=True)
+        print(json.dumps(record.to_dict(), default=str) if as_json else summary(record), flush=True)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # every rank leaves together and shuts its process group down, rather than at interpreter exit, where a
         # rank still holding the group's threads can abort ("terminate called without an active exception")
@@ -92,22 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def summary(record, trainer=None) -> str:
-    adapter, base = record.evaluation, record.base_evaluation
-    lines = [
+def summary(record) -> str:
+    held_out, base = record.evaluation, record.base_evaluation
+    return "\n".join([
         f"status {record.status}: {record.train_steps} steps, {record.train_pairs} train pairs, "
         f"{record.eval_pairs} eval pairs, {record.wall_time_s} s, {record.pairs_per_second} pairs/s",
         f"final train loss {record.final_train_loss}",
         "final eval: " + ", ".join(f"{k}={v:.4g}" for k, v in record.final_eval.items()),
-    ]
-    if adapter:
-        lines.append(f"held-out reward accuracy {adapter['reward_accuracy']:.3f} over {adapter['pairs']} pairs "
-                     f"(base {base.get('reward_accuracy', float('nan')):.3f})")
-    for e in getattr(trainer, "ref_cache_events", []):
-        lines.append(f"reference log-probs ({e['split']}): {'hit' if e['hit'] else 'computed'}, {e['pairs']} pairs, "
-                     f"{e['seconds']} s")
-    return "\n".join(lines + [f"adapter: {record.adapter_path}"])
-
-
-if __name__ == "__main__":
-    sys.exit(command(main))
+        *([f"held-out reward accuracy {held_out['reward_accuracy']:.3f} over {held_out['pairs']} pairs "
+           f"(base {base.get('reward_accuracy', float('nan')):.3f})"] if held_out else []),
+        f"adapter: {record.adapter_path}",
+    ])

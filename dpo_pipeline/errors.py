@@ -1,4 +1,5 @@
-"""User mistakes at the commands (cli, sweep, evaluate): one line on stderr and exit code 2, never a traceback."""
+"""User mistakes at the commands (cli, sweep, evaluate, export): one line on stderr and exit code 2, never a
+traceback."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from typing import Callable
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """What a user's mistake raises: settings and data (ValueError: ConfigError, DataError, TRL's own argument
-    checks), a model or adapter that cannot be loaded, a missing file. A module that was never imported cannot have
-    raised its error, so none is imported here: a mistake found early (a bad sweep file) is answered in a second,
-    before torch and transformers load."""
+    checks), a model or adapter that cannot be loaded, a missing file. Only the modules already imported can have
+    raised theirs: importing none here answers an early mistake (a bad sweep file) before torch loads."""
     loaded = [getattr(sys.modules[module], name) for module, name in (
         ("dpo_pipeline.model", "ModelLoadError"), ("offline_models.smollm2", "PretrainedError"),
         ("dpo_pipeline.chat", "ChatError")) if module in sys.modules]
@@ -19,7 +19,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def command(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run a command's main; a user mistake becomes one line on stderr and exit code 2, never a traceback."""
     try:
         return main(argv) or 0
     except user_errors() as err:

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
-from .args import cache_dir, weight_dtype
+from .args import cache_dir, machine_defaults
 from .chat_template import with_prompt_format
 from .hf import cached_snapshot, hub_reachable
 from .runs import CONTROL_PREFIX
@@ -86,7 +86,7 @@ def load_base_model(name_or_path: str | ModelConfig, load_in_4bit: bool = False)
     4-bit with bitsandbytes when asked (TRL's get_quantization_config: NF4, computing in the weights' dtype; on the
     GPU, or the CPU with bnb >= 0.45, where transformers places a quantized model without a device_map)."""
     args = name_or_path if isinstance(name_or_path, ModelConfig) else ModelConfig(
-        model_name_or_path=name_or_path, load_in_4bit=load_in_4bit, dtype=weight_dtype(), use_peft=True,
+        model_name_or_path=name_or_path, load_in_4bit=load_in_4bit, dtype=machine_defaults()["dtype"], use_peft=True,
         bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True)
     model = _from_pretrained(AutoModelForCausalLM, resolve_model_path(args.model_name_or_path),
                              dtype=args.dtype or "auto", revision=args.model_revision,

@@ -1,9 +1,6 @@
 """One run, start to end: `run(settings)` prepares the data (prepare.py), builds TRL's DPOTrainer over a
-LoRA-wrapped (optionally 4-bit) base model, trains, evaluates on held-out pairs and writes the whole run folder
-(runs.py says what is in it).
-
-The notebook, `python -m dpo_pipeline train`, the sweep and the benchmark all call `run` with one `args.Settings`:
-its DPOConfig is what TRL trains with and what the evaluation reads beta and max_length from.
+LoRA-wrapped (optionally 4-bit) base model, trains, evaluates on held-out pairs and writes the run folder (runs.py).
+Every entry point (notebook, `python -m dpo_pipeline train`, sweep, benchmark) comes through here.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -40,22 +36,18 @@ EVAL_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", 
 
 
 def training_args(settings: Settings) -> DPOConfig:
-    """The run's DPOConfig as TRL gets it: the settings' own, with the reference precompute batched like the
-    evaluations and the trackers that are installed."""
+    """The run's DPOConfig as TRL gets it: the reference precompute batched like the evaluations, the trackers that
+    are installed. A new DPOConfig, not the parsed one: building it sets up the devices and resets accelerate's
+    process-wide state, which the previous run of this process (another precision, say) left behind."""
     dpo = settings.dpo
-    # A new DPOConfig, not the parsed one: building it sets up the devices and resets accelerate's process-wide
-    # state, which the previous run of this process (another precision, say) left behind.
-    return dataclasses.replace(dpo, report_to=report_to(dpo.report_to),
-                               precompute_ref_batch_size=dpo.precompute_ref_batch_size or dpo.per_device_eval_batch_size)
+    batch = dpo.precompute_ref_batch_size or dpo.per_device_eval_batch_size
+    return dataclasses.replace(dpo, report_to=report_to(dpo.report_to), precompute_ref_batch_size=batch)
 
 
 def pairs_to_train(train, args: DPOConfig, split_seed: int):
-    """The pairs a `max_steps` run trains on: max_steps x pairs per step (all processes) drawn from `train` with the
-    split's seed, or all of `train` when the run needs them all. The reference precompute scores every pair the
-    trainer is given, and its sampler then draws the run's pairs at random: the `cpu` profile trains on 48 of 1,262
-    pairs and spent 781 s scoring all of them (33 s for the 48) against 112 s of training; `configs/sweeps/full.yaml`
-    trains on 16,000 of hh-rlhf's 160,800. Drawn with the split's seed, not the training seed, so runs that differ in
-    seed, learning rate or beta train on the same pairs and share one cached reference."""
+    """The pairs a `max_steps` run trains on (max_steps x pairs per step), as the reference precompute scores every
+    pair the trainer is given. Drawn with the split's seed, not the training seed, so runs that differ in seed,
+    learning rate or beta train on the same pairs and share one cached reference."""
     if args.max_steps <= 0:
         return train
     needed = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -74,9 +66,9 @@ class StopOnNonFiniteLoss(TrainerCallback):
 
 
 def build_trainer(settings: Settings, data: PreferenceData, tokenizer=None) -> DPOTrainer:
-    """A DPOTrainer for these settings: the base model (4-bit when asked), LoRA from a peft_config (TRL's reference
-    is then the same model with the adapter disabled: one copy of the weights); `trainer: tuned` adds the reference
-    cache and the speed levers the settings ask for (speed/)."""
+    """A DPOTrainer for these settings over the base model (4-bit when asked) with LoRA from a peft_config, so TRL's
+    reference is the same model with the adapter disabled: one copy of the weights. `trainer: tuned` adds the
+    reference cache and the speed levers the settings ask for (speed/)."""
     run, args, model_args = settings.run, training_args(settings), settings.model
     set_seed(args.seed)
     tokenizer = tokenizer or model_lib.load_tokenizer(model_args.model_name_or_path)
@@ -109,19 +101,25 @@ def _eval_metrics(metrics: dict) -> dict:
 JUDGE_ACCURACY: dict[tuple[str, str], dict] = {}
 
 
-def judge_policy(settings: Settings, data: PreferenceData, model, tokenizer, folder: Path) -> dict:
-    """Judged generations of the trained policy against its base, on the first `judge_prompts` prompts of the split
-    settings are picked on (validation, else test); the answers go to judged.json, the summary is returned with the
-    judge's own accuracy on the held-out test pairs (what its verdicts are worth)."""
+def judge_policy(settings: Settings, data: PreferenceData, trainer, tokenizer, folder: Path) -> dict:
+    """Judged generations of the trained policy against its base on the first `judge_prompts` prompts of the split
+    settings are picked on, written to judged.json; the summary, with the judge's own accuracy on the held-out test
+    pairs (what its verdicts are worth), or {"error": why} (the trained run is kept)."""
+    if trainer.args.world_size > 1:  # rank 0 alone would generate inside the process group
+        return {"error": "not judged in a data-parallel run: run python -m dpo_pipeline evaluate on the adapter"}
     run = settings.run
-    name = str(proxy_judge(settings, data) if run.judge == "proxy" else run.judge)
-    judge = load_judge(name)
-    prompts = list(data.monitor["prompt"][:run.judge_prompts])
-    result = judged_generations(model, tokenizer, prompts, judge, seed=settings.dpo.seed)
-    pairs = as_text(data.test, tokenizer)  # the held-out pairs as the model reads them, which the judge scores
-    key = (name, xxhash.xxh3_128(json.dumps(pairs).encode()).hexdigest())
-    if key not in JUDGE_ACCURACY:
-        JUDGE_ACCURACY[key] = pairwise_accuracy(judge, pairs)
+    try:
+        name = str(proxy_judge(settings, data) if run.judge == "proxy" else run.judge)
+        judge = load_judge(name)
+        prompts = list(data.monitor["prompt"][:run.judge_prompts])
+        result = judged_generations(trainer.model, tokenizer, prompts, judge, seed=settings.dpo.seed)
+        pairs = as_text(data.test, tokenizer)  # the held-out pairs as the model reads them, which the judge scores
+        key = (name, xxhash.xxh3_128(json.dumps(pairs).encode()).hexdigest())
+        if key not in JUDGE_ACCURACY:
+            JUDGE_ACCURACY[key] = pairwise_accuracy(judge, pairs)
+    except JudgeError as err:
+        print(f"judged generations skipped: {err}", flush=True)
+        return {"error": str(err)}
     check = JUDGE_ACCURACY[key]
     result["summary"].update(judge_accuracy=check["accuracy"], judge_accuracy_ci=check["accuracy_ci"],
                              judge_pairs=check["pairs"], judge_shorter_accuracy=check["shorter_accuracy"])
@@ -142,9 +140,8 @@ def run(settings: Settings, data: PreferenceData | None = None, *,
     data = data or prepare_data(settings, tokenizer)
     # Data-parallel (accelerate launch, torchrun): every rank trains, only rank 0 writes and evaluates.
     main = get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
-    # A run killed part way goes on from its last checkpoint (save_strategy "steps": adapter, optimizer, scheduler,
-    # RNG states, every save_steps) when its folder holds the same settings; the reference log-probs come from the
-    # disk cache. Every entry point (notebook, CLI, sweep, TPE trial) comes through here.
+    # A run killed part way goes on from its last checkpoint (adapter, optimizer, scheduler, RNG states) when its
+    # folder holds the same settings; the reference log-probs come from the disk cache.
     checkpoint = resume_point(out, settings.to_dict())
     if checkpoint:
         print(f"{out.name}: resuming from {checkpoint.name}", flush=True)
@@ -156,16 +153,17 @@ def run(settings: Settings, data: PreferenceData | None = None, *,
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     wall = time.perf_counter() - start
-    history, steps = trainer.state.log_history, trainer.state.global_step
+    history, steps, args = trainer.state.log_history, trainer.state.global_step, trainer.args
     answering = next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CompletionsCallback)), None)
-    # throughput of training, not of evaluations or answers to the completion prompts (before the evaluation
+    answer_time = answering.seconds if answering else 0.0
+    # throughput of training, not of evaluations or answers to the completion prompts (taken before the evaluation
     # below, which logs its own runtime into the same history)
-    train_time = wall - sum(e.get("eval_runtime", 0.0) for e in history) - (answering.seconds if answering else 0.0)
+    train_time = wall - sum(e.get("eval_runtime", 0.0) for e in history) - answer_time
     # Reuse the evaluation the trainer logged at the last step, if any, rather than run the same one twice.
-    last_eval = [e for e in history if "eval_loss" in e and e.get("step") == steps]
-    final_eval = _eval_metrics(last_eval[-1] if last_eval else trainer.evaluate())
+    last_eval = next((e for e in reversed(history) if "eval_loss" in e and e.get("step") == steps), None)
+    final_eval = _eval_metrics(last_eval or trainer.evaluate())
     evals = [e for e in history if "eval_loss" in e and math.isfinite(e["eval_loss"])]
-    best = min(evals, key=lambda e: e["eval_loss"]) if evals else None
+    best = min(evals, key=lambda e: e["eval_loss"], default=None)
 
     # Name the base as the user did ("offline:gpt2-tiny", a Hub id), not as a machine-specific cache path.
     for peft_config in getattr(trainer.model, "peft_config", {}).values():
@@ -175,34 +173,26 @@ def run(settings: Settings, data: PreferenceData | None = None, *,
         trainer.save_model(str(out))  # adapter (safetensors) + tokenizer; the base weights stay where they were
     if main:
         remove_checkpoints(out)  # a finished run keeps only its adapter
-    train_losses = [e["loss"] for e in history if "loss" in e]
-    pairs_seen = steps * trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps \
-        * trainer.args.world_size  # all ranks
+    pairs_seen = steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     scoring = time.perf_counter()
     evaluation = preference_eval(trainer.model, tokenizer, data.test, dpo.beta, dpo.max_length,
                                  dpo.per_device_eval_batch_size) if main else {"adapter": {}, "base": {}}
     judging = time.perf_counter()
     judged = {}
     if main and settings.run.judge not in (None, "", "none"):  # "none" turns off a profile's judge from a file or flag
-        if trainer.args.world_size > 1:  # rank 0 alone would generate inside the process group
-            judged = {"error": "not judged in a data-parallel run: run python -m dpo_pipeline evaluate on the adapter"}
-        else:
-            try:
-                judged = judge_policy(settings, data, trainer.model, tokenizer, out)
-            except JudgeError as err:  # the trained run is kept; the record says why it has no judged numbers
-                judged = {"error": str(err)}
-                print(f"judged generations skipped: {err}", flush=True)
+        judged = judge_policy(settings, data, trainer, tokenizer, out)
     # where the run's time went (a sweep's cost is more than its training: README, "Faster training")
     timings = dict(build=start - began, reference=sum(e["seconds"] for e in getattr(trainer, "ref_cache_events", [])),
                    training=train_time, evaluations=sum(e.get("eval_runtime", 0.0) for e in history),
-                   answers=answering.seconds if answering else 0.0, held_out=judging - scoring,
-                   judged=time.perf_counter() - judging, total=time.perf_counter() - began)
+                   answers=answer_time, held_out=judging - scoring, judged=time.perf_counter() - judging,
+                   total=time.perf_counter() - began)
     record = RunRecord(
         config=settings.to_dict(), status="finished", train_pairs=len(trainer.train_dataset),
         eval_pairs=len(trainer.eval_dataset), train_steps=steps,
-        final_train_loss=train_losses[-1] if train_losses else result.training_loss, final_eval=final_eval,
-        best_eval={"step": best.get("step"), **_eval_metrics(best)} if best else {}, log_history=history,
-        wall_time_s=round(wall, 2), pairs_per_second=round(pairs_seen / train_time, 3) if train_time > 0 else 0.0,
+        final_train_loss=next((e["loss"] for e in reversed(history) if "loss" in e), result.training_loss),
+        final_eval=final_eval, best_eval={"step": best.get("step"), **_eval_metrics(best)} if best else {},
+        log_history=history, wall_time_s=round(wall, 2),
+        pairs_per_second=round(pairs_seen / train_time, 3) if train_time > 0 else 0.0,
         adapter_path=str(out.resolve()), model_info=model_lib.describe_model(trainer.model, name),
         run_id=out.name, evaluation=evaluation["adapter"], base_evaluation=evaluation["base"], judged=judged,
         completions=answering.rows() if answering else [], timings_s={k: round(v, 2) for k, v in timings.items()},

@@ -16,8 +16,9 @@ from .data import PreferenceData, load_preferences
 from .synthetic import get_synthetic
 from .trl_private import prepare_dpo_dataset
 
+# what the prepared data depends on, with the model, max_length and truncation_mode
 DATA_FIELDS = ("dataset_name", "data_dir", "max_pairs", "max_eval_pairs", "validation_pairs", "test_fraction",
-               "split_seed", "prompt_format", "shuffled_labels")  # what the prepared data depends on, with the model and max_length
+               "split_seed", "prompt_format", "shuffled_labels")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _PREPARED: "OrderedDict[tuple, PreferenceData]" = OrderedDict()  # a sweep prepares each distinct data once
 
@@ -29,31 +30,28 @@ def tokenization_args(max_length: int | None, truncation_mode: str = "keep_start
 
 
 def tokenize_pairs(pairs, tokenizer, args, name: str = "pairs"):
-    """The pairs as TRL's DPOTrainer tokenizes them for `args` (DPOConfig: max_length, truncation_mode), pairs whose
-    prompt alone fills max_length dropped by TRL itself: its own prompt_ids / chosen_ids / rejected_ids, added to
-    the conversational columns. The trainer then takes them as they are (refcache.CachedRefDPOTrainer)."""
+    """The pairs as TRL's DPOTrainer tokenizes them for `args` (max_length, truncation_mode), pairs whose prompt alone
+    fills max_length dropped by TRL itself: its prompt_ids / chosen_ids / rejected_ids added to the conversational
+    columns. The trainer then takes them as they are (refcache.CachedRefDPOTrainer)."""
     if all(c in pairs.column_names for c in TOKEN_COLUMNS):
         return pairs
     return prepare_dpo_dataset(SimpleNamespace(_tokenizer=tokenizer), pairs, tokenizer, args, name)
 
 
-def identical_after_truncation(pair: dict, max_length: int | None) -> bool:
-    """Chosen and rejected the same once TRL's collator keeps the first max_length tokens: no gradient."""
-    chosen, rejected = (pair["prompt_ids"] + pair[f"{side}_ids"] for side in ("chosen", "rejected"))
-    return chosen[:max_length] == rejected[:max_length] if max_length else chosen == rejected
-
-
 def clean_tokens(data: PreferenceData, tokenizer, args) -> PreferenceData:
-    """Both splits tokenized as TRL does, dropping (and counting) what TRL drops and what cannot teach anything."""
+    """Both splits tokenized as TRL does, dropping (and counting) what TRL drops and what cannot teach anything:
+    pairs whose chosen and rejected are the same once TRL's collator keeps the first max_length tokens."""
+    def differ(pair: dict) -> bool:
+        chosen, rejected = (pair["prompt_ids"] + pair[f"{side}_ids"] for side in ("chosen", "rejected"))
+        return chosen[:args.max_length] != rejected[:args.max_length]
+
     report, splits = copy.deepcopy(data.report), {}
     for name in ("train", "test"):
         pairs = getattr(data, name)
         tokenized = tokenize_pairs(pairs, tokenizer, args, name)
+        splits[name] = tokenized.filter(differ, desc=f"Identical after truncation ({name})")
         report.dropped["prompt_too_long"] += len(pairs) - len(tokenized)
-        kept = tokenized.filter(lambda pair: not identical_after_truncation(pair, args.max_length),
-                                desc=f"Identical after truncation ({name})")
-        report.dropped["identical_after_truncation"] += len(tokenized) - len(kept)
-        splits[name] = kept
+        report.dropped["identical_after_truncation"] += len(tokenized) - len(splits[name])
     report.splits = {name: len(ds) for name, ds in splits.items()}
     return PreferenceData(splits["train"], splits["test"], report, format_name(tokenizer), data.validation)
 
@@ -77,16 +75,16 @@ def prepare_data(settings: Settings, tokenizer=None) -> PreferenceData:
         _PREPARED.move_to_end(key)
         return _PREPARED[key]
     tokenizer = with_prompt_format(tokenizer or model_lib.load_tokenizer(model), config.prompt_format)
+    split = dict(split_seed=config.split_seed, test_fraction=config.test_fraction)
     if config.dataset_name == "synthetic":
-        data = get_synthetic(n_pairs=config.max_pairs or 600, split_seed=config.split_seed,
-                             test_fraction=config.test_fraction)
+        data = get_synthetic(n_pairs=config.max_pairs or 600, **split)
     else:
-        data = load_preferences(config.dataset_name, data_dir=config.data_dir, split_seed=config.split_seed,
-                                test_fraction=config.test_fraction, max_pairs=config.max_pairs)
+        data = load_preferences(config.dataset_name, data_dir=config.data_dir, max_pairs=config.max_pairs, **split)
     data = clean_tokens(data, tokenizer, args)
+    splits = data.report.splits
     if config.max_eval_pairs is not None and len(data.test) > config.max_eval_pairs:
         data.test = data.test.select(range(config.max_eval_pairs))
-        data.report.splits["test (evaluated)"] = config.max_eval_pairs
+        splits["test (evaluated)"] = config.max_eval_pairs
     if config.validation_pairs:  # settings are picked on these, never on the test split
         n = len(data.train) - config.validation_pairs
         if n < 1:
@@ -94,10 +92,9 @@ def prepare_data(settings: Settings, tokenizer=None) -> PreferenceData:
                               f"{config.dataset_name} has {len(data.train)} after cleaning; set validation_pairs "
                               "lower (0: none)")
         data.validation, data.train = data.train.select(range(n, len(data.train))), data.train.select(range(n))
-        data.report.splits.update({"train": len(data.train), "validation": len(data.validation)})
+        splits.update(train=n, validation=config.validation_pairs)
     if config.shuffled_labels:  # the training pairs only: every evaluation reads the real labels
-        data.train, swapped = shuffle_labels(data.train, config.split_seed)
-        data.report.splits["train (sides swapped)"] = swapped
+        data.train, splits["train (sides swapped)"] = shuffle_labels(data.train, config.split_seed)
     _PREPARED[key] = data
     while len(_PREPARED) > 4:
         _PREPARED.popitem(last=False)

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.convert_slow_tokenizer import bytes_to_unicode  # noqa: E402
 
 from dpo_pipeline import model as model_lib  # noqa: E402
-from dpo_pipeline.args import weight_dtype  # noqa: E402
+from dpo_pipeline.args import machine_defaults  # noqa: E402
 import offline_models  # noqa: E402
 from offline_models import smollm2 as pretrained  # noqa: E402
 
@@ -107,7 +107,7 @@ def test_conversion_is_an_ordinary_checkpoint_with_the_same_weights(tiny_gguf, c
 
     model = model_lib.load_base_model(str(converted))
     assert not getattr(model, "hf_quantizer", None) and not getattr(model, "is_quantized", False)
-    assert model.dtype == getattr(torch, weight_dtype())  # fp32 on a CPU, bf16/fp16 on CUDA
+    assert model.dtype == getattr(torch, machine_defaults()["dtype"])  # fp32 on a CPU, bf16/fp16 on CUDA
     model = model.float()  # compared with the fp32 reference below
     got, want = model.state_dict(), reference.state_dict()
     for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",

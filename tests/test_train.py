@@ -9,7 +9,7 @@ from peft import PeftModel
 
 from dpo_pipeline import model as model_lib
 from dpo_pipeline.synthetic import get_synthetic
-from dpo_pipeline.args import ConfigError, mixed_precision, parse
+from dpo_pipeline.args import ConfigError, machine_defaults, parse
 from dpo_pipeline.pipeline import build_trainer, run
 from dpo_pipeline.runs import RunRecord
 
@@ -105,7 +105,7 @@ def test_optimizer_and_loss_type_reach_trl(tiny_gpt2, synthetic, tmp_path):
                       torch.optim.RMSprop)
     assert trainer.args.loss_type == ["ipo"] and trainer.args.beta == 0.3
     # bf16 autocast by hardware: on a CPU only where it is native (emulated bf16 is ~3x slower)
-    assert (trainer.args.bf16, trainer.args.fp16) == mixed_precision()
+    assert (trainer.args.bf16, trainer.args.fp16) == (machine_defaults()["bf16"], machine_defaults()["fp16"])
     assert trainer.args.gradient_checkpointing is False
     assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (1, 4)
 
