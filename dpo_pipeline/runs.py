@@ -12,31 +12,27 @@ Every JSON file is written atomically (temp file, then rename): a reader never s
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
-import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # What inference needs, and the run's own small records; never optimizer states or checkpoint-* folders.
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-UPLOAD_FILES = (
-    *ADAPTER_WEIGHTS, "adapter_config.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "chat_template.jinja",
-    "run_config.json", "record.json", "cleaning_report.json", "judged.json",
-)
+UPLOAD_FILES = (*ADAPTER_WEIGHTS, "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                "run_config.json", "record.json", "cleaning_report.json", "judged.json")
 CONTROL_PREFIX = "random-twin:"  # a control run's model (model.RANDOM_TWIN_PREFIX): never the best run
 EVALUATED_SPLIT = "the validation slice when the profile has one, else the held-out test split"
-BEST_RULES = {
-    "reward_accuracy": f"highest reward accuracy (TRL eval rewards/accuracies) on {EVALUATED_SPLIT}, then lowest eval "
-                       "loss",
-    "win_rate": f"highest judged win rate against the base model on prompts from {EVALUATED_SPLIT}, then highest "
-                "reward accuracy there",
-}
+BEST_RULES = {"reward_accuracy": f"highest reward accuracy (TRL eval rewards/accuracies) on {EVALUATED_SPLIT}, "
+                                 "then lowest eval loss",
+              "win_rate": f"highest judged win rate against the base model on prompts from {EVALUATED_SPLIT}, "
+                          "then highest reward accuracy there"}
 
 
 @dataclass
@@ -44,7 +40,7 @@ class RunRecord:
     """What one run produced: enough to compare runs, plot them and reload the adapter."""
 
     config: dict
-    status: str  # "finished" | "failed"
+    status: str  # "finished" | "failed" | "pruned" (a sweep's trial stopped early)
     train_pairs: int = 0
     eval_pairs: int = 0
     train_steps: int = 0
@@ -79,14 +75,6 @@ class RunRecord:
     def load(cls, path: str | Path) -> "RunRecord":
         return cls(**json.loads(Path(path).read_text()))
 
-    @classmethod
-    def failed(cls, settings, error: BaseException) -> "RunRecord":
-        from .doctor import diagnose
-
-        message = " ".join(f"{type(error).__name__}: {error}".split())[:500]  # one line
-        return cls(config=settings.to_dict(), status="failed", error=message,
-                   run_id=Path(settings.dpo.output_dir).name, findings=diagnose({"error": message}))
-
 
 def evaluating_seconds(timings: dict) -> float:
     """A record's seconds spent scoring and answering rather than training or building (its timings_s)."""
@@ -115,8 +103,7 @@ def keep_behaviour(folder: str | Path, report: dict) -> None:
 
 
 def write_run_start(folder: str | Path, config: dict, prompt_format: str, cleaning_report: dict) -> None:
-    """The files a run folder has from its start: its settings (with the prompt format, which the app must use too)
-    and the data cleaning report."""
+    """A run folder's first files: its settings and prompt format (the app must use it too), the cleaning report."""
     write_json_atomic(Path(folder) / "run_config.json", {**config, "prompt_format": prompt_format})
     write_json_atomic(Path(folder) / "cleaning_report.json", cleaning_report)
 
@@ -136,16 +123,12 @@ def resume_point(folder: str | Path, config: dict) -> Path | None:
     """The checkpoint this run goes on from: the last complete one in its folder (trainer_state.json, which Trainer
     writes last, reads back), when the folder's run_config.json holds these same settings. Checkpoints of other
     settings (the notebook's run-<profile> folder trained again with another learning rate) are removed."""
-    found = checkpoints(folder)
-    if not found:
-        return None
     before, now = read_json(Path(folder) / "run_config.json"), json.loads(json.dumps(config, default=str))
     before.pop("prompt_format", None), now.pop("prompt_format", None)  # the file holds the one the data resolved
-    if before != now:
+    if before != now and checkpoints(folder):
         print(f"{folder}: its checkpoints are of other settings; removed, starting from step 0", flush=True)
         remove_checkpoints(folder)
-        return None
-    for checkpoint in reversed(found):
+    for checkpoint in reversed(checkpoints(folder)):
         if read_json(checkpoint / "trainer_state.json").get("global_step"):
             return checkpoint
         shutil.rmtree(checkpoint, ignore_errors=True)  # cut off while it was written
@@ -173,10 +156,8 @@ def read_run(folder: str | Path) -> dict:
 
 def adapter_files(folder: str | Path) -> list[str]:
     """The names in `folder` worth uploading (UPLOAD_FILES); empty when there is no adapter at all."""
-    folder = Path(folder)
-    names = [n for n in UPLOAD_FILES if (folder / n).is_file()]
-    has_weights = any(n in names for n in ADAPTER_WEIGHTS)
-    return names if has_weights and "adapter_config.json" in names else []
+    names = [n for n in UPLOAD_FILES if (Path(folder) / n).is_file()]
+    return names if "adapter_config.json" in names and set(ADAPTER_WEIGHTS) & set(names) else []
 
 
 def run_id(settings) -> str:
@@ -198,8 +179,7 @@ def rule_value(record: dict, by: str = "reward_accuracy") -> float:
 def search_label(record: dict) -> str:
     """Which search made a run: "grid", "random", "control" or "tpe #<trial>"."""
     search = record.get("search") or {}
-    method = search.get("method", "grid")
-    return f"tpe #{search.get('trial')}" if method == "tpe" else method
+    return f"tpe #{search.get('trial')}" if search.get("method") == "tpe" else search.get("method", "grid")
 
 
 def tpe_trials(records: list[dict]) -> list[dict]:
@@ -212,18 +192,15 @@ def pick_best(records: list[dict], by: str = "reward_accuracy") -> dict | None:
     """The best finished run by BEST_RULES[by], or None when no run finished (control runs never count)."""
     if by not in BEST_RULES:
         raise ValueError(f"best_by must be one of {sorted(BEST_RULES)}, got {by!r}")
-    finished = [r for r in records if r["status"] == "finished" and r.get("final_eval") and not is_control(r)]
+    control = lambda r: str(r["config"].get("model_name_or_path", "")).startswith(CONTROL_PREFIX) \
+        or bool(r["config"].get("shuffled_labels"))
+    finished = [r for r in records if r["status"] == "finished" and r.get("final_eval") and not control(r)]
     accuracy = lambda r: r["final_eval"].get("rewards/accuracies", 0.0)
     if by == "win_rate":
         key = lambda r: (-(r.get("judged") or {}).get("win_rate", -1.0), -accuracy(r))
     else:
         key = lambda r: (-accuracy(r), r["final_eval"].get("loss", float("inf")))
     return min(finished, key=key) if finished else None
-
-
-def is_control(record: dict) -> bool:
-    config = record.get("config", {})
-    return str(config.get("model_name_or_path", "")).startswith(CONTROL_PREFIX) or bool(config.get("shuffled_labels"))
 
 
 CONTROLS = ("shuffled", "random")  # the label control; the random-weight twin of the base (implicit rewards only)
@@ -245,11 +222,10 @@ def replace_folder(folder: str | Path, fill) -> Path:
     """Write a folder as a whole: `fill(staging)` writes a temp folder beside it, which then takes its place (a reader
     sees the old folder or the new one, never half of one)."""
     folder = Path(folder)
-    staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    staging, old = (folder.with_name(f".{folder.name}.{os.getpid()}.{end}") for end in ("tmp", "old"))
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     fill(staging)
-    old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
     if folder.exists():
         os.replace(folder, old)
     os.replace(staging, folder)
@@ -267,51 +243,29 @@ def publish_best(best: dict, best_dir: str | Path) -> Path:
     return replace_folder(best_dir, fill)
 
 
-class RunLock:
-    """An exclusive lock file for one run folder: created atomically, naming the process that holds it. A dead
-    process's lock (same host) is taken over."""
-
-    def __init__(self, folder: Path):
-        self.path = Path(folder) / ".lock"
-
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+@contextmanager
+def run_lock(folder: str | Path):
+    """Hold the run folder's `.lock` while the run trains. Another process waits here until it is let go; a flock is
+    let go when its process dies, even by SIGKILL, so a killed sweep's run is taken over. The holder removes the
+    file before it lets go: a waiter that then wins the lock on the removed file tries again on the new one."""
+    path, waited = Path(folder) / ".lock", False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        with open(path, "a") as lock:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if self._holder_alive():
-                    return False
-                self._break_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}\n")
-            return True
-        return False
-
-    def release(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-    def _holder_alive(self) -> bool:
-        try:
-            host, pid = self.path.read_text().split()
-        except (OSError, ValueError):
-            return True  # being written right now by its creator
-        if host != socket.gethostname():
-            return True  # another machine on a shared folder: trust it
-        try:
-            os.kill(int(pid), 0)
-            return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-
-    def _break_stale(self) -> None:
-        # Rename first, so two processes breaking the same stale lock cannot both delete a fresh one.
-        grave = self.path.with_name(f".lock.stale.{os.getpid()}")
-        try:
-            os.replace(self.path, grave)
-            grave.unlink(missing_ok=True)
-        except FileNotFoundError:
-            pass
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    print(f"[{path.parent.name}] held by another sweep process: waiting for its record", flush=True)
+                waited = True
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                held = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+            except FileNotFoundError:  # removed by the holder this process waited for
+                held = False
+            if held:
+                try:
+                    yield
+                finally:
+                    path.unlink(missing_ok=True)
+                return

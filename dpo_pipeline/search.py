@@ -1,8 +1,6 @@
-"""The sweep's Optuna study, which sweep.run_spec drives: a GridSampler over a grid's runs (or its random draws) or
-TPE over `space:` (suggest), median pruning (PruneLaggingRun), and the database the study lives in: SQLite under
-results/ (a study per sweep file) or any SQLAlchemy URL (`storage:`), so several processes, GPUs and machines share
-one study. Optuna's heartbeat fails the trial of a worker that died (SIGKILL, preemption) and queues its settings
-again: the same run folder, so the cut-off run is redone, never duplicated.
+"""The sweep's Optuna study (sweep.run_spec drives it): its samplers, median pruning, and the database it lives in,
+which several processes, GPUs and machines share. Its heartbeat fails a dead worker's trial and queues its run again
+(the same folder: the cut-off run is redone, never duplicated).
 """
 
 from __future__ import annotations
@@ -19,8 +17,7 @@ from transformers import TrainerCallback
 
 from .args import ConfigError
 
-# What the pruner compares at each evaluation: the validation reward accuracy TRL logs (higher is better).
-INTERMEDIATE = "eval_rewards/accuracies"
+COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # trials that count toward `trials`
 
 
 def suggest(trial: optuna.Trial, space: dict) -> dict:
@@ -38,13 +35,13 @@ def suggest(trial: optuna.Trial, space: dict) -> dict:
 
 
 class PruneLaggingRun(TrainerCallback):
-    """Reports each evaluation to the trial; stops training when the pruner says the run lags the others there."""
+    """Reports each evaluation's reward accuracy to the trial; stops training when the pruner says the run lags."""
 
     def __init__(self, trial: optuna.Trial, search: dict):
         self.trial, self.search = trial, search
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        value = (metrics or {}).get(INTERMEDIATE)
+        value = (metrics or {}).get("eval_rewards/accuracies")
         if value is None or not state.is_world_process_zero:
             return
         self.trial.report(value, state.global_step)
@@ -76,8 +73,6 @@ def open_study(spec, results_dir: Path, runs: list[str] = ()) -> optuna.Study:
             )
         except (ImportError, ValueError, SQLAlchemyError) as err:  # no driver, a bad URL, no server
             raise ConfigError(f"cannot open the study storage {shown_url(url)}: {str(err).splitlines()[0]}") from None
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
     if spec.search == "tpe":
         # Each worker its own seed: two workers with one seed would propose the same settings. TPE's default of 10
         # random trials would be all of a small study; it models the results after a third of the trials (at least 2).
@@ -90,6 +85,3 @@ def open_study(spec, results_dir: Path, runs: list[str] = ()) -> optuna.Study:
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if spec.prune else optuna.pruners.NopPruner()
     return optuna.create_study(study_name=spec.study, storage=storage, sampler=sampler, pruner=pruner,
                                direction="maximize", load_if_exists=True)
-
-
-COUNTED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # trials that count toward `trials`

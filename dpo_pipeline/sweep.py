@@ -3,13 +3,11 @@
     python -m dpo_pipeline sweep configs/sweeps/smoke.yaml      # run or resume a sweep, then rebuild the report
     python -m dpo_pipeline sweep configs/sweeps/tpe_smoke.yaml  # start it in several shells: they share the study
 
-A sweep file names the profile it starts from, `base:` settings every run shares, and a `grid:` of values (any
-setting by its DPOConfig / ModelConfig / RunArguments name: every combination, or `random_samples:` of them) or
-`search: tpe`, `trials:` and a `space:` of ranges. Each is a sampler of one study (search.py) that drives one
-objective (run_spec). A run lives in `results/runs/<run-id>/` (a hash of its settings); its `record.json`, written
-atomically when it ends, is the truth: a run with a record is never trained again (a sweep killed at any moment and
-started again redoes only the run cut off), and the workbook is rebuilt from the records. A lock file per run lets
-several sweep processes share one results folder: a run a live process holds is waited for, a dead one's taken over.
+A sweep file names its `profile`, `base:` settings every run shares, and a `grid:` of values (every combination, or
+`random_samples:` of them) or `search: tpe`, `trials:` and a `space:` of ranges. A run lives in
+`results/runs/<run-id>/` (a hash of its settings); its `record.json` is the truth: a run with one is never trained
+again, so a sweep killed at any moment redoes only the run cut off, and several sweep processes can share one results
+folder (a lock file per run). The workbook is rebuilt from the records.
 """
 
 from __future__ import annotations
@@ -17,16 +15,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from .args import ConfigError, Settings, check_names, parse, resolve
-from .runs import (BEST_RULES, CONTROLS, RunLock, RunRecord, control_of, evaluating_seconds, load_records, pick_best,
-                   publish_best, read_run, rule_value, run_id)
+from .runs import (BEST_RULES, CONTROLS, RunRecord, control_of, evaluating_seconds, load_records, pick_best,
+                   publish_best, read_run, rule_value, run_id, run_lock)
 
 
 @dataclass
@@ -36,9 +32,7 @@ class SweepSpec:
     random_samples: int = 0  # > 0: draw this many combinations at random instead of taking them all
     sample_seed: int = 0
     profile: str = "auto"  # the profile the sweep starts from (data, model, defaults)
-    # also train the best run's settings as its controls (runs.control_of): "shuffled" labels, the "random"-weight
-    # twin of the base, a list of both, or true for both
-    control: bool | str | list = False
+    control: bool | str | list = False  # also train the best settings as controls: runs.CONTROLS, a list, or true
     best_by: str = "reward_accuracy"  # or "win_rate": the judged win rate (runs need a `judge`), runs.BEST_RULES
     search: str = "grid"  # grid | random (when random_samples > 0) | tpe: Optuna's TPE over `space`
     trials: int = 0  # tpe: finished or pruned trials to reach, all workers together
@@ -68,9 +62,8 @@ class SweepSpec:
             raise ConfigError(f"{path}: expected a mapping with 'grid' or 'search: tpe' (and optionally 'base', "
                               "'profile')")
         known = {f.name for f in dataclasses.fields(cls)}
-        for key in raw:
-            if key not in known:
-                raise ConfigError(f"{path}: unknown key '{key}'; expected one of {sorted(known)}")
+        if unknown := [key for key in raw if key not in known]:
+            raise ConfigError(f"{path}: unknown key '{unknown[0]}'; expected one of {sorted(known)}")
         spec = cls(**{"study": Path(path).stem, **raw})
         spec.validate(str(path))
         return spec
@@ -106,57 +99,56 @@ class SweepSpec:
 
     def configs(self, runs_dir: str | Path, *overrides: dict) -> list[Settings]:
         """The sweep's runs: base_config(*overrides), then each grid combination; output in runs_dir."""
-        base = self.base_config(*overrides)[0]
-        names = sorted(self.grid)
+        base, names = self.base_config(*overrides)[0], sorted(self.grid)
         combos = list(itertools.product(*(self.grid[n] for n in names)))
         if self.random_samples:
             combos = random.Random(self.sample_seed).sample(combos, min(self.random_samples, len(combos)))
         runs = {}
         for combo in combos:
-            settings = base.replace(**dict(zip(names, combo)))
-            folder = str(Path(runs_dir) / run_id(settings))
-            runs.setdefault(folder, settings.replace(output_dir=folder))  # two combinations may be the same run
+            settings = base.replace(**dict(zip(names, combo)))  # two combinations may be the same run
+            runs.setdefault(run_id(settings), settings.replace(output_dir=str(Path(runs_dir) / run_id(settings))))
         return list(runs.values())
 
 
 def run_one(settings: Settings, data=None, **run_kwargs) -> RunRecord:
     """Train one run; any error (NaN loss, out of memory, a bad setting) becomes a failed record."""
+    from .doctor import diagnose
     from .pipeline import free_memory, run
 
     try:
         record = run(settings, data, **run_kwargs)
     except Exception as err:  # noqa: BLE001 - the sweep must go on; the error is kept in the record
-        record = RunRecord.failed(settings, err)
+        error = " ".join(f"{type(err).__name__}: {err}".split())[:500]  # one line
+        record = RunRecord(config=settings.to_dict(), status="failed", error=error,
+                           run_id=Path(settings.dpo.output_dir).name, findings=diagnose({"error": error}))
     free_memory()  # after the except block: the traceback, and the GPU memory it held, are gone
     return record
 
 
 def make_run(config: Settings, data=None, search: dict | None = None, number: tuple[int, int] = (1, 1),
-             poll_seconds: float = 2.0, **run_kwargs) -> dict:
-    """The run's record: read when it has one, else trained (on `data`, default its own) and saved; a run a live
-    process holds is waited for. `search` goes in the record; `number`: (i, n), its place in the printed lines."""
-    folder, search, waited = Path(config.dpo.output_dir), search or {"method": "grid"}, False
-    lock = RunLock(folder)
-    while not (folder / "record.json").exists():
-        if not lock.acquire():  # another sweep process trains it: its record will come
-            if not waited:
-                print(f"[{folder.name}] held by another sweep process: waiting for its record", flush=True)
-            waited = True
-            time.sleep(poll_seconds)
-            continue
-        try:
-            if not (folder / "record.json").exists():  # (it may have been made since we looked)
-                label = f"[{folder.name}] {number[0]}/{number[1]}"
-                print(f"{label} training: {describe(config)}", flush=True)
-                record = run_one(config, data, **run_kwargs)
-                record.search = dict(search)
-                if record.status == "finished" and search.get("pruned_at_step"):
-                    record.status = "pruned"
-                record.save(folder / "record.json")
-                print(f"{label} {record.status}" + (f": {record.error}" if record.error else "")
-                      + time_spent(record.timings_s, left=number[1] - number[0]), flush=True)
-        finally:
-            lock.release()
+             **run_kwargs) -> dict:
+    """The run's record: read when it has one, else trained (on `data`, default its own) and saved, under the run's
+    lock. `search` goes in the record; `number`: (i, n), its place in the printed lines."""
+    folder, search, dpo = Path(config.dpo.output_dir), search or {"method": "grid"}, config.dpo
+    label, left = f"[{folder.name}] {number[0]}/{number[1]}", number[1] - number[0]
+    if (folder / "record.json").exists():  # a run with a record (another process's, an earlier sweep's) is read
+        return load_records([folder])[0]
+    with run_lock(folder):
+        if not (folder / "record.json").exists():  # (another process may have made it while this one waited)
+            print(f"{label} training: lr={dpo.learning_rate:g} batch={dpo.per_device_train_batch_size}x"
+                  f"{dpo.gradient_accumulation_steps} beta={dpo.beta:g} optim={config.get('optim')} "
+                  f"loss={','.join(dpo.loss_type)} r={config.model.lora_r} steps={dpo.max_steps}", flush=True)
+            record = run_one(config, data, **run_kwargs)
+            record.search = dict(search)
+            if record.status == "finished" and search.get("pruned_at_step"):
+                record.status = "pruned"
+            record.save(folder / "record.json")
+            line = f"{label} {record.status}" + (f": {record.error}" if record.error else "")
+            if spent := record.timings_s:  # where its time went, and what the runs left would take at its pace
+                line += (f" in {spent['total']:.0f} s: build {spent['build']:.0f} s, "
+                         f"training {spent['training']:.0f} s, evaluating {evaluating_seconds(spent):.0f} s")
+                line += f"; at this pace about {spent['total'] * left / 60:.0f} min for the {left} left" if left else ""
+            print(line, flush=True)
     return load_records([folder])[0]
 
 
@@ -166,9 +158,8 @@ def run_sweep(configs: list[Settings], data=None, **kwargs) -> list[dict]:
 
 
 def run_spec(spec: SweepSpec, results_dir: str | Path, *overrides: dict) -> list[dict]:
-    """Run (or resume, or join) the sweep a spec describes, plus its control; return the records of its runs.
-    The sweep command and the notebook both call this. Its study makes every run of a grid (or of the draws), or
-    `trials` finished or pruned TPE trials, all workers together."""
+    """Run (or resume, or join) the sweep a spec describes, plus its controls; the records of its runs. Its study
+    makes every run of a grid (or of the draws), or `trials` finished or pruned TPE trials, all workers together."""
     import optuna
 
     from .search import COUNTED, PruneLaggingRun, open_study, suggest
@@ -180,9 +171,8 @@ def run_spec(spec: SweepSpec, results_dir: str | Path, *overrides: dict) -> list
     study, total = open_study(spec, Path(results_dir), list(grid)), len(grid) or spec.trials
 
     def made() -> int:  # the sweep's runs made so far, all workers together
-        if grid:
-            return sum((runs_dir / i / "record.json").exists() for i in grid)
-        return len(study.get_trials(deepcopy=False, states=COUNTED))
+        return sum((runs_dir / i / "record.json").exists() for i in grid) if grid else \
+            len(study.get_trials(deepcopy=False, states=COUNTED))
 
     def objective(trial: optuna.Trial) -> float:
         if grid:
@@ -192,7 +182,6 @@ def run_spec(spec: SweepSpec, results_dir: str | Path, *overrides: dict) -> list
             config = config.replace(output_dir=str(runs_dir / run_id(config)))
         trial.set_user_attr("run_id", run_id(config))
         search = {"method": spec.search, "study": spec.study, "trial": trial.number}
-        # A run with a record (another trial's, another worker's, an earlier sweep's) is read, not trained again.
         record = make_run(config, search=search, number=(made() + 1, total),
                           setup=lambda trainer: trainer.add_callback(PruneLaggingRun(trial, search)))
         if record["status"] == "pruned":
@@ -228,84 +217,51 @@ def search_info(spec: SweepSpec) -> dict:
             **({"trials": spec.trials, "space": spec.space} if tpe else {"grid": spec.grid})}
 
 
-def time_spent(timings: dict, left: int) -> str:
-    """Where a finished run's time went (its timings_s) and what the `left` runs not yet looked at (some may be done,
-    or held by another process) would take at its pace; "" for a run without timings (a failed one)."""
-    if not timings:
-        return ""
-    pace = f"; at this pace about {timings['total'] * left / 60:.0f} min for the {left} left" if left else ""
-    return (f" in {timings['total']:.0f} s: build {timings['build']:.0f} s, training {timings['training']:.0f} s, "
-            f"evaluating {evaluating_seconds(timings):.0f} s{pace}")
-
-
-def describe(config: Settings) -> str:
-    dpo = config.dpo
-    return (f"lr={dpo.learning_rate:g} batch={dpo.per_device_train_batch_size}x{dpo.gradient_accumulation_steps} "
-            f"beta={dpo.beta:g} optim={config.get('optim')} loss={','.join(dpo.loss_type)} r={config.model.lora_r} "
-            f"steps={dpo.max_steps}")
-
-
-def best_samples(best: dict, prompts: list[str], max_new_tokens: int = 40) -> list[dict]:
-    """Generations on held-out prompts, base model vs the best adapter (one model, adapter toggled)."""
+def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info: dict | None = None,
+                 n_samples: int = 4, best_by: str = "reward_accuracy") -> dict:
+    """Publish the best run, write the plots and rebuild the workbook from the records. Returns what it made."""
     from peft import PeftModel
 
     from .generation import generate_samples
     from .model import load_base_model, load_tokenizer
-
-    settings = parse(best["config"])
-    base = load_base_model(settings.model)
-    model = PeftModel.from_pretrained(base, best["adapter_path"])
-    return generate_samples(model, load_tokenizer(best["adapter_path"]), prompts, max_new_tokens=max_new_tokens)
-
-
-def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info: dict | None = None,
-                 n_samples: int = 4, best_by: str = "reward_accuracy") -> dict:
-    """Publish the best run, write the plots and rebuild the workbook from the records. Returns what it made."""
     from .report import save_plots
     from .workbook import build_workbook
 
-    results_dir = Path(results_dir)
-    best = pick_best(records, best_by)
+    results_dir, best = Path(results_dir), pick_best(records, best_by)
+    best_id = best["run_id"] if best else None
     finished = [r for r in records if r["status"] == "finished"]
     baseline = next((r["base_evaluation"] for r in finished if r.get("base_evaluation")), None)
-    best_id = best["run_id"] if best else None
-    samples = best_samples(best, list(data.test["prompt"][:n_samples])) if best else []
-    summary = {
-        "data": data.report.as_dict(),
-        "model": (best or (finished or [{}])[0]).get("model_info", {}),
-        "sweep": {"runs": len(records), **{status: sum(r["status"] == status for r in records)
-                                           for status in ("finished", "pruned", "failed")}, **(sweep_info or {})},
-    }
-    return {
-        "best": str(publish_best(best, results_dir / "best")) if best else None,
-        "plots": [str(p) for p in save_plots(records, results_dir / "plots", best_id, best_by)],
-        "workbook": str(build_workbook(
-            records, results_dir / "sweep_results.xlsx", best_run_id=best_id, best_rule=BEST_RULES[best_by],
-            best_by=best_by, summary=summary, samples=samples, baseline=baseline,
-            behaviour=read_run(best["adapter_path"])["behaviour"] if best else None,
-        )),
-        "best_run_id": best_id,
-        "best_rule": BEST_RULES[best_by],
-        "baseline": baseline,
-        "samples": samples,
-    }
+    samples = []
+    if best:  # held-out prompts answered by the base model and the best adapter (one model, the adapter toggled)
+        model = PeftModel.from_pretrained(load_base_model(parse(best["config"]).model), best["adapter_path"])
+        samples = generate_samples(model, load_tokenizer(best["adapter_path"]), list(data.test["prompt"][:n_samples]))
+    counts = {status: sum(r["status"] == status for r in records) for status in ("finished", "pruned", "failed")}
+    summary = {"data": data.report.as_dict(), "model": (best or (finished or [{}])[0]).get("model_info", {}),
+               "sweep": {"runs": len(records), **counts, **(sweep_info or {})}}
+    return {"best": str(publish_best(best, results_dir / "best")) if best else None,
+            "plots": [str(p) for p in save_plots(records, results_dir / "plots", best_id, best_by)],
+            "workbook": str(build_workbook(records, results_dir / "sweep_results.xlsx", best_run_id=best_id,
+                                           best_rule=BEST_RULES[best_by], best_by=best_by, summary=summary,
+                                           samples=samples, baseline=baseline,
+                                           behaviour=read_run(best["adapter_path"])["behaviour"] if best else None)),
+            "best_run_id": best_id, "best_rule": BEST_RULES[best_by], "baseline": baseline, "samples": samples}
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .errors import one_line_errors
     from .args import results_dir
+    from .errors import one_line_errors
 
     parser = one_line_errors(argparse.ArgumentParser(prog="python -m dpo_pipeline sweep", description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("spec", help="sweep file (YAML or JSON): profile, base, grid or search/trials/space")
-    parser.add_argument("--results-dir", default=None, help="default: results/ (or $DPO_RESULTS_DIR)")
+    parser.add_argument("--results-dir", type=Path, help="default: results/ (or $DPO_RESULTS_DIR)")
     args = parser.parse_args(argv)
     spec = SweepSpec.from_file(args.spec)  # a mistake in the file is found before the ML libraries load (seconds)
     from .prepare import prepare_data
 
-    out = Path(args.results_dir) if args.results_dir else results_dir()
+    out = args.results_dir or results_dir()
     base, name, why = spec.base_config()
     print(f"Sweep from {args.spec}: profile {name} ({why})")
     data = prepare_data(base)  # the sweep's base data, checked before any run starts (and shown)
@@ -315,9 +271,3 @@ def main(argv: list[str] | None = None) -> int:
                         best_by=spec.best_by)
     print(f"best run: {made['best_run_id']} -> {made['best']}\nworkbook: {made['workbook']}")
     return 0
-
-
-if __name__ == "__main__":
-    from .errors import command
-
-    sys.exit(command(main))
