@@ -3,6 +3,19 @@
 import os
 from pathlib import Path
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # pytest-xdist runs a worker per core: one thread each (inherited by the commands the tests start), or the
+    # workers' thread pools fight over the cores and every test runs several times slower
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject.toml): a worker per core on a CPU, up to 2 (the tests' models are tiny, so a test is mostly
+    Python overhead that a second core halves); one on a GPU, where a test measures the device's free memory."""
+    import torch
+
+    return 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
+
 import pytest
 
 from dpo_pipeline.args import shared_data_dir
