@@ -72,6 +72,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from dpo_pipeline.args import shared_data_dir
+    from dpo_pipeline.runs import write_json_atomic
 
     sample = shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"
     if args.write_only:
@@ -122,8 +123,7 @@ def main() -> None:
     verdict = "within" if stages["total"] < 60 and rss_peak < 4096 else "OVER"
     print(f"\ntarget < 60 s and < 4096 MB: {verdict}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(args.json, result)
         print(f"wrote {args.json}")
 
 

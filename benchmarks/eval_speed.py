@@ -44,6 +44,7 @@ from dpo_pipeline import model as model_lib  # noqa: E402
 from dpo_pipeline.args import HH_SAMPLE, resolve  # noqa: E402
 from dpo_pipeline.speed.packing import pack_batch, pack_rows, pair_segment  # noqa: E402
 from dpo_pipeline.prepare import prepare_data  # noqa: E402
+from dpo_pipeline.runs import write_json_atomic  # noqa: E402
 
 
 @torch.no_grad()
@@ -174,8 +175,7 @@ def main() -> None:
     for name, r in generation.items():
         print(f"| {name:<17} | {r['seconds']:>8.2f} | {r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '-':>11} |")
     if opts.json:
-        opts.json.parent.mkdir(parents=True, exist_ok=True)
-        opts.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(opts.json, result)
         print(f"wrote {opts.json}")
 
 

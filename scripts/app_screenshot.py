@@ -11,22 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "app"))
+from serve import serve_app  # noqa: E402 - app/ is a folder of scripts, not a package
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> int:
@@ -41,25 +33,8 @@ def main() -> int:
 
     from playwright.sync_api import sync_playwright
 
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "dpo_app.py"), "--server.headless", "true",
-         "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
-         "--client.toolbarMode", "minimal"],
-        env={**os.environ, "DPO_APP_ADAPTER": opts.adapter}, cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise SystemExit("error: streamlit did not start")
-                time.sleep(0.5)
-        with sync_playwright() as pw:
+        with serve_app({**os.environ, "DPO_APP_ADAPTER": opts.adapter}) as url, sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.goto(url, wait_until="domcontentloaded")
@@ -72,9 +47,8 @@ def main() -> int:
             Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=opts.out, full_page=True)
             browser.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    except RuntimeError as err:  # the app did not start
+        raise SystemExit(f"error: {err}") from None
     print(f"wrote {opts.out}")
     return 0
 

@@ -7,11 +7,8 @@ Needs Debian's Chromium at /usr/bin/chromium (`apt-get install -y chromium`); `p
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,8 @@ import pytest
 from hub_double import TOKEN, USER, HubDouble, make_tiny_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "app"))
+from serve import serve_app  # noqa: E402 - app/ is a folder of scripts, not a package
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -28,12 +27,6 @@ SERVED = {}  # what the module's app server writes to: its votes file
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"no Chromium at {CHROMIUM}: apt-get install -y chromium")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def hub_env(hub: HubDouble, home: Path) -> dict:
@@ -52,35 +45,14 @@ def app_url(tmp_path_factory):
                                    "print(push_adapter(sys.argv[1], sys.argv[2]))", str(adapter), REPO],
             env={**hub_env(hub, tmp / "hf-push"), "HF_TOKEN": TOKEN}, capture_output=True, text=True, timeout=120)
         assert push.stdout.startswith(f"Pushed 7 files to new public repo {REPO}"), push.stdout + push.stderr
-        port = free_port()
-        log = open(tmp / "streamlit.log", "w")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "dpo_app.py"), "--server.headless", "true",
-             "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
-             "--client.toolbarMode", "minimal"],
-            env={**hub_env(hub, tmp / "hf-app"), "DPO_APP_ADAPTER": REPO, "DPO_VOTES_FILE": str(tmp / "votes.jsonl")},
-            cwd=ROOT, stdout=log,
-            stderr=subprocess.STDOUT)
         SERVED["votes"] = tmp / "votes.jsonl"
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                        break
-                except OSError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        pytest.fail("streamlit did not start: " + (tmp / "streamlit.log").read_text()[-2000:])
-                    time.sleep(0.5)
-            yield url
-        finally:
-            server.terminate()
+        env = {**hub_env(hub, tmp / "hf-app"), "DPO_APP_ADAPTER": REPO, "DPO_VOTES_FILE": str(SERVED["votes"])}
+        with open(tmp / "streamlit.log", "w") as log:
             try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-            log.close()
+                with serve_app(env, log) as url:
+                    yield url
+            except RuntimeError as err:
+                pytest.fail(f"{err}: " + (tmp / "streamlit.log").read_text()[-2000:])
 
 
 @pytest.mark.slow  # starts the app and Chromium
