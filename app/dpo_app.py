@@ -1,7 +1,8 @@
 """Chat with a DPO-tuned adapter, side by side with its base model: `streamlit run app/dpo_app.py`.
 
 The adapter is a Hub repo id or a local folder (default: $DPO_APP_ADAPTER, else results/best, else the newest run
-under results/). All logic is in dpo_pipeline.chat; this file is only the page.
+under results/). Loading is dpo_pipeline.chat, the chat itself chat_session.py, the blind votes votes.py; this file
+is only the page.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import time
 import pandas as pd
 import streamlit as st
 
-from dpo_pipeline import chat, votes
+import chat_session as session  # app/: streamlit puts the script's folder on the path
+import votes
+from dpo_pipeline import chat
 
 st.set_page_config(page_title="DPO chat", page_icon="💬", layout="wide")
 EMPTY = "_(empty answer: the model ended at once)_"
@@ -25,13 +28,13 @@ def get_adapter(source: str, base: str) -> chat.LoadedAdapter:
     return chat.load_adapter(source, base or None)
 
 
-def show_answers(loaded: chat.LoadedAdapter, prompt: str, settings: chat.GenerationSettings,
+def show_answers(loaded: chat.LoadedAdapter, prompt: str, settings: session.GenerationSettings,
                  compare: bool) -> tuple[str, str | None, float]:
     """Stream the adapter's answer (and the base model's, in a column beside it); return the texts and the time."""
     start = time.perf_counter()
 
     def stream(use_adapter: bool) -> str:
-        text = st.write_stream(chat.stream_reply(loaded, prompt, settings, use_adapter=use_adapter))
+        text = st.write_stream(session.stream_reply(loaded, prompt, settings, use_adapter=use_adapter))
         text = text.strip() if isinstance(text, str) else ""
         if not text:
             st.markdown(EMPTY)
@@ -70,13 +73,13 @@ def show_turn(turn: dict) -> None:
 # ---------------------------------------------------------------- sidebar: what to load, how to generate
 with st.sidebar:
     st.header("Adapter")
-    source = st.text_input("Hub repo id or local folder", value=chat.default_source(), key="source",
+    source = st.text_input("Hub repo id or local folder", value=session.default_source(), key="source",
                            help="e.g. results/best, results/run-smoke or user/my-dpo-adapter").strip()
     base_override = st.text_input("Base model override (optional)", key="base_override",
                                   help="Leave empty to use the base the adapter was trained on").strip()
     st.header("Generation")
-    default = chat.GenerationSettings()
-    settings = chat.GenerationSettings(
+    default = session.GenerationSettings()
+    settings = session.GenerationSettings(
         max_new_tokens=st.slider("Max new tokens", 8, 512, default.max_new_tokens, step=8),
         temperature=st.slider("Temperature (0 = greedy)", 0.0, 2.0, default.temperature, step=0.05),
         top_p=st.slider("Top-p", 0.05, 1.0, default.top_p, step=0.05),
@@ -103,7 +106,7 @@ except Exception as err:  # anything unforeseen is still one line, never a trace
 if st.session_state.get("history_for") != (source, base_override):
     st.session_state.history, st.session_state.history_for = [], (source, base_override)
 
-info = chat.describe(loaded)
+info = session.describe(loaded)
 prompt_style = ("the model's chat template" if loaded.prompt_format == "chat"
                 else "the training format `\\n\\nHuman: …\\n\\nAssistant:`")
 st.caption(f"Adapter **{info['source']}** on base **{info['base']}** ({info['quantization']}); prompts use "
@@ -128,11 +131,12 @@ if mode == "Blind A/B vote":
     st.caption(f"The base model and the adapter answer the same prompt as A and B, in a random order you see only "
                f"after voting. Each vote is appended to `{vote_path}`, a preference file the next round can train "
                "on (`--dataset_name` that file).")
-    question = st.text_area("Prompt", max_chars=chat.MAX_CHARS, key="vote_prompt")
+    question = st.text_area("Prompt", max_chars=session.MAX_CHARS, key="vote_prompt")
     if st.button("Answer both", key="vote_answer", type="primary") and question.strip():
-        prompt, _ = chat.build_prompt(loaded.tokenizer, [], question, max_tokens=chat.prompt_budget(loaded, settings))
+        budget = session.prompt_budget(loaded, settings)
+        prompt, _ = session.build_prompt(loaded.tokenizer, [], question, max_tokens=budget)
         try:
-            tuned, base = (chat.reply(loaded, prompt, settings, use_adapter=side) for side in (True, False))
+            tuned, base = (session.reply(loaded, prompt, settings, use_adapter=side) for side in (True, False))
         except chat.ChatError as err:
             st.error(str(err))
         else:
@@ -170,10 +174,10 @@ if mode == "Blind A/B vote":
     st.stop()
 
 with st.expander("Single prompt (no chat history)"):
-    single = st.text_area("Prompt", max_chars=chat.MAX_CHARS, key="single")
+    single = st.text_area("Prompt", max_chars=session.MAX_CHARS, key="single")
     if st.button("Generate", key="generate", type="primary") and single.strip():
-        prompt, notes = chat.build_prompt(loaded.tokenizer, [], single,
-                                          max_tokens=chat.prompt_budget(loaded, settings))
+        prompt, notes = session.build_prompt(loaded.tokenizer, [], single,
+                                             max_tokens=session.prompt_budget(loaded, settings))
         for note in notes:
             st.caption(note)
         try:
@@ -184,11 +188,11 @@ with st.expander("Single prompt (no chat history)"):
 for turn in st.session_state.history:
     show_turn(turn)
 
-message = st.chat_input("Message the model", max_chars=chat.MAX_CHARS)
+message = st.chat_input("Message the model", max_chars=session.MAX_CHARS)
 if message:
     turns = [(t["user"], t["adapter"]) for t in st.session_state.history]  # the adapter's side is the conversation
-    prompt, notes = chat.build_prompt(loaded.tokenizer, turns, message,
-                                      max_tokens=chat.prompt_budget(loaded, settings))
+    prompt, notes = session.build_prompt(loaded.tokenizer, turns, message,
+                                         max_tokens=session.prompt_budget(loaded, settings))
     with st.chat_message("user"):
         st.markdown(message)
     with st.chat_message("assistant"):
@@ -199,5 +203,5 @@ if message:
         except chat.ChatError as err:
             st.error(str(err))
         else:
-            st.session_state.history.append({"user": message[:chat.MAX_CHARS], "adapter": tuned, "base": base,
+            st.session_state.history.append({"user": message[:session.MAX_CHARS], "adapter": tuned, "base": base,
                                              "seconds": seconds})

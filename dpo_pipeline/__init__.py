@@ -8,9 +8,10 @@ refcache  reference log-probs cached on disk across runs; evaluate, judge, stats
 generation, behaviour, doctor  answers drawn alike for any model; how the answers changed; a run's failure signatures
 speed     the speed levers, opt-in (packing, token-sized forwards, the CPU LM head); trl_private: TRL privates used
 sweep, search  grids and searches of runs (one Optuna study), the best run; workbook, report: its workbook, plots
-hub, card, export, hf  push an adapter with its model card, merge it, the Hub plumbing; chat, votes: the Streamlit app
+hub, card, export, hf  push an adapter with its model card, merge it, the Hub plumbing; chat: load an adapter
 cli, errors, __main__  `python -m dpo_pipeline train|sweep|evaluate|export`; one-line user errors
-Offline stand-in models (`offline:` names) live in offline_models/, the known-answer experiment in experiments/.
+Offline stand-in models (`offline:` names) live in offline_models/, the known-answer experiment in experiments/,
+the Streamlit app's chat and blind votes in app/.
 """
 
 import logging

@@ -265,7 +265,7 @@ def _clean(rows: list[dict], label: str, report: CleaningReport) -> list[dict]:
         rejected_prompt, rejected = _side(row, "rejected", report.schema, where)
         report.rows_read += 1
         key = (json.dumps(prompt), chosen, rejected)
-        if row.get("vote") == "tie":  # a blind A/B vote of "neither is better" (votes.py): no preference to learn
+        if row.get("vote") == "tie":  # a blind A/B vote of "neither is better" (app/votes.py): no preference
             reason = "tie_vote"
         elif prompt != rejected_prompt:
             reason = "history_mismatch"

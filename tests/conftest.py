@@ -1,6 +1,7 @@
 """Shared fixtures: the real data files, and a private cache for offline checkpoints written by tests."""
 
 import os
+import sys
 from pathlib import Path
 
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
@@ -23,6 +24,8 @@ from dpo_pipeline.args import shared_data_dir
 HH_FILE = shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"
 UF_FILE = shared_data_dir() / "ultrafeedback-style" / "dpo-en-demo.jsonl"
 TEST_DATA = Path(__file__).parent / "data"
+# app/ is a folder of scripts (the Streamlit page and its modules), not a package: `streamlit run` puts it on the path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+import chat_session  # app/chat_session.py (conftest puts app/ on the path)
 from dpo_pipeline import chat
 from dpo_pipeline.chat_template import with_prompt_format
 from dpo_pipeline.hf import hub_reachable
@@ -16,7 +17,7 @@ from offline_models.gpt2 import gpt2_tokenizer
 from hub_double import make_tiny_adapter
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "dpo_app.py")
-DEFAULTS = chat.GenerationSettings()  # the app's slider defaults
+DEFAULTS = chat_session.GenerationSettings()  # the app's slider defaults
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +37,9 @@ def start(monkeypatch, source) -> AppTest:
 
 
 def expected(loaded, turns, message, use_adapter=True, **settings) -> str:
-    gen = chat.GenerationSettings(**{**vars(DEFAULTS), **settings})
-    prompt, _ = chat.build_prompt(loaded.tokenizer, turns, message, max_tokens=chat.prompt_budget(loaded, gen))
-    return chat.reply(loaded, prompt, gen, use_adapter)
+    gen = chat_session.GenerationSettings(**{**vars(DEFAULTS), **settings})
+    prompt, _ = chat_session.build_prompt(loaded.tokenizer, turns, message, max_tokens=chat_session.prompt_budget(loaded, gen))
+    return chat_session.reply(loaded, prompt, gen, use_adapter)
 
 
 def assert_healthy(at: AppTest):
@@ -103,7 +104,7 @@ def test_long_input_is_limited_and_old_turns_go_first(monkeypatch, adapter):
     at.toggle(key="compare").set_value(False)
     at.chat_input[0].set_value("word " * 1000).run()  # the chat box keeps MAX_CHARS characters
     assert_healthy(at)
-    assert len(at.session_state.history[0]["user"]) == chat.MAX_CHARS
+    assert len(at.session_state.history[0]["user"]) == chat_session.MAX_CHARS
     # ~400 tokens each: with the first turn the second prompt exceeds the 448-token budget (512 context - 64 new)
     at.chat_input[0].set_value("more " * 400).run()
     assert_healthy(at)
@@ -143,27 +144,27 @@ def test_bad_source_is_one_clear_message(monkeypatch, tmp_path, adapter, case):
 
 def test_default_source_is_env_then_best_then_the_newest_run(monkeypatch, tmp_path, adapter):
     monkeypatch.delenv("DPO_APP_ADAPTER", raising=False)
-    assert chat.default_source(tmp_path) == ""
+    assert chat_session.default_source(tmp_path) == ""
     old, new = tmp_path / "runs" / "old", tmp_path / "runs" / "new"
     shutil.copytree(adapter, old)
     shutil.copytree(adapter, new)
     shutil.copytree(adapter, new / "ref")  # a second adapter peft saved inside the run (TRL's reference): no run
     os.utime(old / "adapter_config.json", (1e9, 1e9))
-    assert chat.default_source(tmp_path) == str(new)
+    assert chat_session.default_source(tmp_path) == str(new)
     shutil.copytree(adapter, tmp_path / "best")
-    assert chat.default_source(tmp_path) == str(tmp_path / "best")
+    assert chat_session.default_source(tmp_path) == str(tmp_path / "best")
     monkeypatch.setenv("DPO_APP_ADAPTER", "user/repo")
-    assert chat.default_source(tmp_path) == "user/repo"
+    assert chat_session.default_source(tmp_path) == "user/repo"
 
 
 def test_prompt_building_keeps_the_newest_turns():
     tok = with_prompt_format(gpt2_tokenizer())  # GPT-2's Human/Assistant chat template
     turns = [(f"question {i} " + "word " * 40, f"answer {i}") for i in range(6)]
-    prompt, notes = chat.build_prompt(tok, turns, "last one?", max_tokens=120)
+    prompt, notes = chat_session.build_prompt(tok, turns, "last one?", max_tokens=120)
     assert prompt.startswith("\n\nHuman: question ") and prompt.endswith("\n\nHuman: last one?\n\nAssistant:")
     assert "answer 5" in prompt and "answer 0" not in prompt and len(tok(prompt)["input_ids"]) <= 120
     assert notes and "earlier turn(s) were left out" in notes[-1]
-    alone, notes = chat.build_prompt(tok, [], "word " * 500, max_tokens=50)
+    alone, notes = chat_session.build_prompt(tok, [], "word " * 500, max_tokens=50)
     assert len(tok(alone)["input_ids"]) <= 51 and alone.endswith("\n\nAssistant:")
 
 
@@ -174,7 +175,7 @@ TAGS = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'
 def test_a_chat_template_model_is_prompted_with_its_template():
     tok = gpt2_tokenizer()
     tok.chat_template = TAGS
-    prompt, _ = chat.build_prompt(tok, [("Hi", "Hello")], "A color?")
+    prompt, _ = chat_session.build_prompt(tok, [("Hi", "Hello")], "A color?")
     assert prompt == "<user>Hi</user><assistant>Hello</assistant><user>A color?</user><assistant>"
 
 
@@ -188,7 +189,7 @@ def test_an_adapter_from_another_trainer_is_prompted_with_the_template_in_its_fo
     tok.save_pretrained(folder)
     assert (folder / "chat_template.jinja").exists()
     loaded = chat.load_adapter(str(folder))
-    prompt, _ = chat.build_prompt(loaded.tokenizer, [], "A color?")
+    prompt, _ = chat_session.build_prompt(loaded.tokenizer, [], "A color?")
     assert prompt == "<user>A color?</user><assistant>" and loaded.prompt_format == "chat"
     from dpo_pipeline.card import build_model_card
 
@@ -198,6 +199,6 @@ def test_an_adapter_from_another_trainer_is_prompted_with_the_template_in_its_fo
 
 
 def test_streams_stop_at_the_next_human_turn():
-    assert list(chat.until_human_turn(iter(["Sure", ", owls.\n", "\nHu", "man: and you?"]))) == ["Sure", ", owls."]
-    assert "".join(chat.until_human_turn(iter(["a\n", "\nHo", "w"]))) == "a\n\nHow"
-    assert "".join(chat.until_human_turn(iter(["fine\n\nAssistant: again"]))) == "fine"
+    assert list(chat_session.until_human_turn(iter(["Sure", ", owls.\n", "\nHu", "man: and you?"]))) == ["Sure", ", owls."]
+    assert "".join(chat_session.until_human_turn(iter(["a\n", "\nHo", "w"]))) == "a\n\nHow"
+    assert "".join(chat_session.until_human_turn(iter(["fine\n\nAssistant: again"]))) == "fine"

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from hub_double import TOKEN, USER, HubDouble, make_tiny_adapter
+from serve import serve_app  # app/serve.py (conftest puts app/ on the path)
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "app"))
-from serve import serve_app  # noqa: E402 - app/ is a folder of scripts, not a package
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -112,7 +111,7 @@ def test_blind_votes_cast_in_the_page_become_a_preference_file_and_move_the_win_
 
     from playwright.sync_api import sync_playwright
 
-    from dpo_pipeline import votes
+    import votes
     from dpo_pipeline.data import load_preferences
 
     with sync_playwright() as pw:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from hub_double import make_tiny_adapter
 
+import chat_session  # app/chat_session.py
 from dpo_pipeline import chat, cli, evaluate, sweep
 from dpo_pipeline.args import parse
 from dpo_pipeline.data import load_preferences
@@ -148,7 +149,7 @@ def test_app_shows_the_base_model_metrics(tmp_path):
     record = json.loads((folder / "record.json").read_text())
     record["base_evaluation"] = {"pairs": 8, "reward_accuracy": 0.0, "logp_accuracy": 0.625}
     (folder / "record.json").write_text(json.dumps(record))
-    info = chat.describe(chat.load_adapter(str(folder)))
+    info = chat_session.describe(chat.load_adapter(str(folder)))
     assert info["metrics"]["base model"] == record["base_evaluation"]
 
 

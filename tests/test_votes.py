@@ -5,7 +5,7 @@ import multiprocessing
 
 import pytest
 
-from dpo_pipeline import votes
+import votes  # app/votes.py (conftest puts app/ on the path)
 from dpo_pipeline.data import load_preferences
 
 PROMPT = [{"role": "user", "content": "Tell me about owls."}]

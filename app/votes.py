@@ -12,14 +12,14 @@ import os
 import time
 from pathlib import Path
 
-from .stats import win_rate
+from dpo_pipeline.stats import win_rate
 
 CHOICES = ("A", "B", "tie")
 
 
 def votes_file(results: str | Path | None = None) -> Path:
     """$DPO_VOTES_FILE, else <results>/votes.jsonl."""
-    from .args import results_dir
+    from dpo_pipeline.args import results_dir
 
     return Path(os.environ.get("DPO_VOTES_FILE") or Path(results or results_dir()) / "votes.jsonl")
 
