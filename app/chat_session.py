@@ -19,7 +19,6 @@ MAX_CHARS = 2000  # one message; the chat box enforces it too
 MAX_PROMPT_TOKENS = 768  # history beyond this is dropped from the left (also capped by the model's context)
 
 
-
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 64

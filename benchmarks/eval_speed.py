@@ -28,7 +28,6 @@ Then the judge's answers (judge.judged_generations: base and policy each answer 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -95,3 +95,9 @@ def summary(record) -> str:
            f"(base {base.get('reward_accuracy', float('nan')):.3f})"] if held_out else []),
         f"adapter: {record.adapter_path}",
     ])
+
+
+if __name__ == "__main__":  # python -m dpo_pipeline.cli is python -m dpo_pipeline train
+    from .__main__ import main as dispatch
+
+    raise SystemExit(dispatch(["train", *__import__("sys").argv[1:]]))

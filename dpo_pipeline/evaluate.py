@@ -231,3 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report, default=str) if args.json else describe_report(report))
     return 0
 
+
+if __name__ == "__main__":  # python -m dpo_pipeline.evaluate is python -m dpo_pipeline evaluate
+    from .__main__ import main as dispatch
+
+    raise SystemExit(dispatch(["evaluate", *__import__("sys").argv[1:]]))

@@ -139,3 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kind} merge vs the adapter as served: max |logit gap| {gap['max_abs']:.2e}, mean "
               f"{gap['mean_abs']:.2e}, top-1 token agreement {gap['top1_agreement']:.1%}")
     return 0
+
+
+if __name__ == "__main__":  # python -m dpo_pipeline.export is python -m dpo_pipeline export
+    from .__main__ import main as dispatch
+
+    raise SystemExit(dispatch(["export", *__import__("sys").argv[1:]]))

@@ -26,6 +26,8 @@ def sample_answers(model, tokenizer, prompts: list, *, seed: int, max_new_tokens
     "tokens": generated tokens up to the first eos, "log_ratio": None}. With `log_ratio` (at T = 1), log pi(y|x) -
     log pi_ref(y|x) of exactly those tokens, pi_ref being `reference` or, for a PeftModel, the model with its
     adapter off: the per-sample term of the Monte-Carlo KL estimate."""
+    if log_ratio and (temperature != 1.0 or top_p != 1.0):  # the raw logits are pi only when sampling from them
+        raise ValueError("log_ratio needs answers sampled at temperature 1 from the full distribution (top_p 1)")
     model.eval()
     device = next(model.parameters()).device
     configured = model.generation_config.eos_token_id

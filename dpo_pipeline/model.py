@@ -12,6 +12,7 @@ from pathlib import Path
 import offline_models
 import torch
 from offline_models.gpt2 import write_random_checkpoint
+from offline_models.smollm2 import PretrainedError
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from trl import ModelConfig, get_peft_config, get_quantization_config
@@ -44,7 +45,10 @@ def resolve_model_path(name_or_path: str) -> str:
     random network trained with DPO also learns to separate chosen from rejected answers by their surface; what DPO
     did to the real model only counts beyond what it does to this twin."""
     if not name_or_path.startswith(RANDOM_TWIN_PREFIX):
-        return offline_models.resolve(name_or_path) or name_or_path
+        try:
+            return offline_models.resolve(name_or_path) or name_or_path
+        except (ValueError, OSError, PretrainedError) as err:  # an unknown offline: name, files that cannot be made
+            raise ModelLoadError(" ".join(str(err).split())) from None
     real = name_or_path.removeprefix(RANDOM_TWIN_PREFIX)
     folder = cache_dir() / "models" / f"random-twin-{hashlib.sha256(real.encode()).hexdigest()[:10]}-seed1"
     config = _from_pretrained(AutoConfig, resolve_model_path(real))

@@ -128,6 +128,7 @@ def resume_point(folder: str | Path, config: dict) -> Path | None:
     if before != now and checkpoints(folder):
         print(f"{folder}: its checkpoints are of other settings; removed, starting from step 0", flush=True)
         remove_checkpoints(folder)
+        return None  # never one of them, even one that could not be removed
     for checkpoint in reversed(checkpoints(folder)):
         if read_json(checkpoint / "trainer_state.json").get("global_step"):
             return checkpoint
@@ -259,6 +260,9 @@ def run_lock(folder: str | Path):
                     print(f"[{path.parent.name}] held by another sweep process: waiting for its record", flush=True)
                 waited = True
                 fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as err:  # ENOLCK / ENOSYS: a filesystem without flock (some network and FUSE mounts)
+                raise ValueError(f"{path.parent.parent}: this folder does not support file locks ({err.strerror}); "
+                                 "put the sweep's results on a local disk or one whose flock is shared") from None
             try:
                 held = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
             except FileNotFoundError:  # removed by the holder this process waited for

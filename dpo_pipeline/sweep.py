@@ -271,3 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                         best_by=spec.best_by)
     print(f"best run: {made['best_run_id']} -> {made['best']}\nworkbook: {made['workbook']}")
     return 0
+
+
+if __name__ == "__main__":  # python -m dpo_pipeline.sweep is python -m dpo_pipeline sweep
+    from .__main__ import main as dispatch
+
+    raise SystemExit(dispatch(["sweep", *__import__("sys").argv[1:]]))

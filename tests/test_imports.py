@@ -122,3 +122,27 @@ def test_card_and_hub_import_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+def top_level_imports(folder: Path) -> dict[str, set[str]]:
+    """file -> the top-level names its absolute imports load (`from dpo_pipeline.x import y` -> dpo_pipeline)."""
+    found = {}
+    for path in sorted(folder.rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.partition(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names.add(node.module.partition(".")[0])
+        found[path.name] = names
+    return found
+
+
+def test_layers_only_import_down():
+    # offline_models < dpo_pipeline < app, experiments: the offline stand-ins know nothing of the pipeline, and the
+    # pipeline nothing of the app or the experiments built on it
+    root = PACKAGE.parent
+    above = {"offline_models": {NAME, "app", "experiments"}, NAME: {"app", "experiments", "chat_session", "votes"}}
+    for folder, forbidden in above.items():
+        for name, imports in top_level_imports(root / folder).items():
+            assert not imports & forbidden, f"{folder}/{name} imports {imports & forbidden}"

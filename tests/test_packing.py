@@ -131,11 +131,13 @@ PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 
 @pytest.mark.slow
 def test_accumulated_and_token_sized_forwards_train_the_same_steps_as_whole_batches(tiny_gpt2, tmp_path):
-    # 8 pairs a step three ways: one forward; 4 accumulated micro-batches of 2 pairs; forwards of at most 180 packed
-    # positions (~2 pairs a row). Each must give the whole batch's loss, TRL's per-pair metrics and update.
+    # 8 pairs a step three ways: one forward; 4 accumulated micro-batches of 2 pairs (the reference scored each
+    # step, not precomputed); forwards of at most 180 packed positions (~2 pairs a row). Each must give the whole
+    # batch's loss, TRL's per-pair metrics and update.
     synthetic = get_synthetic(n_pairs=200, seed=0)
-    ways = {"whole": dict(per_device_train_batch_size=8), "accumulated": dict(per_device_train_batch_size=2,
-                                                                                gradient_accumulation_steps=4),
+    ways = {"whole": dict(per_device_train_batch_size=8),
+            "accumulated": dict(per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                                precompute_ref_log_probs=False),
             "tokens": dict(per_device_train_batch_size=8, micro_batch_tokens=180)}
     losses, adapters, forwards, logged = {}, {}, {}, {}
     for way, settings in ways.items():

@@ -251,7 +251,7 @@ def test_a_failed_run_hands_its_gpu_memory_back_before_the_next(tiny_gpt2, tmp_p
 @pytest.mark.slow
 def test_sigkill_mid_run_then_restart_gives_exactly_one_row_per_config(tmp_path):
     steps = 300 if torch.cuda.is_available() else 8  # a run on a GPU must last long enough to be killed mid-way
-    spec = write_spec(tmp_path / "sweep.yaml", {"learning_rate": [1e-3, 5e-4]}, steps=steps, heartbeat_seconds=1)
+    spec = write_spec(tmp_path / "sweep.yaml", {"learning_rate": [1e-3, 5e-4, 2e-4]}, steps=steps, heartbeat_seconds=1)
     spec.write_text(spec.read_text().replace("base:", f"base:\n  save_steps: {steps // 4}", 1))
     results = tmp_path / "results"
     # Kill it while a run is in progress after at least one finished and after the run saved a checkpoint.
@@ -263,9 +263,9 @@ def test_sigkill_mid_run_then_restart_gives_exactly_one_row_per_config(tmp_path)
 
     subprocess.run(sweep_cmd(spec, results), check=True, capture_output=True, timeout=600)
     dirs = run_dirs(results)
-    assert len(dirs) == 2 and all((d / "record.json").exists() and not (d / ".lock").exists() for d in dirs)
+    assert len(dirs) == 3 and all((d / "record.json").exists() and not (d / ".lock").exists() for d in dirs)
     records = [json.loads((d / "record.json").read_text()) for d in dirs]
-    assert sorted(r["config"]["learning_rate"] for r in records) == [5e-4, 1e-3]
+    assert sorted(r["config"]["learning_rate"] for r in records) == [2e-4, 5e-4, 1e-3]
     assert all(r["status"] == "finished" and r["train_steps"] == steps for r in records)
     assert {d: (d / "record.json").read_bytes() for d in done} == first_done  # finished runs were not redone
     # the killed run went on from its checkpoint, not from step 0; the others trained through
