@@ -97,7 +97,7 @@ def summary(record) -> str:
     ])
 
 
-if __name__ == "__main__":  # python -m dpo_pipeline.cli is python -m dpo_pipeline train
-    from .__main__ import main as dispatch
+if __name__ == "__main__":  # python -m dpo_pipeline.cli, the same as python -m dpo_pipeline train
+    from .errors import command
 
-    raise SystemExit(dispatch(["train", *__import__("sys").argv[1:]]))
+    raise SystemExit(command(main))

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m dpo_pipeline.evaluate is python -m dpo_pipeline evaluate
-    from .__main__ import main as dispatch
+if __name__ == "__main__":  # python -m dpo_pipeline.evaluate, the same as python -m dpo_pipeline evaluate
+    from .errors import command
 
-    raise SystemExit(dispatch(["evaluate", *__import__("sys").argv[1:]]))
+    raise SystemExit(command(main))

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m dpo_pipeline.export is python -m dpo_pipeline export
-    from .__main__ import main as dispatch
+if __name__ == "__main__":  # python -m dpo_pipeline.export, the same as python -m dpo_pipeline export
+    from .errors import command
 
-    raise SystemExit(dispatch(["export", *__import__("sys").argv[1:]]))
+    raise SystemExit(command(main))

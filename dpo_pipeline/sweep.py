@@ -105,8 +105,9 @@ class SweepSpec:
             combos = random.Random(self.sample_seed).sample(combos, min(self.random_samples, len(combos)))
         runs = {}
         for combo in combos:
-            settings = base.replace(**dict(zip(names, combo)))  # two combinations may be the same run
-            runs.setdefault(run_id(settings), settings.replace(output_dir=str(Path(runs_dir) / run_id(settings))))
+            settings = base.replace(**dict(zip(names, combo)))
+            key = run_id(settings)  # two combinations may be the same run
+            runs.setdefault(key, settings.replace(output_dir=str(Path(runs_dir) / key)))
         return list(runs.values())
 
 
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m dpo_pipeline.sweep is python -m dpo_pipeline sweep
-    from .__main__ import main as dispatch
+if __name__ == "__main__":  # python -m dpo_pipeline.sweep, the same as python -m dpo_pipeline sweep
+    from .errors import command
 
-    raise SystemExit(dispatch(["sweep", *__import__("sys").argv[1:]]))
+    raise SystemExit(command(main))
