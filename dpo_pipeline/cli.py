@@ -22,8 +22,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .args import _classes, load_recipe, profiles, resolve, results_dir
-from .errors import one_line_errors
+from .args import _classes, check_names, load_recipe, profiles, resolve, results_dir
+from .errors import UsageError, one_line_errors
 
 
 def parse_command_line(argv: list[str] | None = None):
@@ -31,7 +31,7 @@ def parse_command_line(argv: list[str] | None = None):
     from trl import TrlParser
 
     parser = one_line_errors(TrlParser(_classes(), prog="python -m dpo_pipeline train", description=__doc__,
-                                       formatter_class=argparse.RawDescriptionHelpFormatter))
+                                       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False))
     for action in parser._actions:  # unset options stay None, so the recipe's value is kept (args.resolve)
         if action.dest != "help":
             action.default = None
@@ -39,7 +39,13 @@ def parse_command_line(argv: list[str] | None = None):
                         "or none with --config)")
     parser.add_argument("--config", help="a recipe file of one's own (YAML, every key a setting)")
     parser.add_argument("--json", action="store_true", help="print the whole record as JSON (rank 0)")
-    args = vars(parser.parse_args(argv))
+    args, unknown = parser.parse_known_args(argv)
+    # an unknown flag is answered as an unknown setting in a recipe is: its name, and the one it may have meant
+    check_names({flag.lstrip("-").split("=")[0].replace("-", "_"): None for flag in unknown if flag.startswith("--")},
+                "command line")
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+    args = vars(args)
     profile, recipe, as_json = args.pop("profile"), args.pop("config"), args.pop("json")
     layers = [{"output_dir": str(results_dir() / f"run-{Path(recipe).stem}"), **load_recipe(recipe)}] if recipe else []
     return *resolve(profile or (None if recipe else "auto"), *layers, args, where="command line"), as_json

@@ -53,7 +53,10 @@ def write_sweep(path: Path, **spec) -> Path:
 CLI_MISTAKES = {
     "missing data file": (["--dataset_name", "no_such_file.jsonl"], ["no_such_file.jsonl", "not found"]),
     "bad data file": (["--dataset_name", str(TEST_DATA / "non_string.jsonl")], ["non_string.jsonl", "row", "field"]),
-    "unknown field": (["--learning_rte", "1e-3"], ["learning_rte"]),
+    "unknown field": (["--learning-rte", "1e-3"], ["learning_rte", "did you mean 'learning_rate'"]),
+    "old name": (["--grad_accum=4"], ["grad_accum", "did you mean 'gradient_accumulation_steps'"]),
+    "no abbreviations": (["--lr", "1e-3"], ["unknown setting 'lr'"]),
+    "stray argument": (["smoke"], ["unrecognized arguments: smoke"]),
     "bad value": (["--max_steps", "many"], ["max_steps", "many"]),
     "unknown model": (["--model_name_or_path", "nobody/no-such-model"], ["nobody/no-such-model"]),
     "unknown offline model": (["--model_name_or_path", "offline:gpt5"], ["gpt5"]),
