@@ -73,6 +73,7 @@ def main() -> None:
 
     from dpo_pipeline.args import shared_data_dir
     from dpo_pipeline.runs import write_json_atomic
+    from table import markdown  # this folder
 
     sample = shared_data_dir() / "hh-rlhf" / "harmless-base.jsonl.gz"
     if args.write_only:
@@ -115,9 +116,8 @@ def main() -> None:
 
     print(f"\n{args.pairs:,} pairs, max_length {args.max_length}, file {file_mb:.0f} MB (made in {make_s:.1f} s, "
           f"not counted); {len(os.sched_getaffinity(0))} CPUs: {cpu_model()}\n")
-    print("| stage    |  seconds |   pairs/s | CPU seconds |\n|----------|---------:|----------:|------------:|")
-    for name, s in stages.items():
-        print(f"| {name:<8} | {s:>8.2f} | {args.pairs / s:>9,.0f} | {cpu[name]:>11.2f} |")
+    print(markdown([{"stage": name, "seconds": f"{s:.2f}", "pairs/s": f"{args.pairs / s:,.0f}",
+                     "CPU seconds": f"{cpu[name]:.2f}"} for name, s in stages.items()]))
     print(f"\npeak RSS {rss_peak:,.0f} MB (after imports and tokenizer: {rss_start:,.0f} MB)\n")
     print(report)
     verdict = "within" if stages["total"] < 60 and rss_peak < 4096 else "OVER"

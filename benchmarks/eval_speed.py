@@ -44,6 +44,7 @@ from dpo_pipeline.args import HH_SAMPLE, resolve  # noqa: E402
 from dpo_pipeline.speed.packing import pack_batch, pack_rows, pair_segment  # noqa: E402
 from dpo_pipeline.prepare import prepare_data  # noqa: E402
 from dpo_pipeline.runs import write_json_atomic  # noqa: E402
+from table import markdown  # noqa: E402  (this folder)
 
 
 @torch.no_grad()
@@ -150,14 +151,11 @@ def main() -> None:
     }
     print(f"\n{len(tokenized)} real hh-rlhf test pairs, {opts.model} + LoRA r={settings.model.lora_r}, max_length {length}, "
           f"batch {batch}, {'4-bit NF4' if settings.model.load_in_4bit else 'unquantized'}; {device}\n")
-    print("| scorer |  seconds | pairs/s | tokens run | peak GPU MB |\n|--------|---------:|--------:|-----------:|------------:|")
-    for name in ("padded", "packed"):
-        r = result[name]
-        print(f"| {name:<6} | {r['seconds']:>8.2f} | {r['pairs_per_s']:>7.2f} | {r['tokens_run']:>10,} | "
-              f"{r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '-':>11} |")
-    r = result["packed_4x_batch"]
-    print(f"| packed, batch {4 * batch} | {r['seconds']:>8.2f} | {r['pairs_per_s']:>7.2f} | {r['tokens_run']:>10,} | "
-          f"{r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '-':>11} |")
+    scorers = {"padded": result["padded"], "packed": result["packed"],
+               f"packed, batch {4 * batch}": result["packed_4x_batch"]}
+    print(markdown([{"scorer": name, "seconds": f"{r['seconds']:.2f}", "pairs/s": f"{r['pairs_per_s']:.2f}",
+                     "tokens run": f"{r['tokens_run']:,}", "peak GPU MB": r["peak_gpu_mb"] or "-"}
+                    for name, r in scorers.items()]))
     print(f"\npacked is {result['speedup']}x faster; largest difference in a summed log-prob {diff:.2e}; "
           f"packed at batch {4 * batch} takes {r['seconds'] / new_s:.2f}x the time of batch {batch}")
 
@@ -170,9 +168,8 @@ def main() -> None:
         generation[name] = {"seconds": round(seconds, 2), "peak_gpu_mb": peak and round(peak)}
     result["generation"] = {"prompts": len(prompts), "max_new_tokens": 48, **generation}
     print(f"\n{len(prompts)} prompts answered (one side of judged_generations), 48 new tokens, sampled:\n")
-    print("| generation        |  seconds | peak GPU MB |\n|-------------------|---------:|------------:|")
-    for name, r in generation.items():
-        print(f"| {name:<17} | {r['seconds']:>8.2f} | {r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '-':>11} |")
+    print(markdown([{"generation": name, "seconds": f"{r['seconds']:.2f}", "peak GPU MB": r["peak_gpu_mb"] or "-"}
+                    for name, r in generation.items()]))
     if opts.json:
         write_json_atomic(opts.json, result)
         print(f"wrote {opts.json}")

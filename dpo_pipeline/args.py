@@ -62,8 +62,7 @@ class RunArguments:
     shuffled_labels: bool = _option(False, "the label control: swap chosen and rejected of each training pair with "
                                            "probability 1/2 (seeded by split_seed); evaluations keep the real labels")
     # after training
-    judge: str | None = _option(None, "judged generations: 'proxy' (a reward model trained on the validation pairs), "
-                                      "a Hub reward model id, a folder, or 'none'")
+    judge: str | None = _option(None, "judged generations: a reward model (Hub id or folder), or 'none'")
     judge_prompts: int = _option(32, "judged prompts (validation, else test split)")
     log_completions: int = _option(2, "answers to this many fixed validation prompts at every evaluation (0: none)")
     # speed levers (speed/): opt-in
@@ -238,6 +237,8 @@ def check_values(s: Settings, where: str = "settings") -> None:
         (not s.model.use_peft, "use_peft must be true: this pipeline trains LoRA adapters"),
         (not s.model.model_name_or_path, "model_name_or_path is not set"),
         (not 0 <= run.test_fraction < 1, f"test_fraction must be in [0, 1), got {run.test_fraction}"),
+        (run.judge == "proxy", "judge 'proxy' is gone: on held-out pairs it did no better than picking the shorter "
+                               "answer (docs/evaluation.md); name a reward model (Hub id or folder), or 'none'"),
         (run.micro_batch_tokens > 0 and (not run.packing or run.trainer != "tuned"
                                          or dpo.gradient_accumulation_steps != 1),
          "micro_batch_tokens sizes the packed forwards of the tuned trainer: it needs packing, trainer 'tuned' and "

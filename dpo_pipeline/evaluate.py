@@ -21,7 +21,7 @@ from .card import base_model_of
 from .chat import load_adapter, resolve_adapter
 from .chat_template import as_text, with_prompt_format
 from .model import load_base_model, load_tokenizer
-from .judge import judged_generations, load_judge, pairwise_accuracy, proxy_judge
+from .judge import judged_generations, load_judge, pairwise_accuracy
 from .speed.packing import attention_mask, pack_batch, pack_rows, pair_segment
 from .refcache import base_model_fingerprint  # the hash the reference cache keys on
 from .prepare import prepare_data, tokenization_args, tokenize_pairs
@@ -134,8 +134,7 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
     file, in the model's own prompt format, max_length and beta: preference_eval of the policy and of its base on the
     same pairs and, given, of the `control` (its shuffled-label run), compared pair by pair with the policy (McNemar);
     with `behaviour` > 0, behaviour.behaviour_report on that many held-out prompts; with `prompts` > 0, generations
-    judged by `judge` against the base ("proxy": a reward model trained on the file's validation pairs, which DPO did
-    not train on)."""
+    judged by the reward model `judge` against the base."""
     path = Path(source).expanduser()
     merged = (path / "config.json").exists() and not (path / "adapter_config.json").exists()
     if merged and not base:
@@ -154,8 +153,8 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
     name = judge or settings.run.judge
     if prompts > 0 and (merged or name in (None, "", "none")):
         raise UsageError("--prompts needs an adapter folder; use --behaviour" if merged else "--prompts needs an "
-                         "adapter folder and a judge: --judge <reward model id or folder>, or --judge proxy")
-    found = load_judge(proxy_judge(settings, data) if name == "proxy" else name) if prompts > 0 else None
+                         "adapter folder and a judge: --judge <reward model id or folder>")
+    found = load_judge(name) if prompts > 0 else None
     beta, max_length, seed = settings.dpo.beta, settings.dpo.max_length, settings.dpo.seed
     if merged:
         model, reference = load_base_model(str(folder)), load_base_model(base)
@@ -219,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=["test", "all"], default="test",
                         help="the file's held-out split (default; the seeded 80/20 split) or all its pairs")
     parser.add_argument("--prompts", type=int, default=0, help="judge this many generations against the base")
-    parser.add_argument("--judge", help="reward model: a Hub id, a folder, or 'proxy' (default: the run's own)")
+    parser.add_argument("--judge", help="reward model: a Hub id or a folder (default: the run's own)")
     parser.add_argument("--behaviour", type=int, default=0, metavar="N",
                         help="answer N held-out prompts with base, adapter (and --control): paired behaviour tests")
     parser.add_argument("--control", help="the adapter's control run (its shuffled-label folder) for --behaviour")

@@ -1,8 +1,7 @@
 """Judged generations: does the DPO policy answer better than the base model, in a reward model's judgment?
 
 TRL 1.16 ships no judges, so a judge is any one-output sequence-classification reward model: a Hub model (e.g.
-OpenAssistant/reward-model-deberta-v3-large-v2) or a local folder, such as the proxy reward model that
-`train_proxy_reward_model` trains with TRL's RewardTrainer on the validation pairs, which DPO does not train on. A
+OpenAssistant/reward-model-deberta-v3-large-v2) or a local folder (one trained with TRL's RewardTrainer, say). A
 decoder judge reads `prompt + answer + eos` as one text, as RewardTrainer does; an encoder (one with a separator
 token) reads the (prompt, answer) pair. Check a judge on held-out pairs first (`pairwise_accuracy`): one that cannot
 beat the length heuristic there says little about generations. No judge is used unless asked for: on hh-rlhf none
@@ -17,11 +16,9 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from trl import RewardConfig, RewardTrainer
 
 from .generation import base_and_adapter_answers
 from .hf import cached_snapshot, hub_reachable
-from .model import load_tokenizer, resolve_model_path
 from .stats import TIE_TOLERANCE, length_shares, proportion, win_rate
 
 LENGTH_MATCH = 0.2  # answers whose token counts differ by at most 20% of the longer one are "length-matched"
@@ -36,49 +33,6 @@ class Judge:
     model: torch.nn.Module
     tokenizer: object
     name: str
-
-
-def train_proxy_reward_model(train_pairs, base_model: str | Path, output_dir: str | Path, *, max_length: int = 256,
-                             max_steps: int = -1, learning_rate: float = 1e-4, batch_size: int = 8,
-                             seed: int = 0) -> Path:
-    """Train a reward model from `base_model` (all its weights plus a new one-output head) with TRL's RewardTrainer
-    on prompt/chosen/rejected text, and save it with its tokenizer to `output_dir`. Pass the TRAINING split only.
-    One epoch unless `max_steps` > 0. TRL appends eos and drops pairs longer than `max_length` tokens."""
-    base = resolve_model_path(str(base_model))  # offline:<name> works too
-    args = RewardConfig(
-        output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate,
-        per_device_train_batch_size=batch_size, max_length=max_length, seed=seed, report_to="none",
-        save_strategy="no", gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),  # bf16 is emulated (slow) on most CPUs
-    )
-    trainer = RewardTrainer(model=base, args=args, processing_class=load_tokenizer(base),  # pad token set
-                            train_dataset=train_pairs.select_columns(["prompt", "chosen", "rejected"]))
-    trainer.train()
-    trainer.save_model(str(output_dir))  # the model (pad_token_id set) and the tokenizer
-    return Path(output_dir)
-
-
-def proxy_judge(settings, data) -> Path:
-    """The proxy reward model for a run: trained from the run's base model (a control run's real base, never its
-    random twin) on the run's validation pairs, which DPO does not train on, kept under cache_dir()/judges/ by what
-    it depends on, and reused. A proxy: check its held-out accuracy (pairwise_accuracy) before reading its verdicts."""
-    from .args import cache_dir
-    from .refcache import xxhash  # the same fast hash as the reference cache
-    from .runs import CONTROL_PREFIX
-
-    if data.validation is None or len(data.validation) < 2:
-        raise JudgeError("the proxy judge trains on the validation pairs, which DPO does not train on: set "
-                         "validation_pairs (e.g. 200)")
-    base, max_length, seed = (settings.model.model_name_or_path.removeprefix(CONTROL_PREFIX), settings.dpo.max_length,
-                              settings.dpo.seed)
-    table = data.validation.select_columns(["prompt", "chosen", "rejected"]).to_pandas().to_json()
-    key = xxhash.xxh3_128(f"{base}|{max_length}|{seed}|{table}".encode()).hexdigest()[:16]
-    folder = cache_dir() / "judges" / key
-    if not (folder / "config.json").exists():
-        tmp = folder.with_name(f".{key}.tmp")
-        train_proxy_reward_model(data.validation, base, tmp, max_length=max_length, seed=seed)
-        tmp.replace(folder)
-    return folder
 
 
 def load_judge(name_or_path: str | Path, device: str | None = None) -> Judge:

@@ -26,7 +26,7 @@ from .chat_template import as_text, with_prompt_format
 from .data import PreferenceData
 from .doctor import diagnose
 from .evaluate import preference_eval
-from .judge import JudgeError, judged_generations, load_judge, pairwise_accuracy, proxy_judge
+from .judge import JudgeError, judged_generations, load_judge, pairwise_accuracy
 from .prepare import prepare_data
 from .runs import RunRecord, remove_checkpoints, resume_point, write_json_atomic, write_run_start
 from .tracking import CompletionsCallback, report_to
@@ -109,12 +109,11 @@ def judge_policy(settings: Settings, data: PreferenceData, trainer, tokenizer, f
         return {"error": "not judged in a data-parallel run: run python -m dpo_pipeline evaluate on the adapter"}
     run = settings.run
     try:
-        name = str(proxy_judge(settings, data) if run.judge == "proxy" else run.judge)
-        judge = load_judge(name)
+        judge = load_judge(run.judge)
         prompts = list(data.monitor["prompt"][:run.judge_prompts])
         result = judged_generations(trainer.model, tokenizer, prompts, judge, seed=settings.dpo.seed)
         pairs = as_text(data.test, tokenizer)  # the held-out pairs as the model reads them, which the judge scores
-        key = (name, xxhash.xxh3_128(json.dumps(pairs).encode()).hexdigest())
+        key = (run.judge, xxhash.xxh3_128(json.dumps(pairs).encode()).hexdigest())
         if key not in JUDGE_ACCURACY:
             JUDGE_ACCURACY[key] = pairwise_accuracy(judge, pairs)
     except JudgeError as err:

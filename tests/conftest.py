@@ -36,6 +36,22 @@ def tiny_gpt2(tmp_path_factory) -> str:
     return str(make_offline_gpt2("gpt2-tiny", tmp_path_factory.mktemp("models") / "tiny"))
 
 
+@pytest.fixture(scope="session")
+def random_reward_model(tiny_gpt2, tmp_path_factory) -> str:
+    """A decoder reward model folder with random weights (tiny GPT-2 + a fresh one-output head): real, arbitrary
+    scores, the judge of the tests (none runs offline)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from dpo_pipeline.model import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("judge") / "random-rm"
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=1).save_pretrained(folder)
+    load_tokenizer(tiny_gpt2).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture(autouse=True)
 def _offline_env(monkeypatch):
     # The Hub is unreachable here; say so up front so nothing waits on network retries.

@@ -67,6 +67,7 @@ BAD_VALUES = {
     "optim": ("no_such_optimizer", "'no_such_optimizer'"),
     "test_fraction": (1.5, "test_fraction must be in"),
     "trainer": ("fast", "trainer must be 'tuned' or 'trl'"),
+    "judge": ("proxy", "judge 'proxy' is gone"),  # removed: at chance on held-out pairs
 }
 
 

@@ -178,7 +178,7 @@ def test_evaluate_command_reports_intervals_and_baselines_and_one_line_errors(tm
     assert_one_line_error(_run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--prompts", "2",
                                                "--judge", str(tmp_path / "no_judge")], capsys), "no_judge")
     assert_one_line_error(_run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--prompts", "2"], capsys),
-                          "--judge")  # no judge by default: a proxy is asked for by name
+                          "--judge")  # no judge by default
 
 
 

@@ -1,13 +1,12 @@
-"""judge.py: a proxy reward model trained with TRL's RewardTrainer, loading judges (one-line failures), scoring as a
-decoder or an encoder judge reads its input, and judged generations base vs policy. Real tiny GPT-2 / BERT, real
+"""judge.py: loading judges (one-line failures), scoring as a decoder or an encoder judge reads its input, and judged
+generations base vs policy. Real tiny GPT-2 / BERT, real
 TRL, transformers and peft; no mocks."""
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertTokenizer
 
-from dpo_pipeline.judge import (JudgeError, judged_generations, load_judge, pairwise_accuracy, score,
-                                train_proxy_reward_model)
+from dpo_pipeline.judge import JudgeError, judged_generations, load_judge, score
 from dpo_pipeline.model import add_lora, load_base_model, load_tokenizer, lora_config
 from dpo_pipeline.chat_template import as_text
 from dpo_pipeline.synthetic import get_synthetic
@@ -16,39 +15,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
-def random_judge(tiny_gpt2, tmp_path_factory):
-    """A decoder reward model with random weights (tiny GPT-2 + a fresh one-output head): real, arbitrary scores."""
-    folder = tmp_path_factory.mktemp("judge") / "random-rm"
-    torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=1).save_pretrained(folder)
-    load_tokenizer(tiny_gpt2).save_pretrained(folder)
-    return load_judge(folder)
-
-
-def _length_balanced(split):
-    """As generated, the SHOUTED rejected answer is always the longer in tokens, so "pick the shorter" scores 100%.
-    Here every other rejected answer keeps only its first three words (still shouted), which makes it the shorter."""
-    def shorten(row, index):
-        if index % 2:
-            row["rejected"] = [{"role": "assistant", "content": " ".join(row["rejected"][0]["content"].split()[:3])
-                                + "!!!"}]
-        return row
-    return split.map(shorten, with_indices=True)
-
-
-@pytest.mark.slow  # trains a reward model
-def test_proxy_reward_model_learns_the_rule_not_the_length(tiny_gpt2, tmp_path):
-    data = get_synthetic(n_pairs=300, seed=0)
-    folder = train_proxy_reward_model(data.train, tiny_gpt2, tmp_path / "rm", max_length=64, max_steps=60,
-                                      learning_rate=1e-3, seed=0)  # trained on the train split, where shorter wins
-    assert (folder / "config.json").exists() and (folder / "tokenizer_config.json").exists()
-    held_out = as_text(_length_balanced(data.test), load_tokenizer(tiny_gpt2))  # as the model reads them
-    result = pairwise_accuracy(load_judge(folder), held_out)
-    n = len(held_out["prompt"])
-    assert result["pairs"] == n and result["accuracy"] == result["wins"] / n
-    length_heuristic = max(result["shorter_accuracy"], result["longer_accuracy"])
-    assert length_heuristic < 0.65  # near chance on these pairs ...
-    assert result["accuracy_ci"][0] > 0.5 and result["accuracy_ci"][0] > length_heuristic  # ... the judge is not
+def random_judge(random_reward_model):
+    return load_judge(random_reward_model)
 
 
 def test_decoder_score_ignores_batching_and_keeps_the_answer_of_a_too_long_text(random_judge):

@@ -44,8 +44,7 @@ def test_notebook_smoke_profile_end_to_end(tmp_path):
     env = {**os.environ, "DPO_RESULTS_DIR": str(tmp_path / "results")}
     subprocess.run(
         [sys.executable, "-m", "papermill", str(NOTEBOOK), str(executed), "-k", "python3",
-         "-p", "profile", "smoke", "-p", "max_steps", "8", "-p", "eval_steps", "4",
-         "-p", "sweep_spec", str(ROOT / "configs" / "sweeps" / "tpe_smoke.yaml"), "--log-output"],
+         "-p", "profile", "smoke", "-p", "max_steps", "8", "-p", "eval_steps", "4", "--log-output"],
         check=True, cwd=ROOT / "notebooks", env=env, timeout=900,
     )
     nb = nbformat.read(executed, as_version=4)
@@ -70,15 +69,16 @@ def test_notebook_smoke_profile_end_to_end(tmp_path):
     assert set(behaviour["tests"]) == {"policy vs base", "policy vs control"} and "Holm" in text
     assert set(behaviour["findings"]) <= set(record["findings"])  # the doctor on the answers, kept in the record
 
-    # The sweep: a 6-trial TPE study (configs/sweeps/tpe_smoke.yaml); each trial has a record, the best is published,
-    # the workbook made with its Trials sheet, and the best run's answers while training are shown.
+    # The sweep: the profile's own (configs/sweeps/smoke.yaml, 3 runs drawn from a grid; a TPE study is
+    # test_search's); each run has a record, the best is published, the workbook made, the best run's answers while
+    # training shown.
     runs = [d for d in (tmp_path / "results" / "runs").iterdir() if (d / "record.json").exists()]
-    assert len(runs) == 6 and (tmp_path / "results" / "optuna.db").exists()
+    assert len(runs) == 3 and (tmp_path / "results" / "optuna.db").exists()
     best = json.loads((tmp_path / "results" / "best" / "record.json").read_text())
     assert best["run_id"] in {d.name for d in runs} and f"Best run: {best['run_id']}" in text
     assert (tmp_path / "results" / "best" / "adapter_model.safetensors").exists()
     sheets = openpyxl.load_workbook(tmp_path / "results" / "sweep_results.xlsx").sheetnames
-    assert {"Runs", "History", "Summary", "Samples", "Charts", "Trials", "Completions"} <= set(sheets)
+    assert {"Runs", "History", "Summary", "Samples", "Charts", "Completions"} <= set(sheets)
     assert (tmp_path / "results" / "plots" / "sweep.png").stat().st_size > 10_000
     assert "Not pushing: no Hub repo id given" in text  # the push cell is skipped cleanly without a repo id
     assert (tmp_path / "results" / "best-merged" / "config.json").exists()  # the export step

@@ -184,12 +184,12 @@ def test_a_run_stopped_by_ctrl_c_is_redone_and_only_it(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sweep_records_failures_and_goes_on_then_skips_on_restart(tiny_gpt2, tmp_path, capsys):
-    # a learning rate of 1e30 is a valid setting that fails while training (a non-finite loss). The smoke profile's
-    # proxy judge is trained in this process (fp32 on a CPU) between DPO runs that autocast to bf16 where the CPU
-    # has it natively: each run builds its own DPOConfig, which resets accelerate's process-wide state.
+def test_sweep_records_failures_and_goes_on_then_skips_on_restart(tiny_gpt2, random_reward_model, tmp_path, capsys):
+    # a learning rate of 1e30 is a valid setting that fails while training (a non-finite loss). The finished runs are
+    # judged (a reward model in fp32) between DPO runs that autocast to bf16 where the CPU has it natively.
     spec = sweep.SweepSpec(grid={"learning_rate": [1e-3, 1e30], "beta": [0.1, 0.2]}, profile="smoke",
-                           base={**TINY_RUN, "model_name_or_path": tiny_gpt2, "max_pairs": 100, "judge_prompts": 2})
+                           base={**TINY_RUN, "model_name_or_path": tiny_gpt2, "max_pairs": 100,
+                                 "judge": random_reward_model, "judge_prompts": 2})
     records = sweep.run_spec(spec, tmp_path)
     assert len(records) == 4
     by_status = {s: [r for r in records if r["status"] == s] for s in ("finished", "failed")}
@@ -201,6 +201,9 @@ def test_sweep_records_failures_and_goes_on_then_skips_on_restart(tiny_gpt2, tmp
         assert done["train_steps"] == 3 and done["evaluation"]["pairs"] == test_pairs
         assert 0 <= done["evaluation"]["reward_accuracy"] + done["evaluation"]["reward_ties"] <= 1
         assert done["base_evaluation"]["reward_ties"] == 1.0  # the base is its own reference
+        judged = done["judged"]  # its answers and the base's to 2 validation prompts, judged; the judge checked
+        assert judged["n"] == 2 and judged["judge_pairs"] == test_pairs and 0 <= judged["judge_accuracy"] <= 1
+        assert (Path(done["adapter_path"]) / "judged.json").exists()
 
     mtimes = {d: (d / "record.json").stat().st_mtime_ns for d in run_dirs(tmp_path)}
     capsys.readouterr()
