@@ -157,7 +157,7 @@ def main() -> None:
                      "tokens run": f"{r['tokens_run']:,}", "peak GPU MB": r["peak_gpu_mb"] or "-"}
                     for name, r in scorers.items()]))
     print(f"\npacked is {result['speedup']}x faster; largest difference in a summed log-prob {diff:.2e}; "
-          f"packed at batch {4 * batch} takes {r['seconds'] / new_s:.2f}x the time of batch {batch}")
+          f"packed at batch {4 * batch} takes {wide_s / new_s:.2f}x the time of batch {batch}")
 
     prompts = list(data.test["prompt"][:opts.prompts or (64 if opts.gpu else 16)])
     answer = lambda batch_size: sample_answers(model, tokenizer, prompts, seed=0, max_new_tokens=48,
