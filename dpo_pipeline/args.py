@@ -116,9 +116,10 @@ def field_names() -> dict[str, str]:
     return {f.name: cls.__name__ for cls in _classes() for f in dataclasses.fields(cls) if f.init}
 
 
-def check_names(values: dict, where: str = "settings") -> None:
-    """One line naming the first unknown setting, with the name that replaced it or the closest known one."""
-    known = field_names()
+def check_names(values: dict, where: str = "settings", also: tuple[str, ...] = ()) -> None:
+    """One line naming the first unknown setting, with the name that replaced it or the closest known one (`also`:
+    names the caller knows besides the settings, such as a command's own flags)."""
+    known = [*field_names(), *also]
     for name in values:
         if name not in known:
             close = [RENAMED[name]] if name in RENAMED else difflib.get_close_matches(name, known, n=1)

@@ -42,7 +42,7 @@ def parse_command_line(argv: list[str] | None = None):
     args, unknown = parser.parse_known_args(argv)
     # an unknown flag is answered as an unknown setting in a recipe is: its name, and the one it may have meant
     check_names({flag.lstrip("-").split("=")[0].replace("-", "_"): None for flag in unknown if flag.startswith("--")},
-                "command line")
+                "command line", also=("profile", "config", "json"))
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
     args = vars(args)

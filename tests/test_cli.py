@@ -56,6 +56,7 @@ CLI_MISTAKES = {
     "unknown field": (["--learning-rte", "1e-3"], ["learning_rte", "did you mean 'learning_rate'"]),
     "old name": (["--grad_accum=4"], ["grad_accum", "did you mean 'gradient_accumulation_steps'"]),
     "no abbreviations": (["--lr", "1e-3"], ["unknown setting 'lr'"]),
+    "the command's own flag": (["--confg", "my.yaml"], ["did you mean 'config'"]),
     "stray argument": (["smoke"], ["unrecognized arguments: smoke"]),
     "bad value": (["--max_steps", "many"], ["max_steps", "many"]),
     "unknown model": (["--model_name_or_path", "nobody/no-such-model"], ["nobody/no-such-model"]),
