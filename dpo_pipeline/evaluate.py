@@ -142,7 +142,8 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
                          "from with --base, the reference its implicit rewards are measured against")
     folder = path if merged else resolve_adapter(source)
     known, run = field_names(), read_run(folder)
-    trained = {k: v for k, v in run["run_config"].items() if k in known}
+    # the run's judge is only a default here; "proxy" (removed) is no judge, so folders trained before still load
+    trained = {k: v for k, v in run["run_config"].items() if k in known and (k, v) != ("judge", "proxy")}
     # a folder another trainer wrote: its adapter's base; a merged model: the base it names
     trained["model_name_or_path"] = base or trained.get("model_name_or_path") or base_model_of(run)
     settings = parse({**trained, "dataset_name": str(pairs_file), "data_dir": None, "max_pairs": None,

@@ -160,6 +160,8 @@ def test_app_shows_the_base_model_metrics(tmp_path):
 @pytest.mark.slow  # builds a trainer, scores files or runs pip: kept out of the one-minute set
 def test_evaluate_command_reports_intervals_and_baselines_and_one_line_errors(tmp_path, capsys):
     adapter = make_tiny_adapter(tmp_path / "adapter")
+    run_config = json.loads((adapter / "run_config.json").read_text())  # as a folder trained before "proxy" went
+    (adapter / "run_config.json").write_text(json.dumps({**run_config, "judge": "proxy"}))
     pairs = TEST_DATA / "plain_good.jsonl"
     proc = _run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--split", "all", "--json"], capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
