@@ -4,9 +4,9 @@ TRL, transformers and peft; no mocks."""
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, BertTokenizer
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-from dpo_pipeline.judge import JudgeError, judged_generations, load_judge, score
+from dpo_pipeline.judge import JudgeError, judged_generations, load_judge, pairwise_accuracy, score
 from dpo_pipeline.model import add_lora, load_base_model, load_tokenizer, lora_config
 from dpo_pipeline.chat_template import as_text
 from dpo_pipeline.synthetic import get_synthetic
@@ -34,6 +34,22 @@ def test_decoder_score_ignores_batching_and_keeps_the_answer_of_a_too_long_text(
     with torch.no_grad():  # the judge sees the last `limit` tokens: the prompt loses its start, the answer is whole
         expected = random_judge.model(torch.tensor([ids], device=random_judge.model.device)).logits[0, 0].item()
     assert score(random_judge, [long_prompt], [" hello."])[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_pairwise_accuracy_counts_the_judge_s_wins_and_ties_beside_the_length_baselines(random_judge, tiny_gpt2):
+    tokenizer = load_tokenizer(tiny_gpt2)
+    pairs = as_text(get_synthetic(n_pairs=60, seed=2).test, tokenizer)  # the held-out pairs as the model reads them
+    pairs["chosen"][1] = pairs["rejected"][1]  # one pair the judge cannot split: a tie, counted as a miss
+    result = pairwise_accuracy(random_judge, pairs)
+    chosen, rejected = (score(random_judge, pairs["prompt"], pairs[side]) for side in ("chosen", "rejected"))
+    wins = sum(c - r > 1e-5 for c, r in zip(chosen, rejected))
+    n = len(pairs["prompt"])
+    assert (result["pairs"], result["wins"], result["accuracy"]) == (n, wins, wins / n) and result["ties"] >= 1
+    lo, hi = result["accuracy_ci"]
+    assert 0 <= lo <= result["accuracy"] <= hi <= 1
+    tokens = lambda text: len(random_judge.tokenizer(text, add_special_tokens=False)["input_ids"])
+    shorter = sum(tokens(c) < tokens(r) for c, r in zip(pairs["chosen"], pairs["rejected"]))
+    assert result["shorter_accuracy"] == shorter / n  # the baseline in the judge's own tokens
 
 
 def test_encoder_judge_reads_the_prompt_answer_text_pair(tmp_path):
