@@ -108,14 +108,15 @@ def test_sweep_user_mistakes_are_one_line_and_exit_2(tmp_path, monkeypatch, caps
 
 
 @pytest.mark.slow
-def test_sweep_base_reaches_tokenizer_and_data_and_every_run_folder_is_complete(tmp_path):
+def test_sweep_base_reaches_tokenizer_and_data_and_every_run_folder_is_complete(tmp_path, monkeypatch, capsys):
     # Profile `full` names a Hub model and dataset; the sweep's base replaces both, so nothing is fetched, and its
     # max_length (16: some synthetic prompts no longer fit) is the length the data is cleaned for and trained at.
     base = {**TINY, "max_length": 16, "max_eval_pairs": 16, "validation_pairs": 8,  # full's 2,000 are too many here
             "judge": "none"}  # full's judge is on the Hub
     spec = write_sweep(tmp_path / "sweep.yaml", profile="full", base=base, grid={"learning_rate": [1e-3, 2e-4]},
                        control="random")
-    proc = command(["dpo_pipeline", "sweep", str(spec)], tmp_path)
+    monkeypatch.setenv("DPO_RESULTS_DIR", str(tmp_path / "results"))
+    proc = _run(sweep.main, [str(spec)], capsys)  # the command in this process
     assert proc.returncode == 0, proc.stderr[-3000:]
     # each finished run says where its time went, and what the runs left would take at that pace
     assert re.search(r"\] 1/2 finished in \d+ s: build \d+ s, training \d+ s, evaluating \d+ s; at this pace about "

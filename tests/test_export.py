@@ -5,8 +5,6 @@ so the merged model must differ from the bare base. Logits are compared in fp32 
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +14,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dpo_pipeline.__main__ import main as dpo_main
 from dpo_pipeline.export import merge_adapter
 from dpo_pipeline.hub import push_adapter
 from dpo_pipeline.model import ModelLoadError, resolve_model_path
 from hub_double import TOKEN, USER, HubDouble, make_tiny_adapter
-from test_hub import ROOT, one_line, run_client
+from test_hub import one_line, run_client
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TEXT = "\n\nHuman: What is a good name for a cat?\n\nAssistant: Whiskers, or Mittens if it has white paws."
@@ -113,22 +112,23 @@ def test_bad_adapters_and_outputs_are_one_line_user_errors(run, tmp_path):
         merge_adapter(run, dtype="int8")
 
 
-def export_command(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dpo_pipeline", "export", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+def export_command(capsys, *args) -> tuple[int, str, str]:
+    """`python -m dpo_pipeline export ARGS` in this process (test_cli has the one subprocess test of exit codes)."""
+    code = dpo_main(["export", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-@pytest.mark.slow  # starts a process
-def test_command_exits_2_with_one_line_for_a_bad_adapter_and_merges_a_good_one(run, tmp_path):
+def test_command_exits_2_with_one_line_for_a_bad_adapter_and_merges_a_good_one(run, tmp_path, capsys):
     for args in ([tmp_path / "missing"], [run, "--dtype", "int8"]):  # a mistake in the folder, then in a flag
-        proc = export_command(*args)
-        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+        code, out, err = export_command(capsys, *args)
+        assert code == 2 and out == "", err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
         assert str(args[0]) in lines[0] or "int8" in lines[0]
-    proc = export_command(run, "--out", tmp_path / "merged", "--dtype", "bfloat16")
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
+    code, out, err = export_command(capsys, run, "--out", tmp_path / "merged", "--dtype", "bfloat16")
+    assert code == 0, err
+    lines = out.strip().splitlines()
     assert lines[0] == f"Merged {run} into its full-precision base model (bfloat16): {tmp_path / 'merged'}"
     assert lines[1].startswith("  full merge vs the adapter as served: max |logit gap|") and len(lines) == 2
     assert (tmp_path / "merged" / "model.safetensors").exists()

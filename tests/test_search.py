@@ -1,7 +1,6 @@
 """The sweep's Optuna study: TPE's space, the storage, pruning a lagging run, a TPE sweep's records and tracking."""
 
 import json
-import subprocess
 
 import openpyxl
 import optuna
@@ -11,9 +10,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dpo_pipeline import sweep
 from dpo_pipeline.args import ConfigError, parse
+from dpo_pipeline.errors import command
 from dpo_pipeline.search import PruneLaggingRun, open_study, suggest
 from dpo_pipeline.synthetic import get_synthetic
-from test_sweep import sweep_cmd
 
 TINY = dict(max_steps=4, eval_steps=2, logging_steps=2, per_device_train_batch_size=4, max_length=48, load_in_4bit=False,
             max_pairs=100, max_eval_pairs=16, judge="none", log_completions=1)
@@ -61,13 +60,13 @@ def test_a_run_lagging_the_study_is_pruned_at_an_evaluation(tiny_gpt2, tmp_path)
 
 
 @pytest.mark.slow
-def test_tpe_study_makes_its_trials_with_records_tracking_and_a_trials_sheet(tmp_path):
-    # SIGKILL, resume and several workers are the one runner's, tested on a grid in test_sweep.py
+def test_tpe_study_makes_its_trials_with_records_tracking_and_a_trials_sheet(tmp_path, capsys):
+    # SIGKILL, resume and several workers are the one runner's, tested on a grid in test_sweep.py (in processes)
     spec = tmp_path / "tpe.yaml"
     spec.write_text(yaml.safe_dump({"profile": "smoke", "search": "tpe", "trials": 3, "base": TINY, "space": SPACE}))
     results = tmp_path / "results"
-    proc = subprocess.run(sweep_cmd(spec, results), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert command(sweep.main, [str(spec), "--results-dir", str(results)]) == 0, capsys.readouterr().err[-3000:]
+    proc = capsys.readouterr()  # the command's printed lines
 
     study = optuna.load_study(study_name="tpe", storage=f"sqlite:///{results / 'optuna.db'}")
     states = optuna.trial.TrialState
@@ -77,7 +76,7 @@ def test_tpe_study_makes_its_trials_with_records_tracking_and_a_trials_sheet(tmp
     records = [json.loads((d / "record.json").read_text()) for d in folders]
     assert not any((d / ".lock").exists() for d in folders)
     assert {t.user_attrs["run_id"] for t in counted} <= {r["run_id"] for r in records}  # every trial has its run
-    assert proc.stdout.count("training:") == len(folders)  # each run trained once
+    assert proc.out.count("training:") == len(folders)  # each run trained once
     assert all(r["search"]["method"] == "tpe" and r["status"] in ("finished", "pruned") for r in records)
     for record in records:  # the tracker logs every trial, with its settings and answers while training
         tags = set()
