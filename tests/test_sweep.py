@@ -264,7 +264,7 @@ def test_sigkill_mid_run_then_restart_gives_exactly_one_row_per_config(tmp_path)
     assert (killed_run / ".lock").exists() and not (killed_run / "record.json").exists()
     first_done = {d: (d / "record.json").read_bytes() for d in done}
 
-    subprocess.run(sweep_cmd(spec, results), check=True, capture_output=True, timeout=600)
+    assert sweep.main([str(spec), "--results-dir", str(results)]) == 0  # the restart, in this process
     dirs = run_dirs(results)
     assert len(dirs) == 3 and all((d / "record.json").exists() and not (d / ".lock").exists() for d in dirs)
     records = [json.loads((d / "record.json").read_text()) for d in dirs]
