@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Iterator
 
 from dpo_pipeline.args import results_dir
-from dpo_pipeline.chat import ChatError, LoadedAdapter, first_line
+from dpo_pipeline.chat import ChatError, LoadedAdapter
+from dpo_pipeline.errors import first_line
 from dpo_pipeline.chat_template import ASSISTANT, HUMAN
 from dpo_pipeline.runs import adapter_files
 

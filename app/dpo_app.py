@@ -17,6 +17,7 @@ import streamlit as st
 import chat_session as session  # app/: streamlit puts the script's folder on the path
 import votes
 from dpo_pipeline import chat
+from dpo_pipeline.errors import first_line
 
 st.set_page_config(page_title="DPO chat", page_icon="💬", layout="wide")
 EMPTY = "_(empty answer: the model ended at once)_"
@@ -99,7 +100,7 @@ except chat.ChatError as err:
     st.error(str(err))
     st.stop()
 except Exception as err:  # anything unforeseen is still one line, never a traceback
-    st.error(f"Cannot load {source!r}: {chat.first_line(err)}")
+    st.error(f"Cannot load {source!r}: {first_line(err)}")
     st.stop()
 
 # A new adapter starts a new conversation.

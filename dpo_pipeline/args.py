@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from offline_models import cache_dir  # noqa: F401 - the one definition; refcache and model import it from here
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RECIPES = PROJECT_ROOT / "configs" / "recipes"

@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .chat_template import HUMAN_ASSISTANT
 from .hf import OFFLINE_PREFIX, is_hub_id
-from .runs import read_run
+from .runs import behaviour_test_rows, read_run
 
 TEMPLATES = Path(__file__).with_name("templates")
 SKIP_CONFIG = {"output_dir"}  # a path on the training machine: noise on the Hub
@@ -111,9 +111,6 @@ def build_model_card(adapter_dir: str | Path, repo_id: str, *, sweep_rows: list[
     base_rows = [{"metric": m, "DPO adapter": held_out.get(m), "base model": base_eval.get(m)}
                  for m in dict.fromkeys([*held_out, *base_eval])]
     # the paired behaviour tests (behaviour.py); never its prompts or answers
-    behaviour_rows = [{"comparison": name, "measure": measure, "difference": result[measure]["difference"],
-                       "test": result[measure]["test"], "p": result[measure]["p"], "Holm p": result[measure]["p_holm"]}
-                      for name, result in (behaviour.get("tests") or {}).items() for measure in result]
     sweep_rows = list(sweep_rows or [])
     return ModelCard.from_template(
         card_data, template_path=str(TEMPLATES / ("merged_card.md" if merged_from else "adapter_card.md")),
@@ -121,7 +118,8 @@ def build_model_card(adapter_dir: str | Path, repo_id: str, *, sweep_rows: list[
         random_gpt2=str(base).startswith(OFFLINE_PREFIX + "gpt2"), data=data, record=record, fmt=fmt,
         text_format=prompt_format_of(adapter_dir, config) == "text", loss_type=config.get("loss_type"),
         settings_table=markdown_table(settings) if config else "", trl_table=markdown_table(trl_rows) if final else "",
-        base_table=markdown_table(base_rows), behaviour=behaviour, behaviour_table=markdown_table(behaviour_rows),
+        base_table=markdown_table(base_rows), behaviour=behaviour,
+        behaviour_table=markdown_table(behaviour_test_rows(behaviour)),
         sweep_table=sweep_table(sweep_rows[:MAX_SWEEP_ROWS]) if sweep_rows else "", sweep_runs=len(sweep_rows),
         sweep_shown=len(sweep_rows[:MAX_SWEEP_ROWS]),
     )

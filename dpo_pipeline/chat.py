@@ -18,16 +18,12 @@ from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundErro
 
 from .card import base_model_of
 from .chat_template import format_name, with_prompt_format
+from .errors import first_line
 from .hf import hub_reachable, repo_id_problem
 from .runs import UPLOAD_FILES, adapter_files, read_run
 
 class ChatError(RuntimeError):
     """An adapter or prompt the app cannot use; the message is one line that says what to do."""
-
-
-def first_line(err: BaseException) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
 
 
 @dataclass

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq  # keeps nested message lists as Python lists (pand
 from huggingface_hub import constants
 
 from .chat_template import ASSISTANT, HUMAN
+from .errors import first_line
 from .hf import hub_reachable, is_hub_id
 
 DROP_REASONS = ("history_mismatch", "empty_completion", "identical_pair", "duplicate_pair",
@@ -155,7 +156,7 @@ def _read_hub(repo_id: str, data_dir: str | None) -> dict[str, tuple[str, list[d
             return {key: (f"{label}[{split}]", datasets.load_dataset(repo_id, data_dir=data_dir, split=split).to_list())
                     for key, split in picked.items()}
     except Exception as e:
-        why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+        why = first_line(e)
         if online:
             raise DataError(f"{label}: cannot load the Hub dataset ({why})") from None
         local = next((v for k, v in LOCAL_FALLBACKS.items() if k in repo_id.lower()), LOCAL_FALLBACKS["hh-rlhf"])

@@ -8,6 +8,12 @@ import sys
 from typing import Callable
 
 
+def first_line(err: BaseException) -> str:
+    """An exception as one line: its type and the first non-blank line of its message."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """What a user's mistake raises: settings and data (ValueError: ConfigError, DataError, TRL's own argument
     checks), a model or adapter that cannot be loaded, a missing file. Only the modules already imported can have

@@ -16,6 +16,7 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from .card import build_model_card
+from .errors import first_line
 from .hf import hub_reachable, repo_id_problem
 from .runs import adapter_files
 
@@ -51,8 +52,7 @@ def _one_line(err: BaseException, token: str) -> str:
     elif isinstance(err, HfHubHTTPError) and status == 403:
         text = "the token has no write access to this namespace (403): use a write token or your own namespace"
     else:
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-        text = f"{type(err).__name__}: {first}" if first else type(err).__name__
+        text = first_line(err)
     return text.replace(token, "***")
 
 

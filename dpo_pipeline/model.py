@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
-from .args import cache_dir, machine_defaults
+from .args import machine_defaults
 from .chat_template import with_prompt_format
 from .hf import cached_snapshot, hub_reachable
 from .runs import CONTROL_PREFIX
@@ -50,7 +50,8 @@ def resolve_model_path(name_or_path: str) -> str:
         except (ValueError, OSError, PretrainedError) as err:  # an unknown offline: name, files that cannot be made
             raise ModelLoadError(" ".join(str(err).split())) from None
     real = name_or_path.removeprefix(RANDOM_TWIN_PREFIX)
-    folder = cache_dir() / "models" / f"random-twin-{hashlib.sha256(real.encode()).hexdigest()[:10]}-seed1"
+    digest = hashlib.sha256(real.encode()).hexdigest()[:10]
+    folder = offline_models.cache_dir() / "models" / f"random-twin-{digest}-seed1"
     config = _from_pretrained(AutoConfig, resolve_model_path(real))
     note = f"Random-weight twin of {real} (same architecture and tokenizer)."
     # seed 1: the twin of an offline GPT-2 (random weights, seed 0) must not be that model itself

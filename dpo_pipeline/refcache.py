@@ -23,12 +23,12 @@ import trl
 import xxhash  # comes with `datasets`: hashes ~500 MB of fp32 weights in ~0.03 s (sha256: ~0.5 s)
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset
+from offline_models import cache_dir
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .args import cache_dir
 from .prepare import TOKEN_COLUMNS
 
 CACHE_FORMAT = 2  # bump when what is stored, or how it is computed, changes

@@ -102,6 +102,14 @@ def keep_behaviour(folder: str | Path, report: dict) -> None:
         write_json_atomic(folder / "record.json", record)
 
 
+def behaviour_test_rows(report: dict) -> list[dict]:
+    """A behaviour report's paired tests (behaviour.json), a row per comparison and measure: the card's and the
+    workbook's table."""
+    return [{"comparison": name, "measure": measure, "difference": r[measure]["difference"], "test": r[measure]["test"],
+             "p": r[measure]["p"], "Holm p": r[measure]["p_holm"]}
+            for name, r in (report.get("tests") or {}).items() for measure in r]
+
+
 def write_run_start(folder: str | Path, config: dict, prompt_format: str, cleaning_report: dict) -> None:
     """A run folder's first files: its settings and prompt format (the app must use it too), the cleaning report."""
     write_json_atomic(Path(folder) / "run_config.json", {**config, "prompt_format": prompt_format})

@@ -18,7 +18,8 @@ from openpyxl.styles import Alignment, Font, PatternFill
 from openpyxl.utils import get_column_letter
 
 from .report import history_frame, trials_frame
-from .runs import evaluating_seconds, pick_best, search_label, tpe_trials  # pick_best: the runner-up
+from .runs import (behaviour_test_rows, evaluating_seconds, pick_best, search_label,  # pick_best: the runner-up
+                   tpe_trials)
 
 BASELINE_LABEL = "base model (no adapter)"
 BEST_FILL = PatternFill("solid", fgColor="C6EFCE")  # Excel's own "good" green
@@ -274,9 +275,7 @@ def _write_samples(writer, sheet: str, samples: list[dict]) -> None:
 
 def _write_behaviour(writer, report: dict) -> None:
     """The best run's paired behaviour tests (behaviour.py) and each model's measures, under a one-line note."""
-    tests = pd.DataFrame([{"comparison": name, "measure": measure, "difference": r[measure]["difference"],
-                           "test": r[measure]["test"], "p": r[measure]["p"], "Holm p": r[measure]["p_holm"]}
-                          for name, r in report["tests"].items() for measure in r])
+    tests = pd.DataFrame(behaviour_test_rows(report))
     models = pd.DataFrame([{"model": name, "prompts": m["prompts"], "refusal rate": m["refusal_rate"],
                             "refusal 95% CI": "[{:.2f}, {:.2f}]".format(*m["refusal_rate_ci"]),
                             "lexical score": m["lexical_score"], "tokens": m["tokens"], "KL to base (nats)": m["kl"]}
