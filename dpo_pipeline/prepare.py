@@ -12,7 +12,7 @@ from types import SimpleNamespace
 from . import model as model_lib
 from .args import ConfigError, Settings
 from .chat_template import format_name, with_prompt_format
-from .data import PreferenceData, load_preferences
+from .data import CleaningReport, DataError, PreferenceData, load_preferences
 from .synthetic import get_synthetic
 from .trl_private import prepare_dpo_dataset
 
@@ -48,12 +48,28 @@ def clean_tokens(data: PreferenceData, tokenizer, args) -> PreferenceData:
     report, splits = copy.deepcopy(data.report), {}
     for name in ("train", "test"):
         pairs = getattr(data, name)
+        require_pairs(report, name, len(pairs), len(pairs), args.max_length)  # TRL cannot tokenize none
         tokenized = tokenize_pairs(pairs, tokenizer, args, name)
         splits[name] = tokenized.filter(differ, desc=f"Identical after truncation ({name})")
         report.dropped["prompt_too_long"] += len(pairs) - len(tokenized)
         report.dropped["identical_after_truncation"] += len(tokenized) - len(splits[name])
+        require_pairs(report, name, len(pairs), len(splits[name]), args.max_length)
     report.splits = {name: len(ds) for name, ds in splits.items()}
     return PreferenceData(splits["train"], splits["test"], report, format_name(tokenizer), data.validation)
+
+
+def require_pairs(report: CleaningReport, split: str, before: int, after: int, max_length: int | None) -> None:
+    """One line when a split has no pairs (`before`: from the cleaning; `after`: left by the tokens): a run trains on
+    its train split and is evaluated on held-out pairs, and with none it would fail deep inside TRL."""
+    if after:
+        return
+    if before:
+        raise DataError(f"{report.source}: none of the {before} {split} pairs fits max_length {max_length} (the prompt "
+                        "fills it, or both answers are the same within it); raise max_length")
+    dropped = ", ".join(f"{count} {reason}" for reason, count in report.dropped.items() if count)
+    raise DataError(f"{report.source}: no {split} pairs ({report.rows_read} rows read, {report.kept} kept"
+                    f"{'; dropped: ' + dropped if dropped else ''}); use more pairs, or raise max_pairs"
+                    + (" or test_fraction" if split == "test" else ""))
 
 
 def shuffle_labels(pairs, seed: int):

@@ -63,6 +63,10 @@ CLI_MISTAKES = {
     "unknown offline model": (["--model_name_or_path", "offline:gpt5"], ["gpt5"]),
     "bad setting": (["--optim", "no_such_optimizer", "--max_steps", "1"], ["no_such_optimizer"]),
     "validation too big": (["--validation_pairs", "500"], ["validation_pairs 500", "synthetic"]),
+    # a split that cleaning leaves empty: one line that says why, not StopIteration from inside TRL
+    "every pair too long": (["--max_length", "8"], ["none of the", "max_length 8"]),
+    "no held-out pair": (["--max_pairs", "1"], ["no test pairs", "test_fraction"]),
+    "no test split": (["--test_fraction", "0"], ["test_fraction must be in (0, 1)"]),
 }
 
 
@@ -200,5 +204,6 @@ def test_evaluate_command_reports_behaviour_against_a_control(tmp_path, capsys):
     # the control ranks the same pairs, compared with the policy pair by pair
     assert report["control"]["pairs"] == report["policy"]["pairs"] == len(report["control"]["reward_won"])
     test = report["policy_vs_control"]
-    assert test["difference"] == pytest.approx(report["policy"]["reward_accuracy"] - report["control"]["reward_accuracy"])
-    assert test["only_first"] - test["only_second"] == report["policy"]["reward_wins"] - report["control"]["reward_wins"]
+    policy, control = report["policy"], report["control"]
+    assert test["difference"] == pytest.approx(policy["reward_accuracy"] - control["reward_accuracy"])
+    assert test["only_first"] - test["only_second"] == policy["reward_wins"] - control["reward_wins"]

@@ -257,6 +257,18 @@ def test_hh_truncation_counts(hh, tokenizer, max_length, too_long, ties):
             assert ((p["prompt"], p["chosen"], p["rejected"]) in kept) == (verdict is None)
 
 
+def test_a_split_left_empty_is_one_line_naming_what_cleaning_dropped(tmp_path, tokenizer):
+    rows = [{"prompt": "Hi?", "chosen": " same", "rejected": " same"}] * 5 + [
+        {"prompt": "Hi?", "chosen": " yes", "rejected": " no"}]
+    path = tmp_path / "mostly_identical.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_preferences(str(path), test_fraction=0.5)  # one pair left: it trains, none is held out
+    with pytest.raises(DataError, match=r"no test pairs \(6 rows read, 1 kept; dropped: 5 identical_pair\)"):
+        clean_tokens(loaded, tokenizer, args(64))
+    with pytest.raises(DataError, match="none of the 1 train pairs fits max_length 2"):
+        clean_tokens(loaded, tokenizer, args(2))
+
+
 def test_ultrafeedback_truncation_counts(uf, tokenizer):
     out = clean_tokens(uf, tokenizer, args(1024))
     assert (out.report.dropped["prompt_too_long"], out.report.dropped["identical_after_truncation"]) == (39, 1)
