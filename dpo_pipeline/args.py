@@ -133,6 +133,23 @@ def loss_types() -> set[str]:
     return set(re.findall(r"`'([a-z_]+)'`", help_text))
 
 
+def tracker_problem(report_to: list[str]) -> str | None:
+    """Why a tracker named in report_to cannot log: transformers does not know it, or its package is not installed
+    (a missing TensorBoard is only left out, with a line: tracking.report_to). None when every one can."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    installed = get_available_reporting_integrations()
+    for name in (n.strip() for entry in report_to for n in entry.split(",")):
+        if name in ("", "none", "all", "tensorboard", "flyte"):  # flyte: transformers does not say if it is there
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            close = difflib.get_close_matches(name, [*INTEGRATION_TO_CALLBACK, "none"], n=1)
+            return f"report_to: unknown tracker {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+        if name not in installed:
+            return f"report_to {name!r}: its package is not installed here; install it, or leave it out of report_to"
+    return None
+
+
 # Written with every run (run_config.json, the record) whether or not a layer set them: what the workbook, the card
 # and the plots show.
 HEADLINE = ("model_name_or_path", "load_in_4bit", "learning_rate", "per_device_train_batch_size",
@@ -247,7 +264,8 @@ def check_values(s: Settings, where: str = "settings") -> None:
         (run.packing and run.trainer == "tuned" and dpo.truncation_mode != "keep_start",
          "packing keeps the start of long pairs: set truncation_mode keep_start or packing false"),
     ]
-    problems += [message for failed, message in rules if failed]
+    tracker = tracker_problem(dpo.report_to)
+    problems += [message for failed, message in rules if failed] + ([tracker] if tracker else [])
     if problems:
         _raise(f"{where}: {problems[0]}")
 

@@ -68,6 +68,7 @@ BAD_VALUES = {
     "test_fraction": (1.5, "test_fraction must be in"),
     "trainer": ("fast", "trainer must be 'tuned' or 'trl'"),
     "judge": ("proxy", "judge 'proxy' is gone"),  # removed: at chance on held-out pairs
+    "report_to": ("tensorbord", "unknown tracker 'tensorbord' (did you mean 'tensorboard'?)"),
 }
 
 
@@ -78,6 +79,15 @@ def test_a_bad_value_is_one_line_before_anything_loads(name, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err, err
     assert "Traceback" not in err
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_before_anything_loads():
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    missing = [n for n in INTEGRATION_TO_CALLBACK if n not in get_available_reporting_integrations() + ["flyte"]]
+    with pytest.raises(args.ConfigError, match=f"report_to '{missing[0]}': its package is not installed"):
+        args.parse({"model_name_or_path": "x", "report_to": f"tensorboard,{missing[0]}"})
+    assert args.parse({"model_name_or_path": "x", "report_to": "tensorboard"}).dpo.report_to == ["tensorboard"]
 
 
 def test_trl_knows_the_loss_types_we_check_against():
