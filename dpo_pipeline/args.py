@@ -253,6 +253,7 @@ def check_values(s: Settings, where: str = "settings") -> None:
         (dpo.max_steps <= 0 and dpo.num_train_epochs <= 0, "set max_steps or num_train_epochs above 0"),
         (not s.model.use_peft, "use_peft must be true: this pipeline trains LoRA adapters"),
         (not s.model.model_name_or_path, "model_name_or_path is not set"),
+        (Path(dpo.output_dir).is_file(), f"output_dir {dpo.output_dir} is a file; name a folder for the run"),
         (not 0 < run.test_fraction < 1, f"test_fraction must be in (0, 1): runs are evaluated on held-out pairs, "
                                            f"got {run.test_fraction}"),
         (run.judge == "proxy", "judge 'proxy' is gone: on held-out pairs it did no better than picking the shorter "

@@ -81,6 +81,13 @@ def test_a_bad_value_is_one_line_before_anything_loads(name, capsys):
     assert "Traceback" not in err
 
 
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(args.ConfigError, match="notes.txt is a file; name a folder"):
+        args.parse({"model_name_or_path": "x", "output_dir": str(tmp_path / "notes.txt")})
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_a_tracker_whose_package_is_missing_is_refused_before_anything_loads():
     from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
