@@ -146,8 +146,10 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
     trained = {k: v for k, v in run["run_config"].items() if k in known and (k, v) != ("judge", "proxy")}
     # a folder another trainer wrote: its adapter's base; a merged model: the base it names
     trained["model_name_or_path"] = base or trained.get("model_name_or_path") or base_model_of(run)
+    # the file's own pairs: no validation slice taken off them, no labels swapped (a control run's folder says so)
     settings = parse({**trained, "dataset_name": str(pairs_file), "data_dir": None, "max_pairs": None,
-                      "max_eval_pairs": None, "output_dir": str(folder)}, str(folder))
+                      "max_eval_pairs": None, "validation_pairs": None, "shuffled_labels": None,
+                      "output_dir": str(folder)}, str(folder))
     # the folder's own tokenizer and chat template when it has them: the prompt format the adapter was trained with
     tokenizer = load_tokenizer(str(folder)) if (folder / "tokenizer_config.json").exists() else None
     data = prepare_data(settings, tokenizer)  # data and judge before the model: a bad file or judge fails at once

@@ -165,12 +165,21 @@ def test_app_shows_the_base_model_metrics(tmp_path):
 @pytest.mark.slow  # builds a trainer, scores files or runs pip: kept out of the one-minute set
 def test_evaluate_command_reports_intervals_and_baselines_and_one_line_errors(tmp_path, capsys):
     adapter = make_tiny_adapter(tmp_path / "adapter")
-    run_config = json.loads((adapter / "run_config.json").read_text())  # as a folder trained before "proxy" went
-    (adapter / "run_config.json").write_text(json.dumps({**run_config, "judge": "proxy"}))
     pairs = TEST_DATA / "plain_good.jsonl"
-    proc = _run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--split", "all", "--json"], capsys)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def evaluated() -> dict:
+        proc = _run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--split", "all", "--json"], capsys)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    plain = evaluated()
+    # a control run's folder trained before "proxy" went: the file is scored as it is, with no validation slice
+    # taken off its few pairs and no label swapped
+    run_config = json.loads((adapter / "run_config.json").read_text())
+    (adapter / "run_config.json").write_text(json.dumps({**run_config, "judge": "proxy", "validation_pairs": 8,
+                                                         "shuffled_labels": True}))
+    report = evaluated()
+    assert report["policy"] == plain["policy"]
     policy, base = report["policy"], report["base"]
     n = load_preferences(str(pairs)).report.kept  # every pair the cleaning keeps (--split all)
     assert policy["pairs"] == base["pairs"] == n and report["prompt_format"] == "text"
