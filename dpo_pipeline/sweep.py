@@ -92,6 +92,14 @@ class SweepSpec:
                 raise ConfigError(f"{where}: grid field '{name}' needs a non-empty list of values")
             for value in choices:
                 parse({**base.values, name: value}, where)
+        for name, v in ((n, v) for n, v in self.space.items() if isinstance(v, dict)):  # a range, checked before
+            try:  # Optuna's first trial; float(): YAML 1.1 reads `1e-4` as text
+                low, high = float(v["low"]), float(v["high"])
+            except ValueError:
+                raise ConfigError(f"{where}: space field '{name}' is a range: low and high must be numbers") from None
+            if low > high or (v.get("log") and low <= 0):
+                raise ConfigError(f"{where}: space field '{name}' needs low <= high (and low > 0 with log: true), "
+                                  f"got low {v['low']}, high {v['high']}")
 
     def base_config(self, *overrides: dict, where: str = "sweep") -> tuple[Settings, str, str]:
         """The profile, then `base:`, then `overrides` (notebook parameters, flags): (settings, profile, why)."""

@@ -28,7 +28,14 @@ def test_space_draws_ranges_and_choices_and_bad_specs_are_one_line(tmp_path):
     for bad, expected in [({"search": "tpe", "space": SPACE}, "needs 'trials'"),
                           ({"search": "tpe", "trials": 3, "space": {"learning_rte": [1e-3]}}, "learning_rte"),
                           ({"search": "tpe", "trials": 3, "space": {"beta": {"low": 0.1}}}, "space field 'beta'"),
-                          ({"search": "bayes", "grid": {"beta": [0.1]}}, "search must be")]:
+                          ({"search": "bayes", "grid": {"beta": [0.1]}}, "search must be"),
+                          # found here, not by Optuna's first trial
+                          ({"search": "tpe", "trials": 3, "space": {"beta": {"low": 0.5, "high": 0.1}}},
+                           "needs low <= high"),
+                          ({"search": "tpe", "trials": 3, "space": {"learning_rate": {"low": 0, "high": 1e-3,
+                                                                                      "log": True}}}, "low > 0"),
+                          ({"search": "tpe", "trials": 3, "space": {"loss_type": {"low": "sigmoid", "high": "ipo"}}},
+                           "must be numbers")]:
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({"profile": "smoke", **bad}))
         with pytest.raises(ConfigError, match=expected) as err:
