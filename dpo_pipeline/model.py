@@ -70,7 +70,8 @@ def _from_pretrained(loader, name: str, **kwargs):
         elif not hub_reachable():
             raise ModelLoadError(f"Cannot load model {name!r}: it is not cached and the Hugging Face Hub cannot be "
                                  f"reached. {OFFLINE_HINT}")
-    elif loader is not AutoTokenizer and not (Path(name) / "config.json").exists():
+    elif not any((Path(name) / f).exists() for f in ("config.json", *(
+            ("tokenizer_config.json", "tokenizer.json") if loader is AutoTokenizer else ()))):
         raise ModelLoadError(f"{name!r} is a folder without config.json: not a model checkpoint")
     try:
         return loader.from_pretrained(name, **kwargs)

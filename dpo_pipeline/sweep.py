@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     from .prepare import prepare_data
 
     out = args.results_dir or results_dir()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--results-dir {out} is a file; name a folder for the sweep's runs and workbook")
     base, name, why = spec.base_config()
     print(f"Sweep from {args.spec}: profile {name} ({why})")
     data = prepare_data(base)  # the sweep's base data, checked before any run starts (and shown)

@@ -111,6 +111,18 @@ def test_sweep_user_mistakes_are_one_line_and_exit_2(tmp_path, monkeypatch, caps
     assert_one_line_error(_run(sweep.main, [str(tmp_path / "broken.yaml")], capsys), "broken.yaml")
 
 
+def test_a_folder_that_is_not_what_was_named_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DPO_RESULTS_DIR", str(tmp_path / "results"))
+    (tmp_path / "a_file").write_text("mine")
+    smoke_sweep = ROOT / "configs" / "sweeps" / "smoke.yaml"
+    assert_one_line_error(_run(sweep.main, [str(smoke_sweep), "--results-dir", str(tmp_path / "a_file")], capsys),
+                          "a_file is a file")
+    (tmp_path / "empty").mkdir()  # neither a model nor a tokenizer
+    assert_one_line_error(_run(cli.main, ["--profile", "smoke", "--max_pairs", "40", "--model_name_or_path",
+                                          str(tmp_path / "empty")], capsys), "without config.json")
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
 @pytest.mark.slow
 def test_sweep_base_reaches_tokenizer_and_data_and_every_run_folder_is_complete(tmp_path, monkeypatch, capsys):
     # Profile `full` names a Hub model and dataset; the sweep's base replaces both, so nothing is fetched, and its
