@@ -24,12 +24,36 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return ValueError, FileNotFoundError, argparse.ArgumentError, *loaded  # ArgumentError: exit_on_error=False
 
 
+def as_line(err: BaseException) -> str:
+    return "error: " + " ".join(str(err).split())
+
+
 def command(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     try:
         return main(argv) or 0
     except user_errors() as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        print(as_line(err), file=sys.stderr)
         return 2
+
+
+def one_line_in_notebook() -> None:
+    """In a notebook (IPython), a user's mistake shows as one line (IPython's Minimal traceback mode: its type and
+    message); any other exception keeps its whole traceback. The cell fails either way, so papermill stops there."""
+    from IPython import get_ipython
+
+    def show(shell, etype, value, tb, tb_offset=None):  # IPython's custom exception handler
+        mode, handled = shell.InteractiveTB.mode, shell.custom_exceptions
+        shell.custom_exceptions = ()  # shown as IPython shows any exception, without coming back here
+        if issubclass(etype, user_errors()):
+            shell.InteractiveTB.set_mode("Minimal")
+        try:
+            shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        finally:
+            shell.InteractiveTB.set_mode(mode)
+            shell.custom_exceptions = handled
+
+    if get_ipython() is not None:
+        get_ipython().set_custom_exc((Exception,), show)
 
 
 class UsageError(ValueError):

@@ -82,3 +82,21 @@ def test_notebook_smoke_profile_end_to_end(tmp_path):
     assert (tmp_path / "results" / "plots" / "sweep.png").stat().st_size > 10_000
     assert "Not pushing: no Hub repo id given" in text  # the push cell is skipped cleanly without a repo id
     assert (tmp_path / "results" / "best-merged" / "config.json").exists()  # the export step
+
+
+@pytest.mark.slow  # starts a kernel
+def test_a_mistake_in_the_notebook_is_one_line_and_any_other_error_keeps_its_traceback():
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in (
+        "from dpo_pipeline.errors import one_line_in_notebook\none_line_in_notebook()",
+        "from dpo_pipeline.args import parse\nparse({'model_name_or_path': 'x', 'beta': -1})",  # a user's mistake
+        "def divide():\n    return 1 / 0\ndivide()",  # a bug
+        "raise Exception('plain')",
+    )])
+    NotebookClient(nb, kernel_name="python3", allow_errors=True, timeout=120).execute()
+    mistake, bug, plain = ([o for o in cell.outputs if o.output_type == "error"] for cell in nb.cells[1:])
+    assert len(mistake) == 1 and mistake[0].ename == "ConfigError"
+    assert len(mistake[0].traceback) == 1 and "beta must be > 0" in mistake[0].traceback[0]
+    assert bug[0].ename == "ZeroDivisionError" and "divide()" in "".join(bug[0].traceback)  # the frames are shown
+    assert plain[0].ename == "Exception" and len(plain[0].traceback) > 1
