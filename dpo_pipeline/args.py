@@ -225,6 +225,12 @@ def parse(values: dict, where: str = "settings") -> Settings:
         # before DPOConfig, which joins the process group; TRL gathers every forward's metrics across processes,
         # and ranks would split their steps into different forwards
         _raise(f"{where}: micro_batch_tokens trains in one process; use per_device_train_batch_size")
+    # each field's declared type, from the classes' annotations (TrlParser rewrites the fields' own .type)
+    types = {n: str(a).lower() for cls in _classes() for k in reversed(cls.__mro__)
+             for n, a in vars(k).get("__annotations__", {}).items()}
+    for name, value in given.items():  # a YAML list or mapping where the field takes one value: argparse lets it by
+        if isinstance(value, (list, dict)) and ("list" if isinstance(value, list) else "dict") not in types[name]:
+            _raise(f"{where}: {name} takes one value, got {value!r}")
     parser = TrlParser(_classes())
     parser.error = _raise  # argparse's own messages, as one line
     # Scalars as text, so argparse converts them with the field's own type (YAML 1.1 reads `5e-5` as text;

@@ -81,6 +81,15 @@ def test_a_bad_value_is_one_line_before_anything_loads(name, capsys):
     assert "Traceback" not in err
 
 
+def test_a_list_or_mapping_for_a_one_value_setting_is_refused_where_the_setting_takes_one():
+    for name, value in (("learning_rate", [1e-4, 1e-3]), ("beta", {"low": 1}), ("seed", [1])):
+        with pytest.raises(args.ConfigError, match=f"{name} takes one value"):
+            args.parse({"model_name_or_path": "x", name: value})
+    settings = args.parse({"model_name_or_path": "x", "report_to": ["tensorboard"], "lora_target_modules": ["c_attn"],
+                           "lr_scheduler_kwargs": {"min_lr": 0.0}, "loss_type": ["sigmoid", "sft"]})
+    assert settings.dpo.lr_scheduler_kwargs == {"min_lr": 0.0} and settings.dpo.loss_type == ["sigmoid", "sft"]
+
+
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(args.ConfigError, match="notes.txt is a file; name a folder"):
