@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .args import _classes, check_names, load_recipe, profiles, resolve, results_dir
 from .errors import UsageError, one_line_errors
+from .stats import with_ci
 
 
 def parse_command_line(argv: list[str] | None = None):
@@ -97,8 +98,10 @@ def summary(record) -> str:
         f"{record.eval_pairs} eval pairs, {record.wall_time_s} s, {record.pairs_per_second} pairs/s",
         f"final train loss {record.final_train_loss}",
         "final eval: " + ", ".join(f"{k}={v:.4g}" for k, v in record.final_eval.items()),
-        *([f"held-out reward accuracy {held_out['reward_accuracy']:.3f} over {held_out['pairs']} pairs "
-           f"(base {base.get('reward_accuracy', float('nan')):.3f})"] if held_out else []),
+        # the base is its own reference (every implicit reward 0): it is compared on log-prob accuracy instead
+        *([f"held-out reward accuracy {with_ci(held_out, 'reward_accuracy')} over {held_out['pairs']} pairs (pick "
+           f"the shorter {held_out['shorter_accuracy']:.3f}); log-prob accuracy {held_out['logp_accuracy']:.3f}, "
+           f"base {base.get('logp_accuracy', float('nan')):.3f}"] if held_out else []),
         f"adapter: {record.adapter_path}",
     ])
 
