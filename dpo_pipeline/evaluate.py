@@ -76,16 +76,19 @@ def pair_logps(model, tokenizer, pairs, max_length: int, batch_size: int = 8) ->
     return _pair_logps(model, token_ids(tokenizer, pairs, max_length), max_length, batch_size)
 
 
-def _summary(chosen_shift, rejected_shift, chosen_logps, rejected_logps, beta, baselines: dict) -> dict:
+def _logp_summary(chosen_logps, rejected_logps, baselines: dict) -> dict:
+    n = len(chosen_logps)
+    return {"pairs": n, **proportion("logp_accuracy", int((chosen_logps > rejected_logps).sum()), n), **baselines}
+
+
+def _reward_summary(chosen_shift, rejected_shift, beta) -> dict:
     margins = beta * (chosen_shift - rejected_shift)
     n, won = len(margins), margins > TIE_TOLERANCE
-    return {"pairs": n, **proportion("reward_accuracy", int(won.sum()), n), "reward_wins": int(won.sum()),
+    return {**proportion("reward_accuracy", int(won.sum()), n), "reward_wins": int(won.sum()),
             "reward_won": won.int().tolist(),  # per pair: for the paired test against a control
             "reward_ties": _share(int((margins.abs() <= TIE_TOLERANCE).sum()), n),
             "reward_margin": float(margins.mean()),
-            **proportion("logp_accuracy", int((chosen_logps > rejected_logps).sum()), n),
-            "chosen_logp_shift": float(chosen_shift.mean()), "rejected_logp_shift": float(rejected_shift.mean()),
-            **baselines}
+            "chosen_logp_shift": float(chosen_shift.mean()), "rejected_logp_shift": float(rejected_shift.mean())}
 
 
 # (base weights, precision, device, tokenized pairs, max_length, batch) -> the base model's log-probs of those pairs:
@@ -96,7 +99,8 @@ BASE_LOGPS: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch_size: int = 8,
                     reference=None) -> dict:
     """{"adapter": metrics, "base": metrics} on held-out pairs for a PeftModel (adapter on vs disabled), or for a
-    full model against its `reference` (a merged model and the base it was trained from).
+    full model against its `reference` (a merged model and the base it was trained from); the base's metrics are
+    pairs, logp_accuracy and the length baselines.
 
     reward_accuracy  share of pairs whose chosen implicit reward beats the rejected one (ties count as misses and are
                      shown apart as reward_ties); reward_wins is the count, reward_won the per-pair 0/1
@@ -120,10 +124,10 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
                 BASE_LOGPS.popitem(last=False)
         ref_c, ref_r = BASE_LOGPS[key]
     baselines = length_shares([(len(c), len(r)) for _, c, r in tokenized])
-    zero = torch.zeros_like(ref_c)
-    return {
-        "adapter": _summary(policy_c - ref_c, policy_r - ref_r, policy_c, policy_r, beta, baselines),
-        "base": _summary(zero, zero, ref_c, ref_r, beta, baselines),  # the base is its own reference: every reward is 0
+    return {  # the base has no implicit reward of its own: it is the reference (every reward would tie at 0)
+        "adapter": {"pairs": len(tokenized), **_reward_summary(policy_c - ref_c, policy_r - ref_r, beta),
+                    **_logp_summary(policy_c, policy_r, baselines)},
+        "base": _logp_summary(ref_c, ref_r, baselines),
     }
 
 

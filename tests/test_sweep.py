@@ -200,7 +200,8 @@ def test_sweep_records_failures_and_goes_on_then_skips_on_restart(tiny_gpt2, ran
     for done in by_status["finished"]:
         assert done["train_steps"] == 3 and done["evaluation"]["pairs"] == test_pairs
         assert 0 <= done["evaluation"]["reward_accuracy"] + done["evaluation"]["reward_ties"] <= 1
-        assert done["base_evaluation"]["reward_ties"] == 1.0  # the base is its own reference
+        assert "reward_accuracy" not in done["base_evaluation"]  # the base is the reference: no reward of its own
+        assert 0 <= done["base_evaluation"]["logp_accuracy"] <= 1
         judged = done["judged"]  # its answers and the base's to 2 validation prompts, judged; the judge checked
         assert judged["n"] == 2 and judged["judge_pairs"] == test_pairs and 0 <= judged["judge_accuracy"] <= 1
         assert (Path(done["adapter_path"]) / "judged.json").exists()

@@ -72,10 +72,12 @@ def test_sheets_and_runs_rows_match_the_records(sweep):
     assert ids[:len(records) + 1] == [BASELINE_LABEL] + [r["run_id"] for r in records]
     assert ws.cell(len(records) + 4, 1).value.startswith("Best run")  # header, base, runs, a blank row, the note
     baseline = sweep["kwargs"]["baseline"]
-    assert ws.cell(2, col["held-out reward accuracy"]).value == pytest.approx(baseline["reward_accuracy"])
-    assert ws.cell(2, col["reward ties"]).value == pytest.approx(baseline["reward_ties"])
-    lo, hi = baseline["reward_accuracy_ci"]
-    assert ws.cell(2, col["reward accuracy 95% CI"]).value == f"{lo:.2f}-{hi:.2f}"
+    # the base is the reference: no implicit reward of its own, so blank there rather than a misleading 0
+    assert [ws.cell(2, col[h]).value for h in ("held-out reward accuracy", "reward ties", "held-out reward margin",
+                                               "reward accuracy 95% CI")] == [None] * 4
+    assert ws.cell(2, col["logp accuracy"]).value == pytest.approx(baseline["logp_accuracy"])
+    lo, hi = baseline["logp_accuracy_ci"]
+    assert ws.cell(2, col["logp accuracy 95% CI"]).value == f"{lo:.2f}-{hi:.2f}"
     assert ws.cell(2, col["status"]).value == "reference" and ws.cell(2, col["eval loss"]).value is None
     assert ws.cell(2, 1).font.i and ws.cell(2, 1).font.color.rgb.endswith(GREY)
     for row, rec in enumerate(records, start=3):
@@ -210,7 +212,8 @@ def test_summary_names_best_runner_up_data_and_model(sweep):
         "quantity", f"best: {ranking[0]['run_id']}", f"runner-up: {ranking[1]['run_id']}", BASELINE_LABEL]
     by_name = {ws.cell(r, 1).value: r for r in range(top, ws.max_row + 1)}
     accuracy = by_name["held-out reward accuracy"]
-    assert ws.cell(accuracy, 4).value == pytest.approx(kwargs["baseline"]["reward_accuracy"])
+    assert ws.cell(accuracy, 4).value is None  # the base has no implicit reward: it is the reference
+    assert ws.cell(by_name["logp accuracy"], 4).value == pytest.approx(kwargs["baseline"]["logp_accuracy"])
     assert ws.cell(accuracy, 2).fill.fgColor.rgb.endswith(GREEN) and ws.cell(accuracy, 2).number_format == "0.000"
     why = next(r for r in range(1, ws.max_row + 1) if ws.cell(r, 1).value == "why")
     assert ws.row_dimensions[why].height >= 30 and ws.cell(why, 2).alignment.wrap_text  # best and runner-up lines
