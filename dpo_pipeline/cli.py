@@ -98,7 +98,7 @@ def summary(record) -> str:
         f"{record.eval_pairs} eval pairs, {record.wall_time_s} s, {record.pairs_per_second} pairs/s",
         f"final train loss {record.final_train_loss}",
         "final eval: " + ", ".join(f"{k}={v:.4g}" for k, v in record.final_eval.items()),
-        # the base is its own reference (every implicit reward 0): it is compared on log-prob accuracy instead
+        # the base is the reference, with no implicit reward of its own: it is compared on log-prob accuracy
         *([f"held-out reward accuracy {with_ci(held_out, 'reward_accuracy')} over {held_out['pairs']} pairs (pick "
            f"the shorter {held_out['shorter_accuracy']:.3f}); log-prob accuracy {held_out['logp_accuracy']:.3f}, "
            f"base {base.get('logp_accuracy', float('nan')):.3f}"] if held_out else []),

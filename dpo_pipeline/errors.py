@@ -52,8 +52,9 @@ def one_line_in_notebook() -> None:
             shell.InteractiveTB.set_mode(mode)
             shell.custom_exceptions = handled
 
-    if get_ipython() is not None:
-        get_ipython().set_custom_exc((Exception,), show)
+    shell = get_ipython()
+    if shell is not None:
+        shell.set_custom_exc((Exception,), show)
 
 
 class UsageError(ValueError):

@@ -60,6 +60,7 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def _from_pretrained(loader, name: str, **kwargs):
     """Load from a local folder, the local HF cache, or the Hub; fail in one line instead of minutes of retries."""
+    marks = ("config.json", "tokenizer_config.json", "tokenizer.json") if loader is AutoTokenizer else ("config.json",)
     if not Path(name).exists():
         try:
             cached = cached_snapshot(name)
@@ -70,8 +71,7 @@ def _from_pretrained(loader, name: str, **kwargs):
         elif not hub_reachable():
             raise ModelLoadError(f"Cannot load model {name!r}: it is not cached and the Hugging Face Hub cannot be "
                                  f"reached. {OFFLINE_HINT}")
-    elif not any((Path(name) / f).exists() for f in ("config.json", *(
-            ("tokenizer_config.json", "tokenizer.json") if loader is AutoTokenizer else ()))):
+    elif not any((Path(name) / mark).exists() for mark in marks):
         raise ModelLoadError(f"{name!r} is a folder without config.json: not a model checkpoint")
     try:
         return loader.from_pretrained(name, **kwargs)
