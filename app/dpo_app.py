@@ -118,7 +118,8 @@ if loaded.base.startswith("offline:gpt2"):  # random weights (offline:smollm2-13
 with st.expander("What is loaded: training configuration and eval metrics"):
     st.write(f"Files: `{info['folder']}`")
     if info["metrics"]:
-        st.dataframe(pd.DataFrame(info["metrics"]).astype(str), width="stretch")
+        # a metric one column lacks (the base has no implicit reward: it is the reference) shows as a dash
+        st.dataframe(pd.DataFrame(info["metrics"]).astype(object).fillna("—").astype(str), width="stretch")
     if info["config"]:
         st.dataframe(pd.DataFrame({"value": {k: str(v) for k, v in info["config"].items()}}), width="stretch")
     elif loaded.card:
