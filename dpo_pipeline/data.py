@@ -108,7 +108,7 @@ def load_rows(path) -> list[dict]:
         if name.lower().endswith(".parquet"):
             rows = pq.read_table(path).to_pylist()
         else:
-            with (gzip.open if name.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            with (gzip.open if name.lower().endswith(".gz") else open)(path, "rt", encoding="utf-8-sig") as f:
                 rows = _parse_json(f.read(), name)
     except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{name}: cannot read the file ({type(e).__name__}: {e})") from None

@@ -393,6 +393,15 @@ def test_good_jsonl_gz(tmp_path):
     _check_good_messages(load_preferences(str(path)))
 
 
+def test_a_byte_order_mark_as_editors_on_windows_write_it_is_not_part_of_the_first_row(tmp_path):
+    for name in ("bom.jsonl", "bom.json"):
+        path = tmp_path / name
+        rows = "".join(json.dumps(row) + "\n" for row in GOOD_MESSAGES) if name.endswith("l") else json.dumps(
+            GOOD_MESSAGES)
+        path.write_text(rows, encoding="utf-8-sig")  # starts with EF BB BF
+        _check_good_messages(load_preferences(str(path)))
+
+
 def test_good_parquet(tmp_path):
     path = tmp_path / "good.parquet"
     rows = [dict(row, prompt=row["prompt"] if isinstance(row["prompt"], str) else "Name a mountain.")
