@@ -29,8 +29,8 @@ LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 LORA_ALIASES = {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_target_modules"}
-OFFLINE_HINT = ("To run without the Hub, use model='offline:smollm2-135m' (a real pretrained model), "
-                "'offline:gpt2-124m' (GPT-2 architecture, random weights) or a local checkpoint folder.")
+OFFLINE_HINT = ("To run without the Hub, set model_name_or_path to 'offline:smollm2-135m' (a real pretrained "
+                "model), 'offline:gpt2-124m' (GPT-2 architecture, random weights) or a local checkpoint folder.")
 
 
 class ModelLoadError(RuntimeError):

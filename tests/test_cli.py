@@ -59,7 +59,8 @@ CLI_MISTAKES = {
     "the command's own flag": (["--confg", "my.yaml"], ["did you mean 'config'"]),
     "stray argument": (["smoke"], ["unrecognized arguments: smoke"]),
     "bad value": (["--max_steps", "many"], ["max_steps", "many"]),
-    "unknown model": (["--model_name_or_path", "nobody/no-such-model"], ["nobody/no-such-model"]),
+    "unknown model": (["--model_name_or_path", "nobody/no-such-model"],  # the hint names settings as they are now
+                      ["nobody/no-such-model", "set model_name_or_path to 'offline:"]),
     "unknown offline model": (["--model_name_or_path", "offline:gpt5"], ["gpt5"]),
     "bad setting": (["--optim", "no_such_optimizer", "--max_steps", "1"], ["no_such_optimizer"]),
     "validation too big": (["--validation_pairs", "500"], ["validation_pairs 500", "synthetic"]),

@@ -423,7 +423,7 @@ def test_unreachable_hub_is_a_quick_one_line_error(monkeypatch, repo_id, data_di
         load_preferences(repo_id, data_dir=data_dir)
     assert time.monotonic() - start < 5
     message = str(err.value)
-    assert "\n" not in message and "/" in message.split(":")[0] and "source='../shared/data/" in message
+    assert "\n" not in message and "/" in message.split(":")[0] and "dataset_name='../shared/data/" in message
 
 
 def test_report_defaults():
