@@ -87,6 +87,9 @@ class SweepSpec:
             values[name] = v if isinstance(v, list) else [v["low"], v["high"]]
         # Every value parsed once with the sweep's base, so a mistake names the sweep file before any run starts.
         base = self.base_config(where=where)[0]
+        if self.best_by == "win_rate" and base.run.judge in (None, "", "none") and "judge" not in values:
+            raise ConfigError(f"{where}: best_by win_rate ranks runs by their judged win rate, and no run has a judge: "
+                              "set judge (a reward model) in base, or best_by reward_accuracy")
         for name, choices in values.items():
             if not isinstance(choices, list) or not choices:
                 raise ConfigError(f"{where}: grid field '{name}' needs a non-empty list of values")

@@ -35,7 +35,8 @@ def test_space_draws_ranges_and_choices_and_bad_specs_are_one_line(tmp_path):
                           ({"search": "tpe", "trials": 3, "space": {"learning_rate": {"low": 0, "high": 1e-3,
                                                                                       "log": True}}}, "low > 0"),
                           ({"search": "tpe", "trials": 3, "space": {"loss_type": {"low": "sigmoid", "high": "ipo"}}},
-                           "must be numbers")]:
+                           "must be numbers"),
+                          ({"best_by": "win_rate", "grid": {"beta": [0.1]}}, "no run has a judge")]:
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({"profile": "smoke", **bad}))
         with pytest.raises(ConfigError, match=expected) as err:
