@@ -44,7 +44,8 @@ def test_notebook_smoke_profile_end_to_end(tmp_path):
     env = {**os.environ, "DPO_RESULTS_DIR": str(tmp_path / "results")}
     subprocess.run(
         [sys.executable, "-m", "papermill", str(NOTEBOOK), str(executed), "-k", "python3",
-         "-p", "profile", "smoke", "-p", "max_steps", "8", "-p", "eval_steps", "4", "--log-output"],
+         "-p", "profile", "smoke", "-p", "max_steps", "8", "-p", "eval_steps", "4", "-p", "behaviour_prompts", "8",
+         "--log-output"],
         check=True, cwd=ROOT / "notebooks", env=env, timeout=900,
     )
     nb = nbformat.read(executed, as_version=4)
