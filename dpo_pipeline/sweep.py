@@ -71,6 +71,14 @@ class SweepSpec:
     def validate(self, where: str = "sweep") -> None:
         if not isinstance(self.base, dict) or not isinstance(self.grid, dict):
             raise ConfigError(f"{where}: 'base' and 'grid' must be mappings of run settings")
+        for f in dataclasses.fields(self):  # the sweep's own keys that take a whole number or a name
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind in (int, str) and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise ConfigError(f"{where}: {f.name} must be {'a whole number' if kind is int else 'a name'}, "
+                                  f"got {value!r}")
+        for name, low in (("random_samples", 0), ("trials", 0), ("heartbeat_seconds", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{where}: {name} must be >= {low}, got {getattr(self, name)}")
         check_names({**self.base, **self.grid, **self.space}, where)
         if self.best_by not in BEST_RULES:
             raise ConfigError(f"{where}: best_by must be one of {sorted(BEST_RULES)}, got {self.best_by!r}")

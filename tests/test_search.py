@@ -36,7 +36,10 @@ def test_space_draws_ranges_and_choices_and_bad_specs_are_one_line(tmp_path):
                                                                                       "log": True}}}, "low > 0"),
                           ({"search": "tpe", "trials": 3, "space": {"loss_type": {"low": "sigmoid", "high": "ipo"}}},
                            "must be numbers"),
-                          ({"best_by": "win_rate", "grid": {"beta": [0.1]}}, "no run has a judge")]:
+                          ({"best_by": "win_rate", "grid": {"beta": [0.1]}}, "no run has a judge"),
+                          ({"search": "tpe", "trials": "three", "space": SPACE}, "trials must be a whole number"),
+                          ({"random_samples": True, "grid": {"beta": [0.1]}}, "random_samples must be a whole"),
+                          ({"heartbeat_seconds": 0, "grid": {"beta": [0.1]}}, "heartbeat_seconds must be >= 1")]:
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({"profile": "smoke", **bad}))
         with pytest.raises(ConfigError, match=expected) as err:
