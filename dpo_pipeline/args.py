@@ -126,6 +126,16 @@ def check_names(values: dict, where: str = "settings", also: tuple[str, ...] = (
             raise ConfigError(f"{where}: unknown setting '{name}'{hint}")
 
 
+def check_notebook_names(names, where: str = "notebook parameters") -> None:
+    """One line for a notebook variable that is close to a setting's name, or an old name: the notebook passes on only
+    the variables that name settings, so `learning_rte = 1e-3` or `model = ...` would otherwise train with the
+    recipe's value without a word."""
+    known = field_names()
+    for name in (n for n in names if n not in known):
+        if name in RENAMED or difflib.get_close_matches(name, known, n=1, cutoff=0.85):
+            check_names({name: None}, where)
+
+
 def loss_types() -> set[str]:
     """The loss types TRL's DPOTrainer accepts, from DPOConfig's own documentation of the field (a new TRL that
     changes the list changes this; tests/test_args.py checks it still names sigmoid and ipo)."""

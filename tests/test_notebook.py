@@ -38,6 +38,14 @@ def test_every_notebook_parameter_is_a_setting_or_a_notebook_switch():
     assert [n for n in names if n not in switches and n not in settings_lib.field_names()] == []
 
 
+def test_a_mistyped_or_old_parameter_name_is_one_line_not_silently_ignored():
+    switches = ["profile", "control_run", "behaviour_prompts", "run_sweep", "sweep_spec", "hub_repo_id", "hub_private"]
+    settings_lib.check_notebook_names([*settings_lib.field_names(), *switches, "In", "Out", "get_ipython", "pipeline"])
+    for name, meant in (("learning_rte", "learning_rate"), ("max_step", "max_steps"), ("model", "model_name_or_path")):
+        with pytest.raises(settings_lib.ConfigError, match=f"unknown setting '{name}' \\(did you mean '{meant}'"):
+            settings_lib.check_notebook_names([*switches, name])
+
+
 @pytest.mark.slow
 def test_notebook_smoke_profile_end_to_end(tmp_path):
     executed = tmp_path / "executed.ipynb"
