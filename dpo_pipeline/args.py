@@ -255,6 +255,14 @@ def parse(values: dict, where: str = "settings") -> Settings:
     return settings
 
 
+def parse_stored(config: dict, where: str, **changes) -> Settings:
+    """Settings from a run's stored config (run_config.json, a record's config), perhaps written by an older version:
+    keys that are no longer settings are left out, and judge 'proxy' (removed) is no judge; then `changes`."""
+    known = field_names()
+    kept = {k: v for k, v in config.items() if k in known and (k, v) != ("judge", "proxy")}
+    return parse({**kept, **changes}, where)
+
+
 def check_values(s: Settings, where: str = "settings") -> None:
     run, dpo = s.run, s.dpo
     problems = [f"{name} must be {'a positive number' if low else '>= 0'}, got {s.get(name)}"

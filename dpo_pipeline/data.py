@@ -161,7 +161,8 @@ def _read_hub(repo_id: str, data_dir: str | None) -> dict[str, tuple[str, list[d
             raise DataError(f"{label}: cannot load the Hub dataset ({why})") from None
         local = next((v for k, v in LOCAL_FALLBACKS.items() if k in repo_id.lower()), LOCAL_FALLBACKS["hh-rlhf"])
         raise DataError(f"{label}: the Hugging Face Hub is unreachable and this dataset cannot be read from the local "
-                        f"cache ({why}); use a local file instead, e.g. dataset_name='../shared/data/{local}'") from None
+                        f"cache ({why}); use a local file instead, e.g. "
+                        f"dataset_name='../shared/data/{local}'") from None
 
 
 @contextlib.contextmanager

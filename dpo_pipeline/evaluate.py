@@ -15,7 +15,7 @@ import torch
 import xxhash  # comes with datasets
 from datasets import concatenate_datasets
 
-from .args import field_names, parse
+from .args import parse_stored
 from .behaviour import behaviour_report, describe
 from .card import base_model_of
 from .chat import load_adapter, resolve_adapter
@@ -145,15 +145,14 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
         raise UsageError(f"{source} is a full model folder (no adapter_config.json): name the model it was trained "
                          "from with --base, the reference its implicit rewards are measured against")
     folder = path if merged else resolve_adapter(source)
-    known, run = field_names(), read_run(folder)
-    # the run's judge is only a default here; "proxy" (removed) is no judge, so folders trained before still load
-    trained = {k: v for k, v in run["run_config"].items() if k in known and (k, v) != ("judge", "proxy")}
+    run = read_run(folder)
     # a folder another trainer wrote: its adapter's base; a merged model: the base it names
-    trained["model_name_or_path"] = base or trained.get("model_name_or_path") or base_model_of(run)
-    # the file's own pairs: no validation slice taken off them, no labels swapped (a control run's folder says so)
-    settings = parse({**trained, "dataset_name": str(pairs_file), "data_dir": None, "max_pairs": None,
-                      "max_eval_pairs": None, "validation_pairs": None, "shuffled_labels": None,
-                      "output_dir": str(folder)}, str(folder))
+    model = base or run["run_config"].get("model_name_or_path") or base_model_of(run)
+    # the folder's settings on the file's own pairs: no validation slice taken off them, no labels swapped (a control
+    # run's folder says so)
+    settings = parse_stored(run["run_config"], str(folder), model_name_or_path=model, dataset_name=str(pairs_file),
+                            data_dir=None, max_pairs=None, max_eval_pairs=None, validation_pairs=None,
+                            shuffled_labels=None, output_dir=str(folder))
     # the folder's own tokenizer and chat template when it has them: the prompt format the adapter was trained with
     tokenizer = load_tokenizer(str(folder)) if (folder / "tokenizer_config.json").exists() else None
     data = prepare_data(settings, tokenizer)  # data and judge before the model: a bad file or judge fails at once

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .args import ConfigError, Settings, check_names, parse, resolve
+from .args import ConfigError, Settings, check_names, parse, parse_stored, resolve
 from .runs import (BEST_RULES, CONTROLS, RunRecord, control_of, evaluating_seconds, load_records, pick_best,
                    publish_best, read_run, rule_value, run_id, run_lock)
 
@@ -222,8 +222,8 @@ def run_spec(spec: SweepSpec, results_dir: str | Path, *overrides: dict) -> list
         records = load_records([runs_dir / i for i in dict.fromkeys(t.user_attrs.get("run_id") for t in trials) if i])
     best = pick_best(records, spec.best_by)
     if spec.control and best:  # the controls: the best settings with shuffled labels, on a random-weight model
-        records += run_sweep([control_of(parse(best["config"]), kind) for kind in spec.control],
-                             search={"method": "control"})
+        settings = parse_stored(best["config"], best["run_id"])  # a record an older version wrote reads too
+        records += run_sweep([control_of(settings, kind) for kind in spec.control], search={"method": "control"})
     return records
 
 
@@ -253,7 +253,8 @@ def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info:
     baseline = next((r["base_evaluation"] for r in finished if r.get("base_evaluation")), None)
     samples = []
     if best:  # held-out prompts answered by the base model and the best adapter (one model, the adapter toggled)
-        model = PeftModel.from_pretrained(load_base_model(parse(best["config"]).model), best["adapter_path"])
+        base = load_base_model(parse_stored(best["config"], best["run_id"]).model)
+        model = PeftModel.from_pretrained(base, best["adapter_path"])
         samples = generate_samples(model, load_tokenizer(best["adapter_path"]), list(data.test["prompt"][:n_samples]))
     counts = {status: sum(r["status"] == status for r in records) for status in ("finished", "pruned", "failed")}
     summary = {"data": data.report.as_dict(), "model": (best or (finished or [{}])[0]).get("model_info", {}),

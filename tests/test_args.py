@@ -90,6 +90,14 @@ def test_a_list_or_mapping_for_a_one_value_setting_is_refused_where_the_setting_
     assert settings.dpo.lr_scheduler_kwargs == {"min_lr": 0.0} and settings.dpo.loss_type == ["sigmoid", "sft"]
 
 
+def test_a_stored_config_from_an_older_version_still_parses():
+    stored = {"model_name_or_path": "x", "beta": 0.2, "judge": "proxy", "trl_args": {}, "prompt_format": "text"}
+    settings = args.parse_stored(stored, "record.json", max_pairs=8)
+    assert (settings.dpo.beta, settings.run.judge, settings.run.max_pairs) == (0.2, None, 8)
+    with pytest.raises(args.ConfigError, match="judge 'proxy' is gone"):  # as a new setting it is still refused
+        args.parse(stored | {"trl_args": None})
+
+
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(args.ConfigError, match="notes.txt is a file; name a folder"):
