@@ -78,6 +78,18 @@ def test_cli_user_mistakes_are_one_line_and_exit_2(case, tmp_path, monkeypatch, 
     assert_one_line_error(_run(cli.main, ["--profile", "smoke", "--max_pairs", "40", *flags], capsys), *needles)
 
 
+def test_the_summary_compares_the_adapter_with_baselines_the_base_really_has():
+    from dpo_pipeline.runs import RunRecord
+
+    adapter = {"pairs": 8, "reward_accuracy": 0.625, "reward_accuracy_ci": [0.31, 0.86], "logp_accuracy": 0.5,
+               "shorter_accuracy": 0.375}
+    record = RunRecord(config={}, status="finished", evaluation=adapter, base_evaluation={"pairs": 8,
+                                                                                          "logp_accuracy": 0.75})
+    line = next(line for line in cli.summary(record).splitlines() if line.startswith("held-out"))
+    assert line == ("held-out reward accuracy 0.625 [0.31, 0.86] over 8 pairs (pick the shorter 0.375); log-prob "
+                    "accuracy 0.500, base 0.750")
+
+
 def _run(main, argv, capsys):
     return _done(argv, run_command(main, argv), capsys)
 
