@@ -1,5 +1,5 @@
 """User mistakes at the commands (cli, sweep, evaluate, export): one line on stderr and exit code 2, never a
-traceback."""
+traceback; in the notebook, one line in the cell."""
 
 from __future__ import annotations
 
@@ -24,15 +24,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return ValueError, FileNotFoundError, argparse.ArgumentError, *loaded  # ArgumentError: exit_on_error=False
 
 
-def as_line(err: BaseException) -> str:
-    return "error: " + " ".join(str(err).split())
-
-
 def command(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     try:
         return main(argv) or 0
     except user_errors() as err:
-        print(as_line(err), file=sys.stderr)
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
 
 
