@@ -267,22 +267,17 @@ def _clean(rows: list[dict], label: str, report: CleaningReport) -> list[dict]:
         rejected_prompt, rejected = _side(row, "rejected", report.schema, where)
         report.rows_read += 1
         key = (json.dumps(prompt), chosen, rejected)
-        if row.get("vote") == "tie":  # a blind A/B vote of "neither is better" (app/votes.py): no preference
-            reason = "tie_vote"
-        elif prompt != rejected_prompt:
-            reason = "history_mismatch"
-        elif not chosen.strip() or not rejected.strip():
-            reason = "empty_completion"
-        elif chosen == rejected:
-            reason = "identical_pair"
-        elif key in seen:
-            reason = "duplicate_pair"
+        failed = {"tie_vote": row.get("vote") == "tie",  # a blind A/B vote of "neither is better" (app/votes.py)
+                  "history_mismatch": prompt != rejected_prompt,
+                  "empty_completion": not chosen.strip() or not rejected.strip(),
+                  "identical_pair": chosen == rejected, "duplicate_pair": key in seen}  # checked in this order
+        reason = next((reason for reason, fails in failed.items() if fails), None)
+        if reason:
+            report.dropped[reason] += 1
         else:
             seen.add(key)
             kept.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
                          "rejected": [{"role": "assistant", "content": rejected}]})
-            continue
-        report.dropped[reason] += 1
     return kept
 
 
