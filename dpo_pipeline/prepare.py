@@ -33,8 +33,6 @@ def tokenize_pairs(pairs, tokenizer, args, name: str = "pairs"):
     """The pairs as TRL's DPOTrainer tokenizes them for `args` (max_length, truncation_mode), pairs whose prompt alone
     fills max_length dropped by TRL itself: its prompt_ids / chosen_ids / rejected_ids added to the conversational
     columns. The trainer then takes them as they are (refcache.CachedRefDPOTrainer)."""
-    if all(c in pairs.column_names for c in TOKEN_COLUMNS):
-        return pairs
     return prepare_dpo_dataset(SimpleNamespace(_tokenizer=tokenizer), pairs, tokenizer, args, name)
 
 
