@@ -40,9 +40,7 @@ def format_name(tokenizer) -> str:
 
 
 def prompt_text(tokenizer, prompt) -> str:
-    """A prompt as the model reads it: messages rendered up to where the assistant's answer begins; text as is."""
-    if isinstance(prompt, str):
-        return prompt
+    """A prompt (messages) as the model reads it: rendered up to where the assistant's answer begins."""
     return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
 
 
