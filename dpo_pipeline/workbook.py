@@ -187,14 +187,12 @@ def _write_runs(writer, frame: pd.DataFrame, columns, best_run_id, best_rule) ->
 def _write_charts(writer, history: pd.DataFrame, runs: list[dict], best_run_id) -> None:
     """One scatter-with-lines chart per metric, a line per finished run, drawn from a ChartData block of steps x
     runs. The Charts sheet exists already (its note), so that it stays third."""
-    ids, col0 = [r.get("run_id") for r in runs], 1
-    names = [str(i) for i in ids]
+    ids, col0 = [r["run_id"] for r in runs], 1  # RunRecord.run_id: a str
     for n, (title, split, metric) in enumerate(CHARTS):
-        logged = history[history["split"] == split].dropna(subset=[metric])
-        values = logged.groupby(["step", "run_id"])[metric].last().unstack().reindex(columns=ids)
-        values = values.set_axis(names, axis=1).rename_axis("step").reset_index()
+        values = history[history["split"] == split].pivot_table(  # steps x runs; a step with no value is dropped
+            index="step", columns="run_id", values=metric, aggfunc="last").reindex(columns=ids).reset_index()
         _text(writer, "ChartData", [title], BOLD, col=col0)
-        data = _table(writer, "ChartData", values, [6] + [min(max(9, len(name) + 1), 30) for name in names],
+        data = _table(writer, "ChartData", values, [6] + [min(max(9, len(run_id) + 1), 30) for run_id in ids],
                       [None] + [METRIC] * len(runs), row=2, col=col0)
         chart = _chart(data, title, "step", title.split(" ", 1)[1], col0, range(col0 + 1, col0 + len(runs) + 1),
                        2, max(len(values) + 2, 3))
