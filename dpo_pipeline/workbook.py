@@ -105,10 +105,8 @@ def _value(value):
 
 def _write(writer, sheet: str, frame: pd.DataFrame, row: int = 1, col: int = 1, header: bool = True, **options):
     """Write `frame` with pandas, its top-left cell at Excel's (row, col); return the sheet, for styling."""
-    cells = pd.DataFrame([[_value(v) for v in line] for line in frame.to_numpy(object)],
-                         columns=range(frame.shape[1]), dtype=object)  # object: ints stay ints, None stays None
-    cells.to_excel(writer, sheet_name=sheet, index=False, startrow=row - 1, startcol=col - 1,
-                   header=[_value(h) for h in frame.columns] if header else False, **options)
+    frame.map(_value).to_excel(writer, sheet_name=sheet, index=False, startrow=row - 1, startcol=col - 1,
+                               header=[_value(h) for h in frame.columns] if header else False, **options)
     ws = writer.sheets[sheet]
     for line in ws.iter_rows(min_row=row, max_row=row + len(frame) - (not header), min_col=col,
                              max_col=col + frame.shape[1] - 1):
