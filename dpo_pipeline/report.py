@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .runs import rule_value, tpe_trials
 
@@ -44,10 +46,8 @@ def trials_frame(records: list[dict], by: str = "reward_accuracy") -> pd.DataFra
 
 def plot_history(log_history: list[dict], title: str = "DPO training", fig=None):
     """Loss, reward accuracy and reward margin against steps, train and eval, on `fig` or pyplot's (inline)."""
-    from matplotlib.ticker import MaxNLocator
-
     if fig is None:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # only here: importing pyplot picks a GUI backend
 
         fig = plt.figure(figsize=(13, 3.5))
     frame = history_frame(log_history)
@@ -76,9 +76,6 @@ def _save(fig, path) -> Path:
 
 def plot_sweep(records: list[dict], path, best_run_id: str | None = None) -> Path:
     """PNG comparing runs: eval loss against steps per run, and final eval reward accuracy and margin per run."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
     runs = [r for r in records if r.get("status") == "finished"]
     failed = ", ".join(str(r.get("run_id")) for r in records if r.get("status") == "failed")
     fig = Figure(figsize=(14, 4.2))
@@ -112,8 +109,6 @@ def plot_sweep(records: list[dict], path, best_run_id: str | None = None) -> Pat
 
 def plot_trials(records: list[dict], by: str = "reward_accuracy"):
     """The best-run rule's number against the trial of a model-based (TPE) search, with the best so far."""
-    from matplotlib.figure import Figure
-
     frame, label = trials_frame(records, by), by.replace("_", " ")
     fig = Figure(figsize=(8, 3.6))
     ax = fig.subplots()
@@ -134,8 +129,6 @@ def save_plots(records: list[dict], plots_dir, best_run_id: str | None = None, b
                ) -> list[Path]:
     """`<run-id>.png` for every run with a log (its loss, reward accuracy and margin), `sweep.png`, and
     `trials.png` for a TPE search, under `plots_dir`; returns the paths written."""
-    from matplotlib.figure import Figure
-
     plots_dir, paths = Path(plots_dir), []
     for r in (r for r in records if r.get("log_history")):
         cfg = r.get("config") or {}
@@ -151,8 +144,6 @@ def save_plots(records: list[dict], plots_dir, best_run_id: str | None = None, b
 def plot_against_controls(runs: dict[str, dict]):
     """Bars with 95% intervals for each run record in `runs` (label -> record): held-out reward accuracy, log-prob
     accuracy and judged win rate against its base, with the pick-the-shorter baseline and chance as lines."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(12, 3.6))
     colours = dict(zip(runs, ["tab:green", "tab:gray", "tab:blue", "tab:orange"]))  # one colour a run, all panels
     shorter = next((r["evaluation"].get("shorter_accuracy") for r in runs.values() if r.get("evaluation")), None)

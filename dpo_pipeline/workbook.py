@@ -105,10 +105,8 @@ def _value(value):
 
 def _write(writer, sheet: str, frame: pd.DataFrame, row: int = 1, col: int = 1, header: bool = True, **options):
     """Write `frame` with pandas, its top-left cell at Excel's (row, col); return the sheet, for styling."""
-    cells = pd.DataFrame([[_value(v) for v in line] for line in frame.to_numpy(object)],
-                         columns=range(frame.shape[1]), dtype=object)  # object: ints stay ints, None stays None
-    cells.to_excel(writer, sheet_name=sheet, index=False, startrow=row - 1, startcol=col - 1,
-                   header=[_value(h) for h in frame.columns] if header else False, **options)
+    frame.map(_value).to_excel(writer, sheet_name=sheet, index=False, startrow=row - 1, startcol=col - 1,
+                               header=[_value(h) for h in frame.columns] if header else False, **options)
     ws = writer.sheets[sheet]
     for line in ws.iter_rows(min_row=row, max_row=row + len(frame) - (not header), min_col=col,
                              max_col=col + frame.shape[1] - 1):
@@ -187,14 +185,12 @@ def _write_runs(writer, frame: pd.DataFrame, columns, best_run_id, best_rule) ->
 def _write_charts(writer, history: pd.DataFrame, runs: list[dict], best_run_id) -> None:
     """One scatter-with-lines chart per metric, a line per finished run, drawn from a ChartData block of steps x
     runs. The Charts sheet exists already (its note), so that it stays third."""
-    ids, col0 = [r.get("run_id") for r in runs], 1
-    names = [str(i) for i in ids]
+    ids, col0 = [r["run_id"] for r in runs], 1  # RunRecord.run_id: a str
     for n, (title, split, metric) in enumerate(CHARTS):
-        logged = history[history["split"] == split].dropna(subset=[metric])
-        values = logged.groupby(["step", "run_id"])[metric].last().unstack().reindex(columns=ids)
-        values = values.set_axis(names, axis=1).rename_axis("step").reset_index()
+        values = history[history["split"] == split].pivot_table(  # steps x runs; a step with no value is dropped
+            index="step", columns="run_id", values=metric, aggfunc="last").reindex(columns=ids).reset_index()
         _text(writer, "ChartData", [title], BOLD, col=col0)
-        data = _table(writer, "ChartData", values, [6] + [min(max(9, len(name) + 1), 30) for name in names],
+        data = _table(writer, "ChartData", values, [6] + [min(max(9, len(run_id) + 1), 30) for run_id in ids],
                       [None] + [METRIC] * len(runs), row=2, col=col0)
         chart = _chart(data, title, "step", title.split(" ", 1)[1], col0, range(col0 + 1, col0 + len(runs) + 1),
                        2, max(len(values) + 2, 3))
