@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import OrderedDict
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -92,7 +93,7 @@ def _reward_summary(chosen_shift, rejected_shift, beta) -> dict:
 
 
 # (base weights, precision, device, tokenized pairs, max_length, batch) -> the base model's log-probs of those pairs:
-# the same for every run of a sweep, so each run after the first scores its held-out pairs once, not twice
+# the same for every run of a sweep (and a merged model's control), so each scores its reference once, not twice
 BASE_LOGPS: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
 
@@ -111,18 +112,16 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
     """
     tokenized = token_ids(tokenizer, pairs, max_length)
     policy_c, policy_r = _pair_logps(model, tokenized, max_length, batch_size)
-    if reference is not None:
-        ref_c, ref_r = _pair_logps(reference, tokenized, max_length, batch_size)
-    else:  # the PeftModel's base, with its adapter disabled: remembered in BASE_LOGPS
-        ids = xxhash.xxh3_128(json.dumps(tokenized).encode()).hexdigest()
-        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-        key = "|".join(map(str, (base_model_fingerprint(model), dtype, model.device, ids, max_length, batch_size)))
-        if key not in BASE_LOGPS:
-            with model.disable_adapter():
-                BASE_LOGPS[key] = _pair_logps(model, tokenized, max_length, batch_size)
-            while len(BASE_LOGPS) > 8:
-                BASE_LOGPS.popitem(last=False)
-        ref_c, ref_r = BASE_LOGPS[key]
+    base = model if reference is None else reference  # the PeftModel's base is itself with its adapter disabled
+    ids = xxhash.xxh3_128(json.dumps(tokenized).encode()).hexdigest()
+    dtype = next(p for p in base.parameters() if p.is_floating_point()).dtype
+    key = "|".join(map(str, (base_model_fingerprint(base), dtype, base.device, ids, max_length, batch_size)))
+    if key not in BASE_LOGPS:
+        with model.disable_adapter() if reference is None else nullcontext():
+            BASE_LOGPS[key] = _pair_logps(base, tokenized, max_length, batch_size)
+        while len(BASE_LOGPS) > 8:
+            BASE_LOGPS.popitem(last=False)
+    ref_c, ref_r = BASE_LOGPS[key]
     baselines = length_shares([(len(c), len(r)) for _, c, r in tokenized])
     return {  # the base has no implicit reward of its own: it is the reference (every reward would tie at 0)
         "adapter": {"pairs": len(tokenized), **_reward_summary(policy_c - ref_c, policy_r - ref_r, beta),
