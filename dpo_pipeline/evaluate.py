@@ -40,12 +40,12 @@ def token_ids(tokenizer, pairs, max_length: int | None) -> list[tuple[list[int],
 
 
 @torch.no_grad()
-def _pair_logps(model, tokenized: list[tuple[list[int], list[int], list[int]]], max_length: int,
-                batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums of log-probabilities of the chosen and of the rejected completion tokens, each of prompt+chosen and
-    prompt+rejected cut to its first `max_length` tokens like TRL's collator. Scored in packing.py's shared-prompt
-    layout (each prompt once, no padding between pairs, the LM head on scored tokens only): about 3x faster on a CPU
-    than right-padded sequences (benchmarks/eval_speed.py)."""
+def pair_logps(model, tokenized: list[tuple[list[int], list[int], list[int]]], max_length: int,
+               batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) completion log-probabilities of the pairs' `token_ids`, exactly as DPO scores them: sums
+    over the completion tokens, each of prompt+chosen and prompt+rejected cut to its first `max_length` tokens like
+    TRL's collator. Scored in packing.py's shared-prompt layout (each prompt once, no padding between pairs, the LM
+    head on scored tokens only): about 3x faster on a CPU than right-padded sequences (benchmarks/eval_speed.py)."""
     model.eval()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel, or a plain one
     stack, head = base.base_model, base.get_output_embeddings()  # the transformer (final norm included), LM head
@@ -70,11 +70,6 @@ def _pair_logps(model, tokenized: list[tuple[list[int], list[int], list[int]]], 
         owner = torch.tensor(group)[row % len(group)] + len(examples) * (row >= len(group))
         sums.index_add_(0, owner, logps.double().cpu())
     return sums[:len(examples)].float(), sums[len(examples):].float()
-
-
-def pair_logps(model, tokenizer, pairs, max_length: int, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) completion log-probabilities of the pairs, exactly as DPO scores them."""
-    return _pair_logps(model, token_ids(tokenizer, pairs, max_length), max_length, batch_size)
 
 
 def _logp_summary(chosen_logps, rejected_logps, baselines: dict) -> dict:
@@ -111,14 +106,14 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
     shorter_accuracy, longer_accuracy, length_ties   the length baselines on the same pairs; *_ci: 95% intervals
     """
     tokenized = token_ids(tokenizer, pairs, max_length)
-    policy_c, policy_r = _pair_logps(model, tokenized, max_length, batch_size)
+    policy_c, policy_r = pair_logps(model, tokenized, max_length, batch_size)
     base = model if reference is None else reference  # the PeftModel's base is itself with its adapter disabled
     ids = xxhash.xxh3_128(json.dumps(tokenized).encode()).hexdigest()
     dtype = next(p for p in base.parameters() if p.is_floating_point()).dtype
     key = "|".join(map(str, (base_model_fingerprint(base), dtype, base.device, ids, max_length, batch_size)))
     if key not in BASE_LOGPS:
         with model.disable_adapter() if reference is None else nullcontext():
-            BASE_LOGPS[key] = _pair_logps(base, tokenized, max_length, batch_size)
+            BASE_LOGPS[key] = pair_logps(base, tokenized, max_length, batch_size)
         while len(BASE_LOGPS) > 8:
             BASE_LOGPS.popitem(last=False)
     ref_c, ref_r = BASE_LOGPS[key]
