@@ -126,8 +126,7 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
 
 
 def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", prompts: int = 0, judge: str | None = None,
-                     batch_size: int = 8, behaviour: int = 0, control: str | None = None,
-                     base: str | None = None) -> dict:
+                     behaviour: int = 0, control: str | None = None, base: str | None = None) -> dict:
     """An adapter (folder or Hub id), or a merged model folder with the `base` it was trained from, on a preference
     file, in the model's own prompt format, max_length and beta: preference_eval of the policy and of its base on the
     same pairs and, given, of the `control` (its shuffled-label run), compared pair by pair with the policy (McNemar);
@@ -163,7 +162,7 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
         loaded = load_adapter(source)
         model, reference, tokenizer = loaded.model, None, loaded.tokenizer
     pairs = data.test if split == "test" else concatenate_datasets([data.train, data.test])
-    score = lambda policy: preference_eval(policy, tokenizer, pairs, beta, max_length, batch_size, reference=reference)
+    score = lambda policy: preference_eval(policy, tokenizer, pairs, beta, max_length, reference=reference)
     scores = score(model)
     report = {"adapter": source, "pairs_file": str(pairs_file), "split": split, "prompt_format": data.prompt_format,
               "max_length": max_length, "beta": beta, "policy": scores["adapter"], "base": scores["base"]}
