@@ -14,7 +14,7 @@ adapter), the same tokenized pairs and the same batch size, in one process:
 
     padded   what evaluate.py did until 2026-12: prompt+chosen and prompt+rejected as separate rows, right-padded to
              the longest in each batch of `batch_size` rows, log-softmax over the vocabulary at every position
-    packed   evaluate._pair_logps: speed/packing.py's shared-prompt layout (each prompt once, no padding between pairs,
+    packed   evaluate.pair_logps: speed/packing.py's shared-prompt layout (each prompt once, no padding between pairs,
              rows of up to 2 x max_length tokens, batch_size / 2 rows a forward), LM head on the scored tokens only
 
 Prints seconds, pairs/s, the tokens each forward ran on (padding included), the largest difference between the two
@@ -78,7 +78,7 @@ def tokens_run(tokenized, max_length: int, batch_size: int) -> dict[str, int]:
     rows = rows[0::2] + rows[1::2]  # the padded scorer runs all chosen rows, then all rejected rows
     padded = sum(len(rows[i:i + batch_size]) * max(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size))
     segments = [len(pair_segment(p, c, r, max_length)["tokens"]) for p, c, r in tokenized]
-    packs, per_forward = pack_rows(segments, 2 * max_length), max(1, batch_size // 2)  # as evaluate._pair_logps
+    packs, per_forward = pack_rows(segments, 2 * max_length), max(1, batch_size // 2)  # as evaluate.pair_logps
     examples = [dict(prompt_ids=p, chosen_ids=c, rejected_ids=r) for p, c, r in tokenized]
     packed = sum(pack_batch([examples[j] for row in packs[i:i + per_forward] for j in row], max_length,
                             max_length + 1, 0, 2 * max_length)["input_ids"].numel()
@@ -124,15 +124,15 @@ def main() -> None:
                 padded_logps(model, tokenizer.pad_token_id, [(p, r) for p, _, r in tokenized], length, batch))
 
     def run_packed():
-        return evaluate._pair_logps(model, tokenized, length, batch)
+        return evaluate.pair_logps(model, tokenized, length, batch)
 
     if opts.gpu:  # CUDA start-up and kernel selection out of the timings
-        evaluate._pair_logps(model, tokenized[:batch], length, batch)
+        evaluate.pair_logps(model, tokenized[:batch], length, batch)
         padded_logps(model, tokenizer.pad_token_id, [(p, c) for p, c, _ in tokenized[:batch]], length, batch)
     (old, old_s, old_mb), (new, new_s, new_mb) = timed(run_padded, opts.gpu), timed(run_packed, opts.gpu)
     # the eval_batch_size lever: the same packed scorer, 4x the pairs a forward (as the reference precompute and the
     # evaluations while training would run with eval_batch_size = 4 x batch_size)
-    wide, wide_s, wide_mb = timed(lambda: evaluate._pair_logps(model, tokenized, length, 4 * batch), opts.gpu)
+    wide, wide_s, wide_mb = timed(lambda: evaluate.pair_logps(model, tokenized, length, 4 * batch), opts.gpu)
     diff = max(float((a - b).abs().max()) for a, b in zip(old, new))
     tokens = tokens_run(tokenized, length, batch)
     device = torch.cuda.get_device_name() if opts.gpu else f"{cpu_model()}, {torch.get_num_threads()} threads"

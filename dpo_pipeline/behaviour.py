@@ -20,7 +20,8 @@ import numpy as np
 from .chat_template import prompt_text
 from .doctor import answers_drift
 from .generation import sample_answers
-from .stats import _share, holm, mcnemar, paired_bootstrap, proportion, wilcoxon_p, wilson_interval, with_ci
+from .stats import (_share, holm, length_shares, mcnemar, paired_bootstrap, proportion, wilcoxon_p, wilson_interval,
+                    with_ci)
 
 # Refusal and hedge phrases, fixed before any run was measured (lower-cased text, word boundaries).
 REFUSAL = re.compile(r"\b(i'?m sorry|i am sorry|i apologi[sz]e|i can(?:no|')t|i won'?t|i will not"
@@ -71,12 +72,11 @@ class LexicalJudge:
         return self.features.transform(texts) @ self.model.coef_[0]
 
     def accuracy(self, pairs) -> dict:
-        """Held-out pair accuracy (ties count as misses) beside pick-the-shorter (in words), both with intervals."""
+        """Held-out pair accuracy (ties count as misses) beside the length baselines (in words), with intervals."""
         chosen, rejected = _answers(pairs, "chosen"), _answers(pairs, "rejected")
         wins = int((self.score(chosen) > self.score(rejected)).sum())
-        shorter = sum(len(c.split()) < len(r.split()) for c, r in zip(chosen, rejected))
-        return {"pairs": len(chosen), **proportion("accuracy", wins, len(chosen)),
-                **proportion("shorter_accuracy", shorter, len(chosen))}
+        lengths = [(len(c.split()), len(r.split())) for c, r in zip(chosen, rejected)]
+        return {"pairs": len(chosen), **proportion("accuracy", wins, len(chosen)), **length_shares(lengths)}
 
 
 def paired(first: dict, second: dict) -> dict:
@@ -94,7 +94,7 @@ def paired(first: dict, second: dict) -> dict:
 def summary(answers: dict) -> dict:
     """Each measure's mean (refusal rate with its Wilson interval, KL with a bootstrap interval)."""
     n = len(answers["answer"])
-    kl = paired_bootstrap(answers["kl"]) if any(answers["kl"]) else {"mean": 0.0, "ci": [0.0, 0.0]}
+    kl = paired_bootstrap(answers["kl"])  # the base's KL, all 0, is its own interval
     return {"prompts": n, **proportion("refusal_rate", sum(answers["refusal_rate"]), n),
             "lexical_score": float(np.mean(answers["lexical_score"])), "tokens": float(np.mean(answers["tokens"])),
             "kl": kl["mean"], "kl_ci": kl["ci"]}

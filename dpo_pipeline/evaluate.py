@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import OrderedDict
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -39,12 +40,12 @@ def token_ids(tokenizer, pairs, max_length: int | None) -> list[tuple[list[int],
 
 
 @torch.no_grad()
-def _pair_logps(model, tokenized: list[tuple[list[int], list[int], list[int]]], max_length: int,
-                batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums of log-probabilities of the chosen and of the rejected completion tokens, each of prompt+chosen and
-    prompt+rejected cut to its first `max_length` tokens like TRL's collator. Scored in packing.py's shared-prompt
-    layout (each prompt once, no padding between pairs, the LM head on scored tokens only): about 3x faster on a CPU
-    than right-padded sequences (benchmarks/eval_speed.py)."""
+def pair_logps(model, tokenized: list[tuple[list[int], list[int], list[int]]], max_length: int,
+               batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) completion log-probabilities of the pairs' `token_ids`, exactly as DPO scores them: sums
+    over the completion tokens, each of prompt+chosen and prompt+rejected cut to its first `max_length` tokens like
+    TRL's collator. Scored in packing.py's shared-prompt layout (each prompt once, no padding between pairs, the LM
+    head on scored tokens only): about 3x faster on a CPU than right-padded sequences (benchmarks/eval_speed.py)."""
     model.eval()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel, or a plain one
     stack, head = base.base_model, base.get_output_embeddings()  # the transformer (final norm included), LM head
@@ -71,11 +72,6 @@ def _pair_logps(model, tokenized: list[tuple[list[int], list[int], list[int]]], 
     return sums[:len(examples)].float(), sums[len(examples):].float()
 
 
-def pair_logps(model, tokenizer, pairs, max_length: int, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) completion log-probabilities of the pairs, exactly as DPO scores them."""
-    return _pair_logps(model, token_ids(tokenizer, pairs, max_length), max_length, batch_size)
-
-
 def _logp_summary(chosen_logps, rejected_logps, baselines: dict) -> dict:
     n = len(chosen_logps)
     return {"pairs": n, **proportion("logp_accuracy", int((chosen_logps > rejected_logps).sum()), n), **baselines}
@@ -92,7 +88,7 @@ def _reward_summary(chosen_shift, rejected_shift, beta) -> dict:
 
 
 # (base weights, precision, device, tokenized pairs, max_length, batch) -> the base model's log-probs of those pairs:
-# the same for every run of a sweep, so each run after the first scores its held-out pairs once, not twice
+# the same for every run of a sweep (and a merged model's control), so each scores its reference once, not twice
 BASE_LOGPS: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
 
@@ -110,19 +106,17 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
     shorter_accuracy, longer_accuracy, length_ties   the length baselines on the same pairs; *_ci: 95% intervals
     """
     tokenized = token_ids(tokenizer, pairs, max_length)
-    policy_c, policy_r = _pair_logps(model, tokenized, max_length, batch_size)
-    if reference is not None:
-        ref_c, ref_r = _pair_logps(reference, tokenized, max_length, batch_size)
-    else:  # the PeftModel's base, with its adapter disabled: remembered in BASE_LOGPS
-        ids = xxhash.xxh3_128(json.dumps(tokenized).encode()).hexdigest()
-        dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-        key = "|".join(map(str, (base_model_fingerprint(model), dtype, model.device, ids, max_length, batch_size)))
-        if key not in BASE_LOGPS:
-            with model.disable_adapter():
-                BASE_LOGPS[key] = _pair_logps(model, tokenized, max_length, batch_size)
-            while len(BASE_LOGPS) > 8:
-                BASE_LOGPS.popitem(last=False)
-        ref_c, ref_r = BASE_LOGPS[key]
+    policy_c, policy_r = pair_logps(model, tokenized, max_length, batch_size)
+    base = model if reference is None else reference  # the PeftModel's base is itself with its adapter disabled
+    ids = xxhash.xxh3_128(json.dumps(tokenized).encode()).hexdigest()
+    dtype = next(p for p in base.parameters() if p.is_floating_point()).dtype
+    key = "|".join(map(str, (base_model_fingerprint(base), dtype, base.device, ids, max_length, batch_size)))
+    if key not in BASE_LOGPS:
+        with model.disable_adapter() if reference is None else nullcontext():
+            BASE_LOGPS[key] = pair_logps(base, tokenized, max_length, batch_size)
+        while len(BASE_LOGPS) > 8:
+            BASE_LOGPS.popitem(last=False)
+    ref_c, ref_r = BASE_LOGPS[key]
     baselines = length_shares([(len(c), len(r)) for _, c, r in tokenized])
     return {  # the base has no implicit reward of its own: it is the reference (every reward would tie at 0)
         "adapter": {"pairs": len(tokenized), **_reward_summary(policy_c - ref_c, policy_r - ref_r, beta),
@@ -132,8 +126,7 @@ def preference_eval(model, tokenizer, pairs, beta: float, max_length: int, batch
 
 
 def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", prompts: int = 0, judge: str | None = None,
-                     batch_size: int = 8, behaviour: int = 0, control: str | None = None,
-                     base: str | None = None) -> dict:
+                     behaviour: int = 0, control: str | None = None, base: str | None = None) -> dict:
     """An adapter (folder or Hub id), or a merged model folder with the `base` it was trained from, on a preference
     file, in the model's own prompt format, max_length and beta: preference_eval of the policy and of its base on the
     same pairs and, given, of the `control` (its shuffled-label run), compared pair by pair with the policy (McNemar);
@@ -169,7 +162,7 @@ def evaluate_adapter(source: str, pairs_file: str, *, split: str = "test", promp
         loaded = load_adapter(source)
         model, reference, tokenizer = loaded.model, None, loaded.tokenizer
     pairs = data.test if split == "test" else concatenate_datasets([data.train, data.test])
-    score = lambda policy: preference_eval(policy, tokenizer, pairs, beta, max_length, batch_size, reference=reference)
+    score = lambda policy: preference_eval(policy, tokenizer, pairs, beta, max_length, reference=reference)
     scores = score(model)
     report = {"adapter": source, "pairs_file": str(pairs_file), "split": split, "prompt_format": data.prompt_format,
               "max_length": max_length, "beta": beta, "policy": scores["adapter"], "base": scores["base"]}

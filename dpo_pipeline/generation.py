@@ -34,27 +34,24 @@ def sample_answers(model, tokenizer, prompts: list, *, seed: int, max_new_tokens
     eos = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])} - {None}
     decoding = dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p) if temperature > 0 \
         else dict(do_sample=False)
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     rows = []
-    try:
-        for b, start in enumerate(range(0, len(prompts), batch_size)):
-            texts = [prompt_text(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p)
-                     for p in prompts[start:start + batch_size]]
-            # the rendered template holds any special tokens the model expects, as in training
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            set_seed(seed + b)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 return_dict_in_generate=True, output_logits=log_ratio, **decoding)
-            generated = out.sequences[:, batch["input_ids"].shape[1]:]
-            is_eos = torch.isin(generated, torch.tensor(sorted(eos), device=device))
-            keep = (is_eos.cumsum(-1) - is_eos.long()) == 0  # up to and including the first eos
-            ratios = _log_ratios(model, reference, out, batch["attention_mask"], keep) if log_ratio \
-                else [None] * len(texts)
-            for text, tokens, kept, ratio in zip(texts, generated, keep, ratios):
-                answer = tokenizer.decode(tokens[kept], skip_special_tokens=True).split(HUMAN)[0]
-                rows.append({"prompt": text, "answer": answer, "tokens": int(kept.sum()), "log_ratio": ratio})
-    finally:
-        tokenizer.padding_side = padding_side
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        texts = [prompt_text(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p)
+                 for p in prompts[start:start + batch_size]]
+        # the rendered template holds any special tokens the model expects, as in training
+        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left",
+                          add_special_tokens=False).to(device)
+        set_seed(seed + b)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             return_dict_in_generate=True, output_logits=log_ratio, **decoding)
+        generated = out.sequences[:, batch["input_ids"].shape[1]:]
+        is_eos = torch.isin(generated, torch.tensor(sorted(eos), device=device))
+        keep = (is_eos.cumsum(-1) - is_eos.long()) == 0  # up to and including the first eos
+        ratios = _log_ratios(model, reference, out, batch["attention_mask"], keep) if log_ratio \
+            else [None] * len(texts)
+        for text, tokens, kept, ratio in zip(texts, generated, keep, ratios):
+            answer = tokenizer.decode(tokens[kept], skip_special_tokens=True).split(HUMAN)[0]
+            rows.append({"prompt": text, "answer": answer, "tokens": int(kept.sum()), "log_ratio": ratio})
     return rows
 
 

@@ -35,9 +35,9 @@ class Judge:
     name: str
 
 
-def load_judge(name_or_path: str | Path, device: str | None = None) -> Judge:
-    """A one-output sequence-classification model (fp32) and its tokenizer, by local folder or Hub id (a cached
-    snapshot loads as a local folder, with no round-trips)."""
+def load_judge(name_or_path: str | Path) -> Judge:
+    """A one-output sequence-classification model (fp32, on the GPU if there is one) and its tokenizer, by local
+    folder or Hub id (a cached snapshot loads as a local folder, with no round-trips)."""
     name = source = str(name_or_path)
     if not Path(name).exists():
         try:
@@ -57,8 +57,7 @@ def load_judge(name_or_path: str | Path, device: str | None = None) -> Judge:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id  # where a decoder finds the last real token
     tokenizer.truncation_side = "left"  # too long a text loses the start of the prompt, never the judged answer
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return Judge(model.to(device).eval(), tokenizer, name)
+    return Judge(model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer, name)
 
 
 @torch.no_grad()
@@ -102,18 +101,18 @@ def _tally(outcomes: list[str]) -> dict:
 
 
 def judged_generations(policy_peft_model, tokenizer, prompts: list, judge: Judge, *, max_new_tokens: int = 48,
-                       temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> dict:
+                       seed: int = 0) -> dict:
     """Answers of the base (adapter disabled) and of the policy (a PeftModel) to each prompt, scored by the judge.
 
-    Both sides decode alike (generation.sample_answers: the full distribution at `temperature`, greedy at 0, the
-    seed reset before each batch), so a difference comes from the models, not the draws.
+    Both sides decode alike (generation.sample_answers: sampled at T = 1 from the full distribution, the seed reset
+    before each batch of 16 prompts), so a difference comes from the models, not the draws.
     rows: prompt, base, policy, score_base, score_policy, length_base, length_policy (tokens), outcome (the policy's
     win / tie / loss; identical answers or scores within TIE_TOLERANCE tie).
     summary: the _tally counts and win rate, mean scores and lengths, and length_matched: the same tally over the
     prompts whose two answers are within LENGTH_MATCH of the longer one in tokens (a win there is not just length).
     """
     sides = base_and_adapter_answers(policy_peft_model, tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, batch_size=batch_size)
+                                     batch_size=16)
     prompts = [row["prompt"] for row in sides[0]]  # as the model read them: what is judged
     base_answers, policy_answers = ([row["answer"] for row in rows] for rows in sides)
     rows = []
@@ -134,8 +133,7 @@ def judged_generations(policy_peft_model, tokenizer, prompts: list, judge: Judge
         **{f"mean_{key}": mean(key) for key in ("score_policy", "score_base", "length_policy", "length_base")},
         "length_matched": {"max_relative_difference": LENGTH_MATCH, **_tally(matched)},
         "judge": judge.name,
-        "decoding": (f"sampled, temperature {temperature:g}, seed {seed} + index of a batch of "
-                     f"{batch_size} prompts" if temperature > 0
-                     else "greedy") + f", at most {max_new_tokens} new tokens",
+        "decoding": f"sampled, temperature 1, seed {seed} + index of a batch of 16 prompts, at most {max_new_tokens} "
+                    "new tokens",
     }
     return {"rows": rows, "summary": summary}

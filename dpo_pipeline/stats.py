@@ -73,22 +73,17 @@ def paired_bootstrap(differences, *, resamples: int = 2000, seed: int = 0) -> di
     return {"n": len(d), "mean": float(d.mean()), "ci": [float(low), float(high)], "p": float(p)}
 
 
-def sign_test(first_only: int, second_only: int) -> float:
-    """Exact two-sided McNemar / sign test p-value from the discordant counts: prompts where only the first model
-    shows a property (refuses, wins) against prompts where only the second does; concordant prompts say nothing."""
-    from scipy.stats import binomtest
-
-    n = first_only + second_only
-    return float(binomtest(first_only, n, 0.5).pvalue) if n else 1.0
-
-
 def mcnemar(first, second) -> dict:
     """Two models' yes/no outcomes on the same items (a pair ranked right, an answer refusing): the difference of their
-    rates and McNemar's exact test on the items only one says yes to (interval overlap ignores the pairing)."""
+    rates and McNemar's exact test (a two-sided sign test) on the items only one says yes to; concordant items say
+    nothing (and interval overlap would ignore the pairing)."""
+    from scipy.stats import binomtest
+
     a, b = np.asarray(first, dtype=bool), np.asarray(second, dtype=bool)
     only_first, only_second = int((a & ~b).sum()), int((~a & b).sum())
+    discordant = only_first + only_second
     return {"difference": float(a.mean() - b.mean()), "only_first": only_first, "only_second": only_second,
-            "test": "McNemar (exact)", "p": sign_test(only_first, only_second)}
+            "test": "McNemar (exact)", "p": float(binomtest(only_first, discordant).pvalue) if discordant else 1.0}
 
 
 def wilcoxon_p(first, second) -> float:

@@ -50,7 +50,7 @@ TABLE = (
     Private("transformers.Trainer", "_track_num_input_tokens", "speed.trainer (overrides)",
             "counts the input tokens of each chunk of a step split by micro_batch_tokens", params=("self", "inputs")),
     Private("transformers.PreTrainedConfig", "_attn_implementation", "speed.packing.add_packed_forward, "
-            "evaluate._pair_logps", "the attention kernel: the packed 4-D mask needs sdpa or eager", kind=property),
+            "evaluate.pair_logps", "the attention kernel: the packed 4-D mask needs sdpa or eager", kind=property),
     Private("trl.trainer.callbacks.LogCompletionsCallback", "_last_logged_step", "tracking.CompletionsCallback",
             "TRL's 'answered at this step already' check, made before the model is switched to eval",
             source=("trl.trainer.callbacks.LogCompletionsCallback.__init__", "self._last_logged_step = -1")),

@@ -115,9 +115,9 @@ def test_fresh_adapter_ties_every_pair_and_keeps_the_contract(peft_model, tokeni
 
 def test_trained_looking_adapter_counts_wins_against_the_base(peft_model, tokenizer, mixed_pairs):
     with peft_model.disable_adapter():
-        ref_chosen, ref_rejected = pair_logps(peft_model, tokenizer, mixed_pairs, max_length=64)
+        ref_chosen, ref_rejected = pair_logps(peft_model, token_ids(tokenizer, mixed_pairs, 64), 64)
     _perturb_lora_b(peft_model)
-    chosen, rejected = pair_logps(peft_model, tokenizer, mixed_pairs, max_length=64)
+    chosen, rejected = pair_logps(peft_model, token_ids(tokenizer, mixed_pairs, 64), 64)
     margins = 0.1 * ((chosen - ref_chosen) - (rejected - ref_rejected))
     wins, logp_wins, n = int((margins > TIE_TOLERANCE).sum()), int((chosen > rejected).sum()), len(mixed_pairs)
     assert 0 < wins < n  # the perturbation moved the rewards both ways
@@ -141,7 +141,7 @@ def test_base_scores_are_computed_once_per_base_and_pairs(peft_model, tokenizer,
     second = preference_eval(peft_model, tokenizer, mixed_pairs, beta=0.1, max_length=64, batch_size=4)
     assert len(BASE_LOGPS) == 1 and second["base"] == first["base"] and second["adapter"] != first["adapter"]
     with peft_model.disable_adapter():  # what was remembered is what the base gives now
-        fresh = pair_logps(peft_model, tokenizer, mixed_pairs, max_length=64, batch_size=4)
+        fresh = pair_logps(peft_model, token_ids(tokenizer, mixed_pairs, 64), 64, batch_size=4)
     torch.testing.assert_close(next(iter(BASE_LOGPS.values())), fresh, rtol=0, atol=0)
     preference_eval(peft_model, tokenizer, mixed_pairs, beta=0.1, max_length=48, batch_size=4)
     assert len(BASE_LOGPS) == 2  # other lengths: other scores
@@ -172,9 +172,10 @@ def test_logps_match_trl_dpo_trainer_tokenization_truncation_and_reference(tiny_
     batch = {k: v.to(trainer.accelerator.device) for k, v in trainer.data_collator(ids_only).items()}
     trl_chosen, trl_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
 
+    tokenized = token_ids(tokenizer, pairs, max_length)
     with trainer.model.disable_adapter():
-        pair_chosen, pair_rejected = pair_logps(trainer.model, tokenizer, pairs, max_length, batch_size=3)
-    adapter_chosen = pair_logps(trainer.model, tokenizer, pairs, max_length, batch_size=4)[0]
+        pair_chosen, pair_rejected = pair_logps(trainer.model, tokenized, max_length, batch_size=3)
+    adapter_chosen = pair_logps(trainer.model, tokenized, max_length, batch_size=4)[0]
     for ours, theirs in [(pair_chosen, trl_chosen), (pair_rejected, trl_rejected)]:
         torch.testing.assert_close(ours, theirs.float().cpu(), atol=1e-3, rtol=0)
     assert (adapter_chosen - trl_chosen.cpu()).abs().max() > 0.01  # the adapter is not the reference

@@ -111,8 +111,10 @@ def test_paired_statistics():
     assert result["ci"][0] < result["mean"] < result["ci"][1] and result["ci"][0] > 0 and result["p"] < 0.01
     assert stats.paired_bootstrap(shifted - shifted.mean())["p"] > 0.5
     assert stats.paired_bootstrap([0.0, 0.0, 0.0]) == {"n": 3, "mean": 0.0, "ci": [0.0, 0.0], "p": 1.0}
-    assert stats.sign_test(20, 5) == pytest.approx(0.004077, abs=1e-5)  # exact binomial, two-sided
-    assert stats.sign_test(0, 0) == 1.0
+    discordant = stats.mcnemar([1] * 20 + [0] * 5 + [1] * 3, [0] * 20 + [1] * 5 + [1] * 3)  # 3 concordant
+    assert (discordant["only_first"], discordant["only_second"]) == (20, 5)
+    assert discordant["p"] == pytest.approx(0.004077, abs=1e-5)  # exact binomial on the 25 discordant, two-sided
+    assert stats.mcnemar([1, 0], [1, 0])["p"] == 1.0
     assert stats.wilcoxon_p([1, 2, 3, 4, 5, 6], [0, 0, 1, 1, 2, 2]) == pytest.approx(0.03125)
     assert stats.holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from dpo_pipeline import model as model_lib
 from offline_models import gpt2 as offline_gpt2
-from dpo_pipeline.evaluate import pair_logps
+from dpo_pipeline.evaluate import pair_logps, token_ids
 from dpo_pipeline.args import parse
 from dpo_pipeline.pipeline import build_trainer
 from dpo_pipeline.refcache import REF_COLUMNS, CachedRefDPOTrainer, base_model_fingerprint
@@ -79,7 +79,7 @@ def test_miss_then_hit_across_lr_rank_seed_and_targets(tiny_gpt2, pairs, cache, 
     # ... and the base model's own log-probs of the completions, computed independently (evaluate.py).
     model = second.model
     with model.disable_adapter():
-        independent = pair_logps(model, second.processing_class, pairs.train, 48, batch_size=8)[0]
+        independent = pair_logps(model, token_ids(second.processing_class, pairs.train, 48), 48, batch_size=8)[0]
     assert torch.allclose(loaded_c.double(), independent.double(), atol=1e-3), (loaded_c[:4], independent[:4])
 
     # Training on the cached values works.
