@@ -16,7 +16,6 @@ served. The command prints how far each merge is from the adapter as served (`lo
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -77,9 +76,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dt
 
     def fill(staging: Path) -> None:
         merged.save_pretrained(staging)  # safetensors
-        tokenizer.save_pretrained(staging)
-        if (folder / "chat_template.jinja").exists() and not (staging / "chat_template.jinja").exists():
-            shutil.copy2(folder / "chat_template.jinja", staging / "chat_template.jinja")
+        tokenizer.save_pretrained(staging)  # with the chat template it loaded (chat_template.jinja)
     return replace_folder(out, fill)
 
 
