@@ -31,7 +31,6 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dt
                   base_weights: str = "full") -> Path:
     """Merge the adapter in `adapter_dir` into its base model (peft merge_and_unload) and save it with the adapter
     folder's tokenizer to `out_dir` (default: beside the adapter, see above). Returns the merged folder."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(adapter_dir)
@@ -63,12 +62,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dt
         with torch.no_grad():
             for name, param in model.named_parameters():  # GPT-2's Conv1D holds (in, out): the 4-bit Linear (out, in)
                 param.copy_(quantized[name].T if name in conv1d else quantized[name])
-    try:
-        model = PeftModel.from_pretrained(model, str(folder))
-    except (RuntimeError, ValueError, KeyError, OSError) as err:
-        why = "its tensor shapes differ" if "size mismatch" in str(err) else (str(err).splitlines() or [""])[0]
-        raise model_lib.ModelLoadError(f"The adapter in {folder} does not fit base model {base!r}: {why}") from None
-    merged = model.merge_and_unload()
+    merged = model_lib.attach_adapter(model, folder, base).merge_and_unload()
     if merged.config.pad_token_id is None:
         merged.config.pad_token_id = merged.config.eos_token_id
     tokenizer = (AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists()

@@ -13,12 +13,13 @@ import offline_models
 import torch
 from offline_models.gpt2 import write_random_checkpoint
 from offline_models.smollm2 import PretrainedError
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .args import machine_defaults
 from .chat_template import with_prompt_format
+from .errors import first_line
 from .hf import cached_snapshot, hub_reachable
 from .runs import CONTROL_PREFIX
 
@@ -133,6 +134,18 @@ def prepare_for_training(model, gradient_checkpointing: bool = False):
 def add_lora(model, config: LoraConfig, gradient_checkpointing: bool = False):
     """The base wrapped with a LoRA adapter (what TRL builds from a peft_config); for tests and inspection."""
     return get_peft_model(prepare_for_training(model, gradient_checkpointing), config)
+
+
+def attach_adapter(model, folder: str | Path, base: str, source: str | Path | None = None):
+    """The LoRA adapter saved in `folder` put on `model` (peft's PeftModel), failing in one line; `base` and `source`
+    (what the user named, else the folder) name them in the message."""
+    try:
+        return PeftModel.from_pretrained(model, str(folder))
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        if "size mismatch" in str(err):
+            raise ModelLoadError(f"The adapter in {source or folder} does not fit base model {base!r} (its tensor "
+                                 "shapes differ): it was trained on another base model") from None
+        raise ModelLoadError(f"Cannot put the adapter from {source or folder} on {base!r}: {first_line(err)}") from None
 
 
 def describe_model(model, name: str) -> dict:
