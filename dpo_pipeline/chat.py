@@ -85,9 +85,7 @@ def resolve_adapter(source: str) -> Path:
 def load_adapter(source: str, base_override: str | None = None) -> LoadedAdapter:
     """Resolve `source`, load its base model the way training did (4-bit when the run was) and put the adapter on."""
     # imported here so that the app draws its page before peft and model.py load
-    from peft import PeftModel
-
-    from .model import ModelLoadError, load_base_model, load_tokenizer
+    from .model import ModelLoadError, attach_adapter, load_base_model, load_tokenizer
 
     folder = resolve_adapter(source)
     run = read_run(folder)
@@ -106,14 +104,8 @@ def load_adapter(source: str, base_override: str | None = None) -> LoadedAdapter
         # Human/Assistant format says so in run_config.json (adapters of other trainers: the folder's template)
         tokenizer = load_tokenizer(str(folder) if (folder / "tokenizer_config.json").exists() else base)
         with_prompt_format(tokenizer, "text" if config.get("prompt_format") == "text" else "auto")
+        model = attach_adapter(model, folder, base, source).eval()
     except ModelLoadError as err:
         raise ChatError(str(err)) from None
-    try:
-        model = PeftModel.from_pretrained(model, str(folder)).eval()
-    except (RuntimeError, ValueError, KeyError, OSError) as err:
-        if "size mismatch" in str(err):
-            raise ChatError(f"The adapter in {source} does not fit base model {base!r} (its tensor shapes differ): "
-                            "it was trained on another base model") from None
-        raise ChatError(f"Cannot put the adapter from {source} on {base!r}: {first_line(err)}") from None
     card = (folder / "README.md").read_text(errors="replace") if (folder / "README.md").exists() else ""
     return LoadedAdapter(model, tokenizer, source.strip(), folder, base, load_in_4bit, run, card)

@@ -16,7 +16,6 @@ served. The command prints how far each merge is from the adapter as served (`lo
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -32,8 +31,8 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dt
                   base_weights: str = "full") -> Path:
     """Merge the adapter in `adapter_dir` into its base model (peft merge_and_unload) and save it with the adapter
     folder's tokenizer to `out_dir` (default: beside the adapter, see above). Returns the merged folder."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+    from trl import ModelConfig
 
     folder = Path(adapter_dir)
     if dtype not in DTYPES:
@@ -56,30 +55,21 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dt
     if not base:
         raise model_lib.ModelLoadError(f"{folder}: neither adapter_config.json nor run_config.json names a base model")
 
-    # The base unquantized in the asked dtype, on the CPU (model.load_base_model picks the dtype by device).
-    model = model_lib._from_pretrained(AutoModelForCausalLM, model_lib.resolve_model_path(base), dtype=DTYPES[dtype])
+    # The base unquantized in the asked dtype (a bare name would get the machine's), on the CPU.
+    model = model_lib.load_base_model(ModelConfig(model_name_or_path=base, dtype=dtype))
     if base_weights == "dequantized":  # its weights replaced by the NF4 ones training and the app saw, dequantized
         quantized = model_lib.load_base_model(base, load_in_4bit=True).dequantize(dtype=DTYPES[dtype]).state_dict()
         conv1d = {f"{name}.weight" for name, module in model.named_modules() if type(module).__name__ == "Conv1D"}
         with torch.no_grad():
             for name, param in model.named_parameters():  # GPT-2's Conv1D holds (in, out): the 4-bit Linear (out, in)
                 param.copy_(quantized[name].T if name in conv1d else quantized[name])
-    try:
-        model = PeftModel.from_pretrained(model, str(folder))
-    except (RuntimeError, ValueError, KeyError, OSError) as err:
-        why = "its tensor shapes differ" if "size mismatch" in str(err) else (str(err).splitlines() or [""])[0]
-        raise model_lib.ModelLoadError(f"The adapter in {folder} does not fit base model {base!r}: {why}") from None
-    merged = model.merge_and_unload()
-    if merged.config.pad_token_id is None:
-        merged.config.pad_token_id = merged.config.eos_token_id
+    merged = model_lib.attach_adapter(model, folder, base).merge_and_unload()
     tokenizer = (AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists()
                  else model_lib.load_tokenizer(base))
 
     def fill(staging: Path) -> None:
         merged.save_pretrained(staging)  # safetensors
-        tokenizer.save_pretrained(staging)
-        if (folder / "chat_template.jinja").exists() and not (staging / "chat_template.jinja").exists():
-            shutil.copy2(folder / "chat_template.jinja", staging / "chat_template.jinja")
+        tokenizer.save_pretrained(staging)  # with the chat template it loaded (chat_template.jinja)
     return replace_folder(out, fill)
 
 

@@ -48,10 +48,13 @@ def is_hub_id(name: str | None) -> bool:
     return repo_id_problem(name) is None
 
 
-def cached_snapshot(repo_id: str) -> str | None:
-    """The folder of `repo_id`'s snapshot in the local Hugging Face cache (it loads with no round-trips), or None when
-    it is not cached; never asks the network. A name that is not a Hub repo id raises HFValidationError."""
+def load_source(name: str) -> str | None:
+    """What from_pretrained should load for `name`, without minutes of retries offline: the local path itself, else
+    the folder of its snapshot in the local Hugging Face cache (no round-trips), else the Hub id when the Hub answers;
+    None when it is neither cached nor reachable. A name that is not a Hub repo id raises HFValidationError."""
+    if Path(name).exists():
+        return name
     try:
-        return snapshot_download(repo_id, local_files_only=True)
+        return snapshot_download(name, local_files_only=True)
     except LocalEntryNotFoundError:
-        return None
+        return name if hub_reachable() else None

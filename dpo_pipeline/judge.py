@@ -18,7 +18,7 @@ from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .generation import base_and_adapter_answers
-from .hf import cached_snapshot, hub_reachable
+from .hf import load_source
 from .stats import TIE_TOLERANCE, length_shares, proportion, win_rate
 
 LENGTH_MATCH = 0.2  # answers whose token counts differ by at most 20% of the longer one are "length-matched"
@@ -38,14 +38,13 @@ class Judge:
 def load_judge(name_or_path: str | Path) -> Judge:
     """A one-output sequence-classification model (fp32, on the GPU if there is one) and its tokenizer, by local
     folder or Hub id (a cached snapshot loads as a local folder, with no round-trips)."""
-    name = source = str(name_or_path)
-    if not Path(name).exists():
-        try:
-            source = cached_snapshot(name) or name
-        except HFValidationError:
-            raise JudgeError(f"Judge {name!r} is neither a local folder nor a Hub model id") from None
-        if source == name and not hub_reachable():  # fail now rather than after from_pretrained's retries
-            raise JudgeError(f"Judge {name!r} is not cached here and the Hugging Face Hub cannot be reached")
+    name = str(name_or_path)
+    try:
+        source = load_source(name)
+    except HFValidationError:
+        raise JudgeError(f"Judge {name!r} is neither a local folder nor a Hub model id") from None
+    if source is None:  # fail now rather than after from_pretrained's retries
+        raise JudgeError(f"Judge {name!r} is not cached here and the Hugging Face Hub cannot be reached")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(source, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -13,13 +13,14 @@ import offline_models
 import torch
 from offline_models.gpt2 import write_random_checkpoint
 from offline_models.smollm2 import PretrainedError
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .args import machine_defaults
 from .chat_template import with_prompt_format
-from .hf import cached_snapshot, hub_reachable
+from .errors import first_line
+from .hf import hub_reachable, load_source
 from .runs import CONTROL_PREFIX
 
 RANDOM_TWIN_PREFIX = CONTROL_PREFIX  # "random-twin:" + any model name: the control
@@ -61,20 +62,17 @@ def resolve_model_path(name_or_path: str) -> str:
 def _from_pretrained(loader, name: str, **kwargs):
     """Load from a local folder, the local HF cache, or the Hub; fail in one line instead of minutes of retries."""
     marks = ("config.json", "tokenizer_config.json", "tokenizer.json") if loader is AutoTokenizer else ("config.json",)
-    if not Path(name).exists():
-        try:
-            cached = cached_snapshot(name)
-        except Exception:  # e.g. not a Hub id: from_pretrained below says why, when the Hub can be asked
-            cached = None
-        if cached:
-            name = cached
-        elif not hub_reachable():
-            raise ModelLoadError(f"Cannot load model {name!r}: it is not cached and the Hugging Face Hub cannot be "
-                                 f"reached. {OFFLINE_HINT}")
-    elif not any((Path(name) / mark).exists() for mark in marks):
+    try:
+        source = load_source(name)
+    except Exception:  # e.g. not a Hub id: from_pretrained below says why, when the Hub can be asked
+        source = name if hub_reachable() else None
+    if source is None:
+        raise ModelLoadError(f"Cannot load model {name!r}: it is not cached and the Hugging Face Hub cannot be "
+                             f"reached. {OFFLINE_HINT}")
+    if Path(name).exists() and not any((Path(name) / mark).exists() for mark in marks):
         raise ModelLoadError(f"{name!r} is a folder without config.json: not a model checkpoint")
     try:
-        return loader.from_pretrained(name, **kwargs)
+        return loader.from_pretrained(source, **kwargs)
     except OSError as err:
         raise ModelLoadError(f"Cannot load model {name!r}: {str(err).splitlines()[0]}. {OFFLINE_HINT}") from None
 
@@ -133,6 +131,18 @@ def prepare_for_training(model, gradient_checkpointing: bool = False):
 def add_lora(model, config: LoraConfig, gradient_checkpointing: bool = False):
     """The base wrapped with a LoRA adapter (what TRL builds from a peft_config); for tests and inspection."""
     return get_peft_model(prepare_for_training(model, gradient_checkpointing), config)
+
+
+def attach_adapter(model, folder: str | Path, base: str, source: str | Path | None = None):
+    """The LoRA adapter saved in `folder` put on `model` (peft's PeftModel), failing in one line; `base` and `source`
+    (what the user named, else the folder) name them in the message."""
+    try:
+        return PeftModel.from_pretrained(model, str(folder))
+    except (RuntimeError, ValueError, KeyError, OSError) as err:
+        if "size mismatch" in str(err):
+            raise ModelLoadError(f"The adapter in {source or folder} does not fit base model {base!r} (its tensor "
+                                 "shapes differ): it was trained on another base model") from None
+        raise ModelLoadError(f"Cannot put the adapter from {source or folder} on {base!r}: {first_line(err)}") from None
 
 
 def describe_model(model, name: str) -> dict:

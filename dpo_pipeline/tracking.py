@@ -12,12 +12,11 @@ from transformers.integrations import TensorBoardCallback, is_tensorboard_availa
 from trl.trainer.callbacks import LogCompletionsCallback
 
 
-def report_to(setting: str | list[str] | None) -> list[str]:
-    """DPOConfig's report_to as a list (a name, names joined by commas, or a list). TensorBoard is dropped, with one
+def report_to(setting: list[str]) -> list[str]:
+    """DPOConfig's report_to (a list, of names or names joined by commas) as names. TensorBoard is dropped, with one
     line saying so, when its package is missing: training must not fail for want of a log viewer. No tracker is [],
     not ["none"], which transformers refuses once TrainingArguments exist (pipeline.training_args sets it after)."""
-    setting = ",".join(setting) if isinstance(setting, list) else setting or "none"
-    names = [n.strip() for n in setting.split(",") if n.strip() and n.strip() != "none"]
+    names = [n.strip() for entry in setting for n in entry.split(",") if n.strip() not in ("", "none")]
     if "tensorboard" in names and not is_tensorboard_available():
         print("tracking: tensorboard is not installed (pip install tensorboard): not logging to it", flush=True)
         names.remove("tensorboard")
