@@ -69,13 +69,11 @@ class SweepSpec:
         return spec
 
     def validate(self, where: str = "sweep") -> None:
-        if not isinstance(self.base, dict) or not isinstance(self.grid, dict):
-            raise ConfigError(f"{where}: 'base' and 'grid' must be mappings of run settings")
-        for f in dataclasses.fields(self):  # the sweep's own keys that take a whole number or a name
-            value, kind = getattr(self, f.name), type(f.default)
-            if kind in (int, str) and (not isinstance(value, kind) or isinstance(value, bool)):
-                raise ConfigError(f"{where}: {f.name} must be {'a whole number' if kind is int else 'a name'}, "
-                                  f"got {value!r}")
+        what = {int: "a whole number", str: "a name", dict: "a mapping of run settings"}
+        for f in dataclasses.fields(self):  # the sweep's own keys that take a whole number, a name or a mapping
+            value, kind = getattr(self, f.name), dict if f.default_factory is dict else type(f.default)
+            if kind in what and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise ConfigError(f"{where}: {f.name} must be {what[kind]}, got {value!r}")
         for name, low in (("random_samples", 0), ("trials", 0), ("heartbeat_seconds", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{where}: {name} must be >= {low}, got {getattr(self, name)}")
