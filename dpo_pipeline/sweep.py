@@ -86,23 +86,22 @@ class SweepSpec:
             raise ConfigError(f"{where}: search must be grid, random or tpe, got {self.search!r}")
         if self.search == "tpe" and (not self.space or self.trials < 1 or self.grid):
             raise ConfigError(f"{where}: search tpe needs 'trials' (> 0) and a 'space' of ranges, and no 'grid'")
-        values = dict(self.grid)
-        for name, v in self.space.items():
-            if not (isinstance(v, list) and v or isinstance(v, dict) and {"low", "high"} <= set(v)):
-                raise ConfigError(f"{where}: space field '{name}' needs a list of choices or {{low: .., high: ..}}")
-            values[name] = v if isinstance(v, list) else [v["low"], v["high"]]
         # Every value parsed once with the sweep's base, so a mistake names the sweep file before any run starts.
-        base = self.base_config(where=where)[0]
-        if self.best_by == "win_rate" and base.run.judge in (None, "", "none") and "judge" not in values:
+        base, fields = self.base_config(where=where)[0], {**self.grid, **self.space}  # (tpe has no grid)
+        if self.best_by == "win_rate" and base.run.judge in (None, "", "none") and "judge" not in fields:
             raise ConfigError(f"{where}: best_by win_rate ranks runs by their judged win rate, and no run has a judge: "
                               "set judge (a reward model) in base, or best_by reward_accuracy")
-        for name, choices in values.items():
-            if not isinstance(choices, list) or not choices:
-                raise ConfigError(f"{where}: grid field '{name}' needs a non-empty list of values")
-            for value in choices:
+        for name, v in fields.items():  # a list of values, or in space a range: its ends parsed, then its order
+            ranged = name in self.space and isinstance(v, dict) and {"low", "high"} <= set(v)
+            if not (ranged or isinstance(v, list) and v):
+                kind, wanted = ("space", "a list of choices or {low: .., high: ..}") if name in self.space else \
+                    ("grid", "a non-empty list of values")
+                raise ConfigError(f"{where}: {kind} field '{name}' needs {wanted}")
+            for value in [v["low"], v["high"]] if ranged else v:
                 parse({**base.values, name: value}, where)
-        for name, v in ((n, v) for n, v in self.space.items() if isinstance(v, dict)):  # a range, checked before
-            try:  # Optuna's first trial; float(): YAML 1.1 reads `1e-4` as text
+            if not ranged:
+                continue
+            try:  # checked before Optuna's first trial; float(): YAML 1.1 reads `1e-4` as text
                 low, high = float(v["low"]), float(v["high"])
             except ValueError:
                 raise ConfigError(f"{where}: space field '{name}' is a range: low and high must be numbers") from None
