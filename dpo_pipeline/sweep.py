@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 
 from .args import ConfigError, Settings, check_names, parse, parse_stored, resolve
-from .runs import (BEST_RULES, CONTROLS, RunRecord, control_of, evaluating_seconds, load_records, pick_best,
-                   publish_best, read_run, rule_value, run_id, run_lock)
+from .runs import (BEST_RULES, CONTROLS, RunRecord, control_of, evaluating_seconds, pick_best, publish_best,
+                   read_json, read_run, rule_value, run_id, run_lock)
 
 
 @dataclass
@@ -149,7 +149,7 @@ def make_run(config: Settings, data=None, search: dict | None = None, number: tu
     folder, search, dpo = Path(config.dpo.output_dir), search or {"method": "grid"}, config.dpo
     label, left = f"[{folder.name}] {number[0]}/{number[1]}", number[1] - number[0]
     if (folder / "record.json").exists():  # a run with a record (another process's, an earlier sweep's) is read
-        return load_records([folder])[0]
+        return read_json(folder / "record.json")
     with run_lock(folder):
         if not (folder / "record.json").exists():  # (another process may have made it while this one waited)
             print(f"{label} training: lr={dpo.learning_rate:g} batch={dpo.per_device_train_batch_size}x"
@@ -166,7 +166,7 @@ def make_run(config: Settings, data=None, search: dict | None = None, number: tu
                          f"training {spent['training']:.0f} s, evaluating {evaluating_seconds(spent):.0f} s")
                 line += f"; at this pace about {spent['total'] * left / 60:.0f} min for the {left} left" if left else ""
             print(line, flush=True)
-    return load_records([folder])[0]
+    return read_json(folder / "record.json")
 
 
 def run_sweep(configs: list[Settings], data=None, **kwargs) -> list[dict]:
@@ -215,8 +215,9 @@ def run_spec(spec: SweepSpec, results_dir: str | Path, *overrides: dict) -> list
         # outside the study; one another worker still trains is waited for: each worker reports the whole grid.
         records = run_sweep(list(grid.values()), search={"method": spec.search})
     else:
-        trials = study.get_trials(deepcopy=False)
-        records = load_records([runs_dir / i for i in dict.fromkeys(t.user_attrs.get("run_id") for t in trials) if i])
+        trials = study.get_trials(deepcopy=False)  # a run once, though its trial was retried
+        ids = dict.fromkeys(t.user_attrs.get("run_id") for t in trials)
+        records = [record for i in ids if i and (record := read_json(runs_dir / i / "record.json"))]
     best = pick_best(records, spec.best_by)
     if spec.control and best:  # the controls: the best settings with shuffled labels, on a random-weight model
         settings = parse_stored(best["config"], best["run_id"])  # a record an older version wrote reads too
