@@ -95,8 +95,7 @@ def keep_behaviour(folder: str | Path, report: dict) -> None:
     workbook read it) and the doctor's findings on the answers added to the record's (the Runs sheet shows them)."""
     folder = Path(folder)
     write_json_atomic(folder / "behaviour.json", report)
-    if (folder / "record.json").exists():  # as a mapping: a record from an older version keeps its other keys
-        record = json.loads((folder / "record.json").read_text())
+    if record := read_json(folder / "record.json"):  # as a mapping: a record from an older version keeps its other keys
         kept = record.get("findings") or []
         record["findings"] = kept + [finding for finding in report.get("findings", []) if finding not in kept]
         write_json_atomic(folder / "record.json", record)
@@ -173,10 +172,6 @@ def run_id(settings) -> str:
     """A short stable id from the settings that define the run (not where it is written)."""
     values = {k: v for k, v in settings.to_dict().items() if k not in ("output_dir", "run_name")}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def load_records(folders: list[Path]) -> list[dict]:
-    return [json.loads((d / "record.json").read_text()) for d in map(Path, folders) if (d / "record.json").exists()]
 
 
 def rule_value(record: dict, by: str = "reward_accuracy") -> float:

@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 
 from .args import ConfigError, Settings, check_names, parse, parse_stored, resolve
-from .runs import (BEST_RULES, CONTROLS, RunRecord, control_of, evaluating_seconds, load_records, pick_best,
-                   publish_best, read_run, rule_value, run_id, run_lock)
+from .runs import (BEST_RULES, CONTROLS, RunRecord, control_of, evaluating_seconds, pick_best, publish_best,
+                   read_json, read_run, rule_value, run_id, run_lock)
 
 
 @dataclass
@@ -69,13 +69,11 @@ class SweepSpec:
         return spec
 
     def validate(self, where: str = "sweep") -> None:
-        if not isinstance(self.base, dict) or not isinstance(self.grid, dict):
-            raise ConfigError(f"{where}: 'base' and 'grid' must be mappings of run settings")
-        for f in dataclasses.fields(self):  # the sweep's own keys that take a whole number or a name
-            value, kind = getattr(self, f.name), type(f.default)
-            if kind in (int, str) and (not isinstance(value, kind) or isinstance(value, bool)):
-                raise ConfigError(f"{where}: {f.name} must be {'a whole number' if kind is int else 'a name'}, "
-                                  f"got {value!r}")
+        what = {int: "a whole number", str: "a name", dict: "a mapping of run settings"}
+        for f in dataclasses.fields(self):  # the sweep's own keys that take a whole number, a name or a mapping
+            value, kind = getattr(self, f.name), dict if f.default_factory is dict else type(f.default)
+            if kind in what and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise ConfigError(f"{where}: {f.name} must be {what[kind]}, got {value!r}")
         for name, low in (("random_samples", 0), ("trials", 0), ("heartbeat_seconds", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{where}: {name} must be >= {low}, got {getattr(self, name)}")
@@ -88,23 +86,22 @@ class SweepSpec:
             raise ConfigError(f"{where}: search must be grid, random or tpe, got {self.search!r}")
         if self.search == "tpe" and (not self.space or self.trials < 1 or self.grid):
             raise ConfigError(f"{where}: search tpe needs 'trials' (> 0) and a 'space' of ranges, and no 'grid'")
-        values = dict(self.grid)
-        for name, v in self.space.items():
-            if not (isinstance(v, list) and v or isinstance(v, dict) and {"low", "high"} <= set(v)):
-                raise ConfigError(f"{where}: space field '{name}' needs a list of choices or {{low: .., high: ..}}")
-            values[name] = v if isinstance(v, list) else [v["low"], v["high"]]
         # Every value parsed once with the sweep's base, so a mistake names the sweep file before any run starts.
-        base = self.base_config(where=where)[0]
-        if self.best_by == "win_rate" and base.run.judge in (None, "", "none") and "judge" not in values:
+        base, fields = self.base_config(where=where)[0], {**self.grid, **self.space}  # (tpe has no grid)
+        if self.best_by == "win_rate" and base.run.judge in (None, "", "none") and "judge" not in fields:
             raise ConfigError(f"{where}: best_by win_rate ranks runs by their judged win rate, and no run has a judge: "
                               "set judge (a reward model) in base, or best_by reward_accuracy")
-        for name, choices in values.items():
-            if not isinstance(choices, list) or not choices:
-                raise ConfigError(f"{where}: grid field '{name}' needs a non-empty list of values")
-            for value in choices:
+        for name, v in fields.items():  # a list of values, or in space a range: its ends parsed, then its order
+            ranged = name in self.space and isinstance(v, dict) and {"low", "high"} <= set(v)
+            if not (ranged or isinstance(v, list) and v):
+                kind, wanted = ("space", "a list of choices or {low: .., high: ..}") if name in self.space else \
+                    ("grid", "a non-empty list of values")
+                raise ConfigError(f"{where}: {kind} field '{name}' needs {wanted}")
+            for value in [v["low"], v["high"]] if ranged else v:
                 parse({**base.values, name: value}, where)
-        for name, v in ((n, v) for n, v in self.space.items() if isinstance(v, dict)):  # a range, checked before
-            try:  # Optuna's first trial; float(): YAML 1.1 reads `1e-4` as text
+            if not ranged:
+                continue
+            try:  # checked before Optuna's first trial; float(): YAML 1.1 reads `1e-4` as text
                 low, high = float(v["low"]), float(v["high"])
             except ValueError:
                 raise ConfigError(f"{where}: space field '{name}' is a range: low and high must be numbers") from None
@@ -152,7 +149,7 @@ def make_run(config: Settings, data=None, search: dict | None = None, number: tu
     folder, search, dpo = Path(config.dpo.output_dir), search or {"method": "grid"}, config.dpo
     label, left = f"[{folder.name}] {number[0]}/{number[1]}", number[1] - number[0]
     if (folder / "record.json").exists():  # a run with a record (another process's, an earlier sweep's) is read
-        return load_records([folder])[0]
+        return read_json(folder / "record.json")
     with run_lock(folder):
         if not (folder / "record.json").exists():  # (another process may have made it while this one waited)
             print(f"{label} training: lr={dpo.learning_rate:g} batch={dpo.per_device_train_batch_size}x"
@@ -169,7 +166,7 @@ def make_run(config: Settings, data=None, search: dict | None = None, number: tu
                          f"training {spent['training']:.0f} s, evaluating {evaluating_seconds(spent):.0f} s")
                 line += f"; at this pace about {spent['total'] * left / 60:.0f} min for the {left} left" if left else ""
             print(line, flush=True)
-    return load_records([folder])[0]
+    return read_json(folder / "record.json")
 
 
 def run_sweep(configs: list[Settings], data=None, **kwargs) -> list[dict]:
@@ -218,8 +215,9 @@ def run_spec(spec: SweepSpec, results_dir: str | Path, *overrides: dict) -> list
         # outside the study; one another worker still trains is waited for: each worker reports the whole grid.
         records = run_sweep(list(grid.values()), search={"method": spec.search})
     else:
-        trials = study.get_trials(deepcopy=False)
-        records = load_records([runs_dir / i for i in dict.fromkeys(t.user_attrs.get("run_id") for t in trials) if i])
+        trials = study.get_trials(deepcopy=False)  # a run once, though its trial was retried
+        ids = dict.fromkeys(t.user_attrs.get("run_id") for t in trials)
+        records = [record for i in ids if i and (record := read_json(runs_dir / i / "record.json"))]
     best = pick_best(records, spec.best_by)
     if spec.control and best:  # the controls: the best settings with shuffled labels, on a random-weight model
         settings = parse_stored(best["config"], best["run_id"])  # a record an older version wrote reads too

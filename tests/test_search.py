@@ -39,7 +39,8 @@ def test_space_draws_ranges_and_choices_and_bad_specs_are_one_line(tmp_path):
                           ({"best_by": "win_rate", "grid": {"beta": [0.1]}}, "no run has a judge"),
                           ({"search": "tpe", "trials": "three", "space": SPACE}, "trials must be a whole number"),
                           ({"random_samples": True, "grid": {"beta": [0.1]}}, "random_samples must be a whole"),
-                          ({"heartbeat_seconds": 0, "grid": {"beta": [0.1]}}, "heartbeat_seconds must be >= 1")]:
+                          ({"heartbeat_seconds": 0, "grid": {"beta": [0.1]}}, "heartbeat_seconds must be >= 1"),
+                          ({"search": "tpe", "trials": 3, "space": [1, 2]}, "space must be a mapping")]:
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({"profile": "smoke", **bad}))
         with pytest.raises(ConfigError, match=expected) as err:
