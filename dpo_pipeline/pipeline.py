@@ -127,9 +127,11 @@ def judge_policy(settings: Settings, data: PreferenceData, trainer, tokenizer, f
 
 
 def run(settings: Settings, data: PreferenceData | None = None, *,
-        setup: Callable[[DPOTrainer], None] | None = None) -> RunRecord:
+        setup: Callable[[DPOTrainer], None] | None = None, search: dict | None = None) -> RunRecord:
     """Train one run and write its folder; returns its record. `data` defaults to `prepare_data(settings)`; `setup` is
-    called with the trainer before training (the CLI and the benchmark count and time through it)."""
+    called with the trainer before training (the CLI and the benchmark count and time through it); `search`: which
+    search made the run (a sweep's), written in the record with it, and "pruned_at_step" there once a pruner stopped
+    it (search.PruneLaggingRun)."""
     from accelerate.utils import get_int_from_env
 
     began = time.perf_counter()
@@ -186,7 +188,8 @@ def run(settings: Settings, data: PreferenceData | None = None, *,
                    answers=answer_time, held_out=judging - scoring, judged=time.perf_counter() - judging,
                    total=time.perf_counter() - began)
     record = RunRecord(
-        config=settings.to_dict(), status="finished", train_pairs=len(trainer.train_dataset),
+        config=settings.to_dict(), status="pruned" if (search or {}).get("pruned_at_step") else "finished",
+        search=dict(search or {}), train_pairs=len(trainer.train_dataset),
         eval_pairs=len(trainer.eval_dataset), train_steps=steps,
         final_train_loss=next((e["loss"] for e in reversed(history) if "loss" in e), result.training_loss),
         final_eval=final_eval, best_eval={"step": best.get("step"), **_eval_metrics(best)} if best else {},

@@ -127,17 +127,18 @@ class SweepSpec:
         return list(runs.values())
 
 
-def run_one(settings: Settings, data=None, **run_kwargs) -> RunRecord:
+def run_one(settings: Settings, data=None, search: dict | None = None, **run_kwargs) -> RunRecord:
     """Train one run; any error (NaN loss, out of memory, a bad setting) becomes a failed record."""
     from .doctor import diagnose
     from .pipeline import free_memory, run
 
     try:
-        record = run(settings, data, **run_kwargs)
+        record = run(settings, data, search=search, **run_kwargs)
     except Exception as err:  # noqa: BLE001 - the sweep must go on; the error is kept in the record
         error = " ".join(f"{type(err).__name__}: {err}".split())[:500]  # one line
         record = RunRecord(config=settings.to_dict(), status="failed", error=error,
-                           run_id=Path(settings.dpo.output_dir).name, findings=diagnose({"error": error}))
+                           run_id=Path(settings.dpo.output_dir).name, findings=diagnose({"error": error}),
+                           search=dict(search or {}))
     free_memory()  # after the except block: the traceback, and the GPU memory it held, are gone
     return record
 
@@ -155,10 +156,9 @@ def make_run(config: Settings, data=None, search: dict | None = None, number: tu
             print(f"{label} training: lr={dpo.learning_rate:g} batch={dpo.per_device_train_batch_size}x"
                   f"{dpo.gradient_accumulation_steps} beta={dpo.beta:g} optim={config.get('optim')} "
                   f"loss={','.join(dpo.loss_type)} r={config.model.lora_r} steps={dpo.max_steps}", flush=True)
-            record = run_one(config, data, **run_kwargs)
-            record.search = dict(search)
-            if record.status == "finished" and search.get("pruned_at_step"):
-                record.status = "pruned"
+            record = run_one(config, data, search=search, **run_kwargs)
+            # a failed run's record; a trained run's is written whole already, with its search, by pipeline.run (a
+            # worker reading it, or a process killed right after, never sees a pruned run as finished)
             record.save(folder / "record.json")
             line = f"{label} {record.status}" + (f": {record.error}" if record.error else "")
             if spent := record.timings_s:  # where its time went, and what the runs left would take at its pace

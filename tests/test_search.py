@@ -64,8 +64,11 @@ def test_a_run_lagging_the_study_is_pruned_at_an_evaluation(tiny_gpt2, tmp_path)
         study.add_trial(optuna.create_trial(value=2.0, intermediate_values={2: 2.0, 4: 2.0}))
     trial, search = study.ask(), {"method": "tpe", "trial": 2}
     config = parse(dict(model_name_or_path=tiny_gpt2, **TINY, output_dir=str(tmp_path / "run")))
-    [record] = sweep.run_sweep([config], get_synthetic(n_pairs=100, seed=0), search=search,
-                               setup=lambda t: t.add_callback(PruneLaggingRun(trial, search)))
+    sweep.run_one(config, get_synthetic(n_pairs=100, seed=0), search=search,
+                  setup=lambda t: t.add_callback(PruneLaggingRun(trial, search)))
+    # the record as the run wrote it, before the sweep saves it again: what another worker, or a restart after a
+    # SIGKILL right then, reads
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
     assert record["status"] == "pruned" and record["search"]["pruned_at_step"] == 2
     assert record["train_steps"] == 2 < TINY["max_steps"]  # stopped at the first evaluation, not trained on
     assert (tmp_path / "run" / "adapter_model.safetensors").exists()

@@ -131,11 +131,11 @@ def fake_training(monkeypatch, interrupt_at: int = 0) -> list[str]:
     of the runs it was asked for, in order; the `interrupt_at`-th is stopped by Ctrl-C."""
     asked = []
 
-    def run_one(settings, data=None, **run_kwargs):
+    def run_one(settings, data=None, search=None, **run_kwargs):
         asked.append(Path(settings.dpo.output_dir).name)
         if len(asked) == interrupt_at:
             raise KeyboardInterrupt
-        return runs.RunRecord(config=settings.to_dict(), status="finished", run_id=asked[-1],
+        return runs.RunRecord(config=settings.to_dict(), status="finished", run_id=asked[-1], search=dict(search or {}),
                               final_eval={"rewards/accuracies": settings.dpo.beta, "loss": 0.5})
     monkeypatch.setattr(sweep, "run_one", run_one)
     return asked
