@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from datetime import datetime, timezone
 from itertools import cycle, zip_longest
 from pathlib import Path
@@ -226,7 +227,7 @@ def _key_values(writer, row: int, title: str, items: dict, size: int = 12) -> in
 def _write_summary(writer, records, frame, columns, best_run_id, best_rule, summary, generated_at, best_by) -> None:
     best = next((r for r in records if best_run_id is not None and r.get("run_id") == best_run_id), None)
     runner_up = pick_best([r for r in records if r is not best], best_by)
-    failed = sum(r.get("status") == "failed" for r in records)
+    statuses = Counter(r.get("status") for r in records)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
 
     def numbers(record: dict) -> str:  # the numbers the sweep's rule looks at
@@ -235,7 +236,8 @@ def _write_summary(writer, records, frame, columns, best_run_id, best_rule, summ
                 + (f", judged win rate {fmt(judged.get('win_rate'))}" if judged else ""))
 
     row = _key_values(writer, 1, "DPO sweep summary", {
-        "generated at": generated_at, "runs": f"{len(records)} ({len(records) - failed} finished, {failed} failed)"},
+        "generated at": generated_at, "runs": f"{len(records)} ({statuses['finished']} finished, "
+        + (f"{statuses['pruned']} pruned, " if statuses["pruned"] else "") + f"{statuses['failed']} failed)"},
         size=14)
     row = _key_values(writer, row, "Best configuration and why", {
         "best run": best_run_id or "none (no finished run)", "rule": best_rule,

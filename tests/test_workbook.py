@@ -251,15 +251,17 @@ def test_tpe_search_adds_a_trials_sheet(sweep, tmp_path):
         rec["search"] = {"method": "tpe", "study": "tpe", "trial": trial}
         if accuracy is not None:
             rec["final_eval"]["rewards/accuracies"] = accuracy
+    records[0]["status"] = "pruned"  # trial 3: stopped by the pruner, neither finished nor failed
     wb = load_workbook(build_workbook(records, tmp_path / "tpe.xlsx", **sweep["kwargs"]))
     assert wb.sheetnames == SHEETS[:-1] + ["Trials", "ChartData"]
+    assert wb["Summary"].cell(3, 2).value == "4 (2 finished, 1 pruned, 1 failed)"
     runs = wb["Runs"]
     assert [runs.cell(r, 3).value for r in range(3, 7)] == ["tpe #3", "tpe #2", "tpe #1", "tpe #0"]
     ws = wb["Trials"]
     assert [[c.value for c in row] for row in ws.iter_rows()] == [
         ["trial", "run_id", "status", "reward accuracy", "best so far"],
         [0, "run3-failed", "failed", None, None], [1, records[2]["run_id"], "finished", 0.5, 0.5],
-        [2, records[1]["run_id"], "finished", 0.75, 0.75], [3, records[0]["run_id"], "finished", 0.25, 0.75]]
+        [2, records[1]["run_id"], "finished", 0.75, 0.75], [3, records[0]["run_id"], "pruned", 0.25, 0.75]]
     assert ws.cell(3, 4).number_format == "0.000" and ws.cell(1, 1).fill.fgColor.rgb.endswith("DDEBF7")
     (chart,) = ws._charts
     assert isinstance(chart, ScatterChart) and [s.yVal.numRef.f for s in chart.series] == [
