@@ -27,13 +27,10 @@ from .runs import adapter_files, read_run, replace_folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dtype: str = "float32",
-                  base_weights: str = "full") -> Path:
-    """Merge the adapter in `adapter_dir` into its base model (peft merge_and_unload) and save it with the adapter
-    folder's tokenizer to `out_dir` (default: beside the adapter, see above). Returns the merged folder."""
-    from transformers import AutoTokenizer
-    from trl import ModelConfig
-
+def merge_plan(adapter_dir: str | Path, out_dir: str | Path | None = None, dtype: str = "float32",
+               base_weights: str = "full") -> tuple[Path, Path, str]:
+    """(adapter folder, merged folder, base model) of a merge: every check merge_adapter makes before it loads a
+    model or writes a file, so a command asking for two merges refuses before it writes the first."""
     folder = Path(adapter_dir)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -54,7 +51,17 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dt
     base = base_model_of(run)
     if not base:
         raise model_lib.ModelLoadError(f"{folder}: neither adapter_config.json nor run_config.json names a base model")
+    return folder, out, base
 
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path | None = None, dtype: str = "float32",
+                  base_weights: str = "full") -> Path:
+    """Merge the adapter in `adapter_dir` into its base model (peft merge_and_unload) and save it with the adapter
+    folder's tokenizer to `out_dir` (default: beside the adapter, see above). Returns the merged folder."""
+    from transformers import AutoTokenizer
+    from trl import ModelConfig
+
+    folder, out, base = merge_plan(adapter_dir, out_dir, dtype, base_weights)
     # The base unquantized in the asked dtype (a bare name would get the machine's), on the CPU.
     model = model_lib.load_base_model(ModelConfig(model_name_or_path=base, dtype=dtype))
     if base_weights == "dequantized":  # its weights replaced by the NF4 ones training and the app saw, dequantized
@@ -121,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out takes one folder: give --base-weights full or dequantized with it")
     hf_logging.disable_progress_bar()  # one line out, not a bar per file
     kinds = ["full", "dequantized"] if args.base_weights == "both" else [args.base_weights]
+    for kind in kinds:  # each merge checked before the first is written
+        merge_plan(args.adapter, args.out, args.dtype, kind)
     merged = {kind: merge_adapter(args.adapter, args.out, args.dtype, kind) for kind in kinds}
     for kind, out in merged.items():
         print(f"Merged {args.adapter} into its {'dequantized 4-bit' if kind == 'dequantized' else 'full-precision'} "

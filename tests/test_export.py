@@ -126,6 +126,9 @@ def test_command_exits_2_with_one_line_for_a_bad_adapter_and_merges_a_good_one(r
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
         assert str(args[0]) in lines[0] or "int8" in lines[0]
+    full_precision = make_tiny_adapter(tmp_path / "fp32")  # both merges: the second cannot be, so neither is written
+    code, out, err = export_command(capsys, full_precision, "--base-weights", "both")
+    assert code == 2 and "not trained on a 4-bit base" in err and not (tmp_path / "fp32-merged").exists(), err
     code, out, err = export_command(capsys, run, "--out", tmp_path / "merged", "--dtype", "bfloat16")
     assert code == 0, err
     lines = out.strip().splitlines()
