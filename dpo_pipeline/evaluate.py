@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", help="for a merged model folder: the model it was trained from (the reference)")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args(argv)
+    for flag in ("prompts", "behaviour"):  # a count below 0 would be read as none, without a word
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     report = evaluate_adapter(args.adapter, args.pairs, split=args.split, prompts=args.prompts, judge=args.judge,
                               behaviour=args.behaviour, control=args.control, base=args.base)
     print(json.dumps(report, default=str) if args.json else describe_report(report))

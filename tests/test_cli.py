@@ -221,6 +221,8 @@ def test_evaluate_command_reports_intervals_and_baselines_and_one_line_errors(tm
                                                "--judge", str(tmp_path / "no_judge")], capsys), "no_judge")
     assert_one_line_error(_run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--prompts", "2"], capsys),
                           "--judge")  # no judge by default
+    assert_one_line_error(_run(evaluate.main, [str(adapter), "--pairs", str(pairs), "--behaviour", "-3"], capsys),
+                          "--behaviour must be >= 0")
 
 
 
