@@ -143,14 +143,19 @@ def loss_types() -> set[str]:
     return set(re.findall(r"`'([a-z_]+)'`", help_text))
 
 
+def tracker_names(report_to: list[str]) -> list[str]:
+    """The trackers DPOConfig's report_to names (a list, of names or names joined by commas); "none" is none."""
+    return [n.strip() for entry in report_to for n in entry.split(",") if n.strip() not in ("", "none")]
+
+
 def tracker_problem(report_to: list[str]) -> str | None:
     """Why a tracker named in report_to cannot log: transformers does not know it, or its package is not installed
     (a missing TensorBoard is only left out, with a line: tracking.report_to). None when every one can."""
     from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
     installed = get_available_reporting_integrations()
-    for name in (n.strip() for entry in report_to for n in entry.split(",")):
-        if name in ("", "none", "all", "tensorboard", "flyte"):  # flyte: transformers does not say if it is there
+    for name in tracker_names(report_to):
+        if name in ("all", "tensorboard", "flyte"):  # flyte: transformers does not say if it is there
             continue
         if name not in INTEGRATION_TO_CALLBACK:
             close = difflib.get_close_matches(name, [*INTEGRATION_TO_CALLBACK, "none"], n=1)

@@ -92,11 +92,11 @@ class SweepSpec:
             raise ConfigError(f"{where}: best_by win_rate ranks runs by their judged win rate, and no run has a judge: "
                               "set judge (a reward model) in base, or best_by reward_accuracy")
         for name, v in fields.items():  # a list of values, or in space a range: its ends parsed, then its order
-            ranged = name in self.space and isinstance(v, dict) and {"low", "high"} <= set(v)
+            in_space = name in self.space
+            ranged = in_space and isinstance(v, dict) and {"low", "high"} <= set(v)
             if not (ranged or isinstance(v, list) and v):
-                kind, wanted = ("space", "a list of choices or {low: .., high: ..}") if name in self.space else \
-                    ("grid", "a non-empty list of values")
-                raise ConfigError(f"{where}: {kind} field '{name}' needs {wanted}")
+                wanted = "a list of choices or {low: .., high: ..}" if in_space else "a non-empty list of values"
+                raise ConfigError(f"{where}: {'space' if in_space else 'grid'} field '{name}' needs {wanted}")
             for value in [v["low"], v["high"]] if ranged else v:
                 parse({**base.values, name: value}, where)
             if not ranged:
@@ -238,10 +238,8 @@ def search_info(spec: SweepSpec) -> dict:
 def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info: dict | None = None,
                  n_samples: int = 4, best_by: str = "reward_accuracy") -> dict:
     """Publish the best run, write the plots and rebuild the workbook from the records. Returns what it made."""
-    from peft import PeftModel
-
     from .generation import generate_samples
-    from .model import load_base_model, load_tokenizer
+    from .model import attach_adapter, load_base_model, load_tokenizer
     from .report import save_plots
     from .workbook import build_workbook
 
@@ -251,8 +249,9 @@ def report_sweep(records: list[dict], data, results_dir: str | Path, sweep_info:
     baseline = next((r["base_evaluation"] for r in finished if r.get("base_evaluation")), None)
     samples = []
     if best:  # held-out prompts answered by the base model and the best adapter (one model, the adapter toggled)
-        base = load_base_model(parse_stored(best["config"], best["run_id"]).model)
-        model = PeftModel.from_pretrained(base, best["adapter_path"])
+        settings = parse_stored(best["config"], best["run_id"])
+        model = attach_adapter(load_base_model(settings.model), best["adapter_path"],
+                               settings.model.model_name_or_path)
         samples = generate_samples(model, load_tokenizer(best["adapter_path"]), list(data.test["prompt"][:n_samples]))
     counts = {status: sum(r["status"] == status for r in records) for status in ("finished", "pruned", "failed")}
     summary = {"data": data.report.as_dict(), "model": (best or (finished or [{}])[0]).get("model_info", {}),

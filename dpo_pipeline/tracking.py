@@ -11,12 +11,14 @@ from transformers import GenerationConfig
 from transformers.integrations import TensorBoardCallback, is_tensorboard_available
 from trl.trainer.callbacks import LogCompletionsCallback
 
+from .args import tracker_names
+
 
 def report_to(setting: list[str]) -> list[str]:
     """DPOConfig's report_to (a list, of names or names joined by commas) as names. TensorBoard is dropped, with one
     line saying so, when its package is missing: training must not fail for want of a log viewer. No tracker is [],
     not ["none"], which transformers refuses once TrainingArguments exist (pipeline.training_args sets it after)."""
-    names = [n.strip() for entry in setting for n in entry.split(",") if n.strip() not in ("", "none")]
+    names = tracker_names(setting)
     if "tensorboard" in names and not is_tensorboard_available():
         print("tracking: tensorboard is not installed (pip install tensorboard): not logging to it", flush=True)
         names.remove("tensorboard")
